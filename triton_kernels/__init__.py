@@ -1,0 +1,1 @@
+"""Triton kernels of genknowsub_fast (installed as ``genknowsub_fast.triton_kernels``)."""
