@@ -1,0 +1,176 @@
+"""The main job, run by ``make demo`` / ``genknowsub-fast demo``.
+
+A random Phi-3 and synthetic task + general adapters in PEFT format → a GenKnowSub library → the patched model,
+checked against PEFT's ``create_arrow_model(..., ArrowConfig(use_gks=True))`` and against the float64 reference,
+with a base / PEFT / patched speed table and the experts the tokens chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from . import reference
+from .library import LoraLibrary
+from .patching import patch_model, patched_modules
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per token of greedy decoding with a KV cache, after a prefill of ``prompt``."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / max(steps, 1)
+
+
+def _capture_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list]:
+    """Forward pre-hooks that keep the last input of every patched module."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in patched_modules(model).items():
+        path = module.__dict__["_gkf_patch"].name
+
+        def hook(_m, args, _path=path):
+            seen[_path] = args[0].detach()
+
+        handles.append(module.register_forward_pre_hook(hook))
+        del name
+    return seen, handles
+
+
+def reference_error(lib: LoraLibrary, inputs: dict[str, torch.Tensor], model, top_k: int, temp: float) -> float:
+    """Largest |patched layer delta − float64 reference delta| over the patched modules, relative to the delta."""
+    from .backends.packing import PackedExperts
+    from .ops import routed_linear
+
+    worst = 0.0
+    for name, module in patched_modules(model).items():
+        st = module.__dict__["_gkf_patch"]
+        x = inputs[st.name].reshape(-1, inputs[st.name].shape[-1])
+        m = lib.modules[st.name]
+        packed = PackedExperts(module._gkf_route_shrink, module._gkf_b_t, st.num_experts, st.rank, st.mixing)
+        ours = routed_linear(x, packed, top_k, temp, None, None, st.backend)
+        ref = reference.routed_lora(
+            x.double(), m.a.double(), m.b.double(), m.scaling.double(), m.prototypes.double(), top_k, temp
+        )
+        worst = max(worst, float((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+        del name
+    return worst
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo described in the module docstring; returns 0 when every check passes, 1 otherwise."""
+    from peft import ArrowConfig, create_arrow_model
+
+    from .synthetic import make_phi3, write_adapters
+
+    torch.manual_seed(args.seed)
+    out = args.out or tempfile.mkdtemp(prefix="gkf-demo-")
+    os.makedirs(out, exist_ok=True)
+    print(f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, output in {out}")
+
+    t0 = time.perf_counter()
+    base = make_phi3(args.size, seed=args.seed)
+    cfg = base.config
+    print(f"[1/6] random Phi-3 '{args.size}': hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+          f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    ad = write_adapters(base, os.path.join(out, "adapters"), args.tasks, args.general, rank=args.rank, seed=args.seed)
+    print(f"[2/6] wrote {len(ad.task)} task + {len(ad.general)} general LoRA adapters (rank {args.rank}, PEFT format) "
+          f"({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    lib = LoraLibrary.from_adapters(ad.task, ad.general, gks="param")
+    lib_path = os.path.join(out, "library.safetensors")
+    lib.save(lib_path)
+    print(f"[3/6] {lib!r}\n      built in {time.perf_counter() - t0:.2f} s, saved to {lib_path}")
+
+    k = min(args.top_k, lib.num_experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = create_arrow_model(
+            copy.deepcopy(base), ad.task, ArrowConfig(top_k=k, use_gks=True, rng_seed=args.seed), ad.general
+        ).eval()
+    ours = patch_model(copy.deepcopy(base), LoraLibrary.load(lib_path), top_k=k)
+
+    ids = torch.randint(3, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(args.seed))
+    inputs, handles = _capture_inputs(ours)
+    with torch.no_grad():
+        logits_base = base(ids).logits
+        logits_peft = peft_model(ids).logits
+        logits_ours = ours(ids).logits
+    for h in handles:
+        h.remove()
+    effect = float((logits_peft - logits_base).abs().max())
+    err_peft = float((logits_ours - logits_peft).abs().max())
+    err_ref = reference_error(lib, inputs, ours, k, 1.0)
+    ok_peft = err_peft <= 1e-4 * max(effect, 1e-6)
+    ok_ref = err_ref <= 1e-5
+    print(f"[4/6] correctness on {args.tokens} tokens (fp32):")
+    print(f"      adapters' effect on the logits (PEFT − base): {effect:.4f}")
+    print(f"      max |patched − PEFT| logits: {err_peft:.2e} ({err_peft / max(effect, 1e-12):.1e} of the effect) "
+          f"{'OK' if ok_peft else 'FAIL'}")
+    print(f"      max layer delta error vs float64 reference: {err_ref:.2e} (relative) {'OK' if ok_ref else 'FAIL'}")
+
+    print(f"[5/6] speed (median of {args.repeats}; prefill {args.tokens} tokens, decode {args.decode} tokens):")
+    rows = []
+    for name, model in (("base", base), ("PEFT Arrow", peft_model), ("patched", ours)):
+        with torch.no_grad():
+            pre = median_time(lambda m=model: m(ids), args.repeats)
+        dec = statistics.median(decode_time(model, ids[:, :16], args.decode) for _ in range(args.repeats))
+        rows.append((name, pre, dec))
+    b_pre, b_dec = rows[0][1], rows[0][2]
+    print(f"      {'model':<12} {'prefill ms':>11} {'× base':>7} {'decode ms/tok':>14} {'× base':>7}")
+    for name, pre, dec in rows:
+        print(f"      {name:<12} {pre * 1e3:>11.1f} {pre / b_pre:>7.2f} {dec * 1e3:>14.2f} {dec / b_dec:>7.2f}")
+
+    print("[6/6] experts chosen (top-1 share of the prompt's tokens, first and last patched qkv_proj):")
+    from .ops import arrow_route
+
+    qkv = [p for p in inputs if p.endswith("qkv_proj")] or list(inputs)
+    for path in (qkv[0], qkv[-1]):
+        _, idx = arrow_route(inputs[path], lib.modules[path].prototypes, k, 1.0)
+        share = torch.bincount(idx[:, 0], minlength=lib.num_experts).float() / idx.shape[0]
+        print(f"      {path}: " + "  ".join(f"{n}={s:.0%}" for n, s in zip(lib.expert_names, share.tolist(), strict=True)))
+    _demo_plots(lib, ours, out, ad)
+    return 0 if (ok_peft and ok_ref) else 1
+
+
+def _demo_plots(lib: LoraLibrary, model, out: str, ad) -> None:
+    try:
+        from .plots import write_demo_plots
+    except ImportError as exc:
+        print(f"      (plots skipped: {exc})")
+        return
+    paths = write_demo_plots(lib, model, os.path.join(out, "plots"), ad.task, ad.general)
+    print("      plots: " + ", ".join(paths))

@@ -1,0 +1,179 @@
+"""Random models and synthetic PEFT adapters for the demo, the tests and the benchmarks (no model hub needed).
+
+Task adapters are built as ``residual + mean(general)``, where each residual has a decaying spectrum
+(σ_j = σ_1 · decay^j). GenKnowSub (``gks="param"``) then recovers the residuals, whose top singular value stands well
+apart from the next, so PEFT's 15-step power iteration converges (error ≈ decay^30) and its prototypes can serve as
+an oracle for the exact ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+PHI2_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+
+# name → (hidden, intermediate, layers, heads, vocab)
+PHI3_SIZES = {
+    "tiny": (64, 96, 2, 4, 128),
+    "small": (256, 512, 2, 8, 512),
+    "bench": (1024, 2816, 4, 16, 2048),
+    "phi3-mini": (3072, 8192, 32, 32, 32064),
+}
+
+
+def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    if size not in PHI3_SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {list(PHI3_SIZES)}")
+    hidden, inter, layers, heads, vocab = PHI3_SIZES[size]
+    cfg = Phi3Config(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return Phi3ForCausalLM(cfg).to(dtype).eval()
+
+
+def make_phi2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A tiny randomly initialised Phi-2 (``PhiForCausalLM``) causal LM."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = PhiConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return PhiForCausalLM(cfg).to(dtype).eval()
+
+
+def decaying_factors(
+    d_in: int, d_out: int, rank: int, sigma1: float, decay: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors A (r, d_in), B (d_out, r) with ``B·A`` of singular values ``sigma1 · decay^j``."""
+    qa, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=gen, dtype=torch.float64))
+    qb, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=gen, dtype=torch.float64))
+    sig = sigma1 * decay ** torch.arange(rank, dtype=torch.float64)
+    # Split σ evenly between the factors so neither is tiny.
+    a = sig.sqrt()[:, None] * qa.T
+    b = qb * sig.sqrt()[None, :]
+    return a.float(), b.float()
+
+
+@dataclass
+class SyntheticAdapters:
+    """Paths of the adapters written by :func:`write_adapters`."""
+
+    task: list[str]
+    general: list[str]
+
+
+def write_adapters(
+    base_model: nn.Module,
+    out_dir: str | os.PathLike,
+    num_tasks: int,
+    num_general: int,
+    rank: int = 4,
+    lora_alpha: float | None = None,
+    target_modules: Sequence[str] = PHI3_TARGETS,
+    seed: int = 0,
+    decay: float = 0.5,
+    sigma1: float = 0.5,
+    general_std: float = 0.05,
+    task_ranks: Sequence[int] | None = None,
+) -> SyntheticAdapters:
+    """Write task and general LoRA adapters for ``base_model`` in PEFT's format.
+
+    The adapters are made with ``peft.get_peft_model(..., LoraConfig(init_lora_weights=False))`` on a copy of the
+    model and saved with ``save_pretrained``; their weights are set as described in the module docstring. With
+    ``task_ranks`` each task adapter gets its own rank (for ``gks="delta"``; residual = the task adapter then).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    out_dir = os.fspath(out_dir)
+    gen = torch.Generator().manual_seed(seed)
+    ranks_t = list(task_ranks) if task_ranks is not None else [rank] * num_tasks
+    if len(ranks_t) != num_tasks:
+        raise ValueError(f"{len(ranks_t)} task ranks for {num_tasks} task adapters")
+
+    def lora_layers(peft_model) -> dict[str, nn.Module]:
+        return {
+            n.removeprefix("base_model.model."): m
+            for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+        }
+
+    peft_models: dict[int, nn.Module] = {}
+
+    def model_for(r: int):
+        if r not in peft_models:
+            cfg = LoraConfig(
+                r=r,
+                lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
+                target_modules=list(target_modules),
+                init_lora_weights=False,
+                lora_dropout=0.0,
+            )
+            peft_models[r] = get_peft_model(copy.deepcopy(base_model), cfg)
+        return peft_models[r]
+
+    general_factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    paths = SyntheticAdapters([], [])
+    for g in range(num_general):
+        pm = model_for(rank)
+        facs = {}
+        for path, layer in lora_layers(pm).items():
+            a = torch.randn(layer.lora_A["default"].weight.shape, generator=gen) * general_std
+            b = torch.randn(layer.lora_B["default"].weight.shape, generator=gen) * general_std
+            facs[path] = (a, b)
+        general_factors.append(facs)
+        paths.general.append(_save(pm, facs, os.path.join(out_dir, f"general_{g}")))
+    for t in range(num_tasks):
+        r = ranks_t[t]
+        pm = model_for(r)
+        facs = {}
+        for path, layer in lora_layers(pm).items():
+            d_out, d_in = layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]
+            a, b = decaying_factors(d_in, d_out, r, sigma1 * (1 + 0.1 * t), decay, gen)
+            if general_factors and r == rank:
+                a = a + sum(f[path][0] for f in general_factors) / len(general_factors)
+                b = b + sum(f[path][1] for f in general_factors) / len(general_factors)
+            facs[path] = (a, b)
+        paths.task.append(_save(pm, facs, os.path.join(out_dir, f"task_{t}")))
+    return paths
+
+
+def _save(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str) -> str:
+    with torch.no_grad():
+        for name, m in peft_model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in factors:
+                m.lora_A["default"].weight.copy_(factors[key][0])
+                m.lora_B["default"].weight.copy_(factors[key][1])
+    peft_model.save_pretrained(path)
+    return path
