@@ -1,8 +1,8 @@
 """genknowsub_fast: GenKnowSub + Arrow routed-LoRA inference at base-model speed.
 
-    import genknowsub_fast as gkf
-    lib = gkf.LoraLibrary.from_adapters(task_dirs, general_adapters=general_dirs, gks="param")
-    gkf.patch_model(model, lib, top_k=3)
+import genknowsub_fast as gkf
+lib = gkf.LoraLibrary.from_adapters(task_dirs, general_adapters=general_dirs, gks="param")
+gkf.patch_model(model, lib, top_k=3)
 """
 
 from . import ops, reference

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -102,9 +103,10 @@ for _name, _add, _run, _help in (
 def _load_plugins() -> None:
     """Subcommands that live in optional modules (analytics) register themselves on import."""
     try:
-        from . import analytics_cli  # noqa: F401
-    except ImportError:
-        pass
+        importlib.import_module(f"{__package__}.analytics_cli")
+    except ModuleNotFoundError as exc:  # only "the module is not there"; a broken import must surface
+        if exc.name != f"{__package__}.analytics_cli":
+            raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,19 +95,25 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     out = args.out or tempfile.mkdtemp(prefix="gkf-demo-")
     os.makedirs(out, exist_ok=True)
-    print(f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, output in {out}")
+    print(
+        f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, output in {out}"
+    )
 
     t0 = time.perf_counter()
     base = make_phi3(args.size, seed=args.seed)
     cfg = base.config
-    print(f"[1/6] random Phi-3 '{args.size}': hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-          f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"[1/6] random Phi-3 '{args.size}': hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters ({time.perf_counter() - t0:.1f} s)"
+    )
 
     t0 = time.perf_counter()
     ad = write_adapters(base, os.path.join(out, "adapters"), args.tasks, args.general, rank=args.rank, seed=args.seed)
-    print(f"[2/6] wrote {len(ad.task)} task + {len(ad.general)} general LoRA adapters (rank {args.rank}, PEFT format) "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"[2/6] wrote {len(ad.task)} task + {len(ad.general)} general LoRA adapters (rank {args.rank}, PEFT format) "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
 
     t0 = time.perf_counter()
     lib = LoraLibrary.from_adapters(ad.task, ad.general, gks="param")
@@ -138,8 +144,10 @@ def run_demo(args: argparse.Namespace) -> int:
     ok_ref = err_ref <= 1e-5
     print(f"[4/6] correctness on {args.tokens} tokens (fp32):")
     print(f"      adapters' effect on the logits (PEFT − base): {effect:.4f}")
-    print(f"      max |patched − PEFT| logits: {err_peft:.2e} ({err_peft / max(effect, 1e-12):.1e} of the effect) "
-          f"{'OK' if ok_peft else 'FAIL'}")
+    print(
+        f"      max |patched − PEFT| logits: {err_peft:.2e} ({err_peft / max(effect, 1e-12):.1e} of the effect) "
+        f"{'OK' if ok_peft else 'FAIL'}"
+    )
     print(f"      max layer delta error vs float64 reference: {err_ref:.2e} (relative) {'OK' if ok_ref else 'FAIL'}")
 
     print(f"[5/6] speed (median of {args.repeats}; prefill {args.tokens} tokens, decode {args.decode} tokens):")
@@ -161,7 +169,9 @@ def run_demo(args: argparse.Namespace) -> int:
     for path in (qkv[0], qkv[-1]):
         _, idx = arrow_route(inputs[path], lib.modules[path].prototypes, k, 1.0)
         share = torch.bincount(idx[:, 0], minlength=lib.num_experts).float() / idx.shape[0]
-        print(f"      {path}: " + "  ".join(f"{n}={s:.0%}" for n, s in zip(lib.expert_names, share.tolist(), strict=True)))
+        print(
+            f"      {path}: " + "  ".join(f"{n}={s:.0%}" for n, s in zip(lib.expert_names, share.tolist(), strict=True))
+        )
     _demo_plots(lib, ours, out, ad)
     return 0 if (ok_peft and ok_ref) else 1
 

@@ -141,10 +141,11 @@ class LoraLibrary:
         ranks = sorted({int(r) for m in self.modules.values() for r in m.ranks.tolist()})
         names = ", ".join(self.expert_names[:6]) + (", ..." if self.num_experts > 6 else "")
         gks = f"gks={self.gks!r} ({len(self.general_names)} general)" if self.gks else "gks=None"
+        dtype = str(self.dtype).replace("torch.", "")
         return (
             f"LoraLibrary({self.num_experts} experts [{names}], {len(self.modules)} modules "
             f"({', '.join(self.target_modules)}), rank {'/'.join(map(str, ranks))}, {gks}, "
-            f"prototypes={self.prototype_method!r}, dtype={str(self.dtype).replace('torch.', '')}, device={self.device})"
+            f"prototypes={self.prototype_method!r}, dtype={dtype}, device={self.device})"
         )
 
     def to(self, device=None, dtype=None) -> LoraLibrary:
@@ -425,7 +426,9 @@ def _fill_prototypes(modules: dict[str, ModuleExperts], method: str, rng_seed: i
     """Compute every module's prototypes: one batched call for the exact method."""
     paths = list(modules)
     if method == "exact":
-        protos, zeros = prototype_ext.exact_prototypes_batched([modules[p].a for p in paths], [modules[p].b for p in paths])
+        protos, zeros = prototype_ext.exact_prototypes_batched(
+            [modules[p].a for p in paths], [modules[p].b for p in paths]
+        )
     else:
         from . import ops
 

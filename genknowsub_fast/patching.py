@@ -202,7 +202,9 @@ def patch_model(
             hooked=hooked,
             saved_forward=module.__dict__.get(slot),
         )
-        st.saved_call = module.__dict__[slot] if slot in module.__dict__ else types.MethodType(type(module).forward, module)
+        st.saved_call = (
+            module.__dict__[slot] if slot in module.__dict__ else types.MethodType(type(module).forward, module)
+        )
         module.register_buffer(_BUF_ROUTE, packed.route_shrink, persistent=False)
         module.register_buffer(_BUF_B, packed.b_t, persistent=False)
         module.__dict__[_STATE] = st
@@ -225,8 +227,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
             m.__dict__.pop(slot, None)
         else:
             m.__dict__[slot] = st.saved_forward
-        m._buffers.pop(_BUF_ROUTE, None)
-        m._buffers.pop(_BUF_B, None)
+        for buf in (_BUF_ROUTE, _BUF_B):
+            m._buffers.pop(buf, None)
+            m._non_persistent_buffers_set.discard(buf)
     return model
 
 

@@ -1,0 +1,34 @@
+# Set-up and main jobs. `make demo` and `make test` work on a fresh clone: they create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench results clean
+
+# torch is pinned and installed first: an unpinned torch (or a range a newer torch satisfies) would pull a multi-GB
+# CUDA build. The package is then installed editable without build isolation, so setup.py can build the C++
+# extension against that torch.
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet "setuptools>=68" wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/genknowsub-fast demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
+	$(PY) benchmarks/write_results.py benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,50 @@
+"""The packed layout: views into one stacked tensor, folded scaling, padded CPU rows, mixing checks."""
+
+import pytest
+import torch
+
+from genknowsub_fast.backends.packing import check_mixing, pack_experts, padded_rows
+
+
+def test_views_and_folded_scaling():
+    a = torch.randn(3, 2, 7)
+    b = torch.randn(3, 5, 2)
+    s = torch.tensor([0.5, 1.0, 2.0])
+    p = torch.randn(3, 7)
+    pk = pack_experts(a, b, s, p)
+    assert pk.route_shrink.shape == (3 + 6, 7)
+    torch.testing.assert_close(pk.prototypes, p)
+    torch.testing.assert_close(pk.a, a)
+    torch.testing.assert_close(pk.b_t, b.transpose(1, 2) * s.view(3, 1, 1))
+    torch.testing.assert_close(pk.b_flat, (b.transpose(1, 2) * s.view(3, 1, 1)).reshape(6, 5))
+    assert (pk.d_in, pk.d_out, pk.num_experts, pk.rank) == (7, 5, 3, 2)
+
+
+def test_padded_rows_have_an_odd_cache_line_stride():
+    b = torch.randn(2, 3, 5632)
+    out = padded_rows(b)
+    torch.testing.assert_close(out, b)
+    line_stride = out.stride(1) * out.element_size() // 64
+    assert line_stride % 2 == 1 and out.stride(0) == 3 * out.stride(1)
+    assert out.view(6, 5632).shape == (6, 5632)
+
+
+def test_dtype_and_shape_checks():
+    a, b, s, p = torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.ones(2), torch.randn(2, 4)
+    assert pack_experts(a, b, s, p, dtype=torch.float16).b_t.dtype == torch.float16
+    with pytest.raises(ValueError, match="B has shape"):
+        pack_experts(a, torch.randn(2, 5, 2), s, p)
+    with pytest.raises(ValueError, match="prototypes"):
+        pack_experts(a, b, s, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="scaling"):
+        pack_experts(a, b, torch.ones(3), p)
+
+
+def test_weights_mixing_needs_shared_rank_and_scaling():
+    check_mixing("weights", torch.full((3,), 2.0), torch.tensor([4, 4, 4]))
+    with pytest.raises(ValueError, match="one shared scaling"):
+        check_mixing("weights", torch.tensor([1.0, 2.0]), None)
+    with pytest.raises(ValueError, match="share one rank"):
+        check_mixing("weights", torch.ones(2), torch.tensor([2, 4]))
+    with pytest.raises(ValueError, match="mixing must be"):
+        check_mixing("average", torch.ones(2), None)

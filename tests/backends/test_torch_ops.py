@@ -1,0 +1,122 @@
+"""The portable backend against reference.py: every regime, dtype and odd shape; prototypes against the SVD."""
+
+import pytest
+import torch
+
+from genknowsub_fast import reference
+from genknowsub_fast.backends import torch_ops
+from genknowsub_fast.backends.packing import pack_experts
+from tests.routing_cases import make_case
+from tests.tolerances import assert_close_to_reference
+
+SHAPES = [  # (T, E, r, d_in, d_out, k)
+    (1, 4, 3, 19, 23, 2),
+    (9, 5, 1, 33, 17, 5),  # r = 1, k = E
+    (7, 1, 4, 21, 10, 1),  # E = 1
+    (40, 6, 8, 70, 45, 3),
+]
+REGIMES = ["dense", "gather", "grouped"]
+
+
+def _run(case, k, temp, mixing, regime, dtype):
+    c = case.to(dtype)
+    packed = pack_experts(c.a, c.b, case.scaling, c.prototypes, mixing=mixing, dtype=dtype)
+    y = torch.zeros(c.x.shape[0], case.b.shape[1], dtype=dtype)
+    return torch_ops.add_routed_delta_(y, c.x, packed, k, temp, regime=regime)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mixing", ["output", "weights"])
+def test_regimes_match_reference(shape, regime, dtype, mixing):
+    t, e, r, d_in, d_out, k = shape
+    case = make_case(t, e, r, d_in, d_out, seed=t + e, shared_scaling=mixing == "weights")
+    ref64 = reference.routed_lora(case.x, case.a, case.b, case.scaling, case.prototypes, k, 0.7, mixing)
+    c = case.to(dtype)
+    ref_lo = reference.routed_lora(c.x, c.a, c.b, case.scaling.to(dtype), c.prototypes, k, 0.7, mixing)
+    ours = _run(case, k, 0.7, mixing, regime, dtype)
+    assert_close_to_reference(ours, ref64, ref_lo, dtype, f"{regime} {dtype} {shape} {mixing}")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_mixed_ranks_zero_padding(regime):
+    case = make_case(11, 5, 4, 30, 20, seed=3, mixed_ranks=True)
+    ref64 = reference.routed_lora(case.x, case.a, case.b, case.scaling, case.prototypes, 3, 1.0)
+    ours = _run(case, 3, 1.0, "output", regime, torch.float32)
+    assert_close_to_reference(ours, ref64, ref64.float(), torch.float32, regime)
+
+
+@pytest.mark.parametrize("regime", REGIMES + [None])
+def test_zero_tokens(regime):
+    case = make_case(0, 3, 2, 8, 5)
+    assert _run(case, 2, 1.0, "output", regime, torch.float32).shape == (0, 5)
+
+
+def test_unknown_regime_is_an_error():
+    case = make_case(2, 3, 2, 8, 5)
+    with pytest.raises(ValueError, match="unknown regime"):
+        _run(case, 2, 1.0, "output", "sparse", torch.float32)
+
+
+def test_regime_table():
+    assert torch_ops.choose_regime(512, 10, 4) == "dense"
+    assert torch_ops.choose_regime(1, 64, 8) == "gather"
+    assert torch_ops.choose_regime(512, 64, 8) == "grouped"
+
+
+def test_route_matches_reference_with_clear_margin():
+    case = make_case(25, 7, 2, 16, 4, seed=5)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, idx = torch_ops.route(case.x.to(dtype), case.prototypes.to(dtype), 3, 0.5)
+        w_ref, idx_ref = reference.route(case.x, case.prototypes, 3, 0.5)
+        assert torch.equal(idx, idx_ref)
+        torch.testing.assert_close(w.double(), w_ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
+def _decaying(e, r, d_in, d_out, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(e, r, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(e, d_out, r, generator=g, dtype=torch.float64) * (0.5 ** torch.arange(r, dtype=torch.float64))
+    return a, b
+
+
+@pytest.mark.parametrize("r", [1, 4, 16])
+def test_exact_prototypes_match_svd(r):
+    a, b = _decaying(6, r, 37, 29, seed=r)
+    p, zero = torch_ops.exact_prototypes(a.float(), b.float())
+    ref = reference.prototypes_svd(a, b)
+    cos = (p.double() * ref).sum(1).abs()
+    assert not zero.any()
+    assert float(cos.min()) >= 0.99999
+
+
+def test_exact_prototypes_zero_expert_and_canonical_sign():
+    a, b = _decaying(3, 4, 12, 10)
+    b[1] = 0
+    p, zero = torch_ops.exact_prototypes(a, b)
+    assert zero.tolist() == [False, True, False]
+    assert torch.all(p[1] == 0)
+    torch.testing.assert_close(p, reference.prototypes_svd(a, b))  # same canonical sign as the reference
+
+
+def test_power_prototypes_are_peft_like_and_seeded():
+    a, b = _decaying(4, 4, 40, 30, seed=7)
+    p1 = torch_ops.power_prototypes(a.float(), b.float(), rng_seed=3)
+    p2 = torch_ops.power_prototypes(a.float(), b.float(), rng_seed=3)
+    assert torch.equal(p1, p2)
+    cos = (p1.double() * reference.prototypes_svd(a, b)).sum(1).abs()
+    assert float(cos.min()) > 0.999  # decay 0.5 between singular values: 15 steps converge
+
+
+def test_power_prototypes_match_peft_implementation():
+    from peft import ArrowConfig
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    a, b = _decaying(3, 4, 20, 16, seed=2)
+    cfg = ArrowConfig(top_k=1, rng_seed=11)
+    cfg.task_adapter_names, cfg.gks_adapter_names = ["t"], []
+    layer = ArrowLoraLinearLayer(20, cfg)
+    ours = torch_ops.power_prototypes(a.float(), b.float(), rng_seed=11)
+    for e in range(3):
+        torch.testing.assert_close(ours[e], layer.top_right_singular_vec_from_BA(a[e].float(), b[e].float()))

@@ -1,0 +1,238 @@
+"""patch_model end to end: parity with PEFT's Arrow model, reversibility, placement and bad input."""
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+
+import genknowsub_fast as gkf
+from genknowsub_fast import LoraLibrary, reference
+from genknowsub_fast.patching import patched_modules
+
+REL = 1e-4  # DESIGN.md: logits within 1e-4 of the adapters' effect, fp32
+
+
+def _peft_arrow(setup, k, temp, use_gks):
+    from peft import ArrowConfig, create_arrow_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_arrow_model(
+            setup.fresh(),
+            setup.task,
+            ArrowConfig(top_k=k, router_temperature=temp, use_gks=use_gks, rng_seed=0),
+            setup.general if use_gks else None,
+        ).eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("setup_name", ["phi3_setup", "phi2_setup"])
+@pytest.mark.parametrize("use_gks", [True, False])
+@pytest.mark.parametrize("k, temp", [(1, 1.0), (2, 0.5), (3, 2.0), (5, 1.0)])
+def test_matches_peft_arrow(request, setup_name, use_gks, k, temp):
+    setup = request.getfixturevalue(setup_name)
+    base = _logits(setup.base, setup.ids)
+    peft_logits = _logits(_peft_arrow(setup, k, temp, use_gks), setup.ids)
+    lib = LoraLibrary.from_adapters(setup.task, setup.general if use_gks else None)
+    ours = _logits(gkf.patch_model(setup.fresh(), lib, top_k=k, temperature=temp), setup.ids)
+    effect = float((peft_logits - base).abs().max())
+    assert effect > 1e-2, "the adapters must change the logits for the comparison to mean anything"
+    assert float((ours - peft_logits).abs().max()) <= REL * effect
+
+
+def test_patches_a_peft_arrow_model_in_place(phi3_setup):
+    pm = _peft_arrow(phi3_setup, 3, 0.7, True)
+    expected = _logits(pm, phi3_setup.ids)
+    keys = list(pm.state_dict())
+    gkf.patch_model(pm)  # library=None: adapters + ArrowConfig from the PEFT model
+    assert list(pm.state_dict()) == keys
+    ours = _logits(pm, phi3_setup.ids)
+    effect = float((expected - _logits(phi3_setup.base, phi3_setup.ids)).abs().max())
+    assert float((ours - expected).abs().max()) <= REL * effect
+    gkf.unpatch_model(pm)
+    torch.testing.assert_close(_logits(pm, phi3_setup.ids), expected, rtol=0, atol=0)
+
+
+def test_state_dict_unchanged_and_unpatch_is_bit_exact(phi3_setup):
+    model = phi3_setup.fresh()
+    before_keys = list(model.state_dict())
+    before = _logits(model, phi3_setup.ids)
+    lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    gkf.patch_model(model, lib)
+    assert list(model.state_dict()) == before_keys
+    assert len(patched_modules(model)) == len(lib.modules)
+    assert not torch.equal(_logits(model, phi3_setup.ids), before)
+    gkf.unpatch_model(model)
+    assert not gkf.is_patched(model)
+    assert torch.equal(_logits(model, phi3_setup.ids), before)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    for m, m0 in zip(model.modules(), phi3_setup.base.modules(), strict=True):
+        assert m._non_persistent_buffers_set == m0._non_persistent_buffers_set
+    assert list(dict(model.named_buffers())) == list(dict(phi3_setup.base.named_buffers()))
+
+
+def test_double_patch_and_unpatched_unpatch_are_errors(phi3_setup):
+    model = phi3_setup.fresh()
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    with pytest.raises(ValueError, match="not patched"):
+        gkf.unpatch_model(model)
+    gkf.patch_model(model, lib)
+    with pytest.raises(ValueError, match="already patched"):
+        gkf.patch_model(model, lib)
+
+
+def test_patched_context_manager_restores_on_error(phi3_setup):
+    model = phi3_setup.fresh()
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    with pytest.raises(RuntimeError, match="boom"), gkf.patched(model, lib, top_k=2):
+        assert gkf.is_patched(model)
+        raise RuntimeError("boom")
+    assert not gkf.is_patched(model)
+
+
+def test_weights_mixing_matches_modular_llm_formula(phi3_setup):
+    """mixing="weights": y = W0 x + s (Σ w B)(Σ w A) x per token, checked layer by layer against a direct loop."""
+    lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    model = gkf.patch_model(phi3_setup.fresh(), lib, top_k=3, temperature=0.8, mixing="weights")
+    path = "model.layers.1.mlp.down_proj"
+    module = dict(model.named_modules())[path]
+    x = torch.randn(6, module.in_features)
+    m = lib.modules[path]
+    with torch.no_grad():
+        ours = module(x)
+    w, idx = reference.route(x.double(), m.prototypes.double(), 3, 0.8)
+    for t in range(6):
+        full_w = torch.zeros(lib.num_experts, dtype=torch.float64).index_put_((idx[t],), w[t])
+        a_mix = torch.einsum("e,erd->rd", full_w, m.a.double())
+        b_mix = torch.einsum("e,eor->or", full_w, m.b.double())
+        y = module.weight.double() @ x[t].double() + float(m.scaling[0]) * b_mix @ (a_mix @ x[t].double())
+        torch.testing.assert_close(ours[t].double(), y, rtol=1e-5, atol=1e-5)
+
+
+def test_library_matching_nothing_or_wrong_shapes(phi3_setup, phi2_setup):
+    lib3 = LoraLibrary.from_adapters(phi3_setup.task)
+    with pytest.raises(ValueError, match="built for a Phi3ForCausalLM, not a PhiForCausalLM"):
+        gkf.patch_model(phi2_setup.fresh(), lib3)
+    lib3.base_model_class = None  # e.g. adapters whose config does not name the model class
+    with pytest.raises(ValueError, match="match nothing.*phi models usually target"):
+        gkf.patch_model(phi2_setup.fresh(), lib3)
+    model = phi3_setup.fresh()
+    bad = LoraLibrary.from_adapters(phi3_setup.task)
+    path = "model.layers.0.self_attn.o_proj"
+    m = bad.modules[path]
+    bad.modules[path] = type(m)(m.a[:, :, :-1], m.b, m.scaling, m.prototypes[:, :-1], m.ranks)
+    with pytest.raises(ValueError, match="adapters for another base model"):
+        gkf.patch_model(model, bad)
+    assert not gkf.is_patched(model), "a failed patch must leave the model untouched"
+
+
+def test_bad_routing_arguments(phi3_setup):
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    for kwargs, match in (
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 6}, "top_k"),
+        ({"temperature": 0}, "temperature"),
+        ({"backend": "fast"}, "unknown backend"),
+        ({"mixing": "mean"}, "mixing"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            gkf.patch_model(phi3_setup.fresh(), lib, **kwargs)
+    with pytest.raises(ValueError, match="LoraLibrary"):
+        gkf.patch_model(phi3_setup.fresh(), {"not": "a library"})
+
+
+def test_non_linear_layer_uses_the_delta_only_path(phi3_setup):
+    """A target whose forward is x → f(x) but is not a plain nn.Linear (e.g. a quantised layer) gets f(x) + delta."""
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    model = phi3_setup.fresh()
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    expected = _logits(gkf.patch_model(phi3_setup.fresh(), lib), phi3_setup.ids)
+    for name, module in list(model.named_modules()):
+        if name.endswith("o_proj"):
+            module.__class__ = ScaledLinear
+    gkf.patch_model(model, lib)
+    st = dict(model.named_modules())["model.layers.0.self_attn.o_proj"].__dict__["_gkf_patch"]
+    assert st.fused is False
+    torch.testing.assert_close(_logits(model, phi3_setup.ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_library_tensors_follow_the_layer_device_and_dtype(phi3_setup):
+    """Layers on another device keep their experts there (meta device stands in for a second device)."""
+    model = phi3_setup.fresh()
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    layer1 = model.model.layers[1]
+    layer1.to("meta")
+    layer1.mlp.to(torch.float16)
+    gkf.patch_model(model, lib)
+    assert model.model.layers[0].mlp.down_proj._gkf_b_t.device.type == "cpu"
+    assert layer1.self_attn.qkv_proj._gkf_route_shrink.device.type == "meta"
+    assert layer1.mlp.down_proj._gkf_b_t.dtype == torch.float16
+    assert layer1.self_attn.qkv_proj._gkf_b_t.dtype == torch.float32
+
+
+def test_accelerate_hook_stays_in_front(phi3_setup):
+    """With an accelerate hook (device_map / offload), the patched forward sits under the hook's _old_forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    calls = []
+
+    class CountingHook(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    model = phi3_setup.fresh()
+    target = model.model.layers[0].self_attn.o_proj
+    add_hook_to_module(target, CountingHook())
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    expected = _logits(gkf.patch_model(phi3_setup.fresh(), lib), phi3_setup.ids)
+    gkf.patch_model(model, lib)
+    assert isinstance(target._old_forward, types.MethodType)
+    torch.testing.assert_close(_logits(model, phi3_setup.ids), expected, rtol=0, atol=0)
+    assert calls, "the hook must still run"
+    gkf.unpatch_model(model)
+    assert target._old_forward.__func__ is type(target).forward
+    remove_hook_from_module(target)
+    assert target.forward.__func__ is type(target).forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
+    """A half-precision model gets half-precision experts; a patched layer's output meets the tolerance table.
+
+    Inputs are built with a clear top-k margin (whole random models flip near-tied routings in bf16, as PEFT does).
+    """
+    from tests.tolerances import assert_close_to_reference
+
+    lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    model = gkf.patch_model(copy.deepcopy(phi3_setup.base).to(dtype), lib, top_k=2, temperature=0.5)
+    path = "model.layers.1.self_attn.o_proj"
+    layer = dict(model.named_modules())[path]
+    assert layer._gkf_b_t.dtype == dtype and layer._gkf_route_shrink.dtype == dtype
+    m = lib.modules[path]
+    p64 = m.prototypes.double()
+    coef = torch.linspace(3.0, 1.0, lib.num_experts, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.stack([coef[torch.randperm(lib.num_experts, generator=g)] for _ in range(9)]) @ p64
+    x64 = x64.to(dtype).double()  # representable in the low dtype
+    w0 = layer.weight.double()
+
+    def ref(dt):
+        c = {k: getattr(m, k).to(dt) for k in ("a", "b", "prototypes")}
+        return reference.routed_lora(
+            x64.to(dt), c["a"], c["b"], m.scaling.to(dt), c["prototypes"], 2, 0.5, weight=w0.to(dt)
+        )
+
+    with torch.no_grad():
+        ours = layer(x64.to(dtype))
+    assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
