@@ -1,0 +1,128 @@
+"""Write benchmarks/RESULTS.md from a pytest-benchmark JSON file.
+
+Usage: python benchmarks/write_results.py benchmarks/results/latest.json [-o benchmarks/RESULTS.md]
+
+Every benchmark group is one case measured in one run; each implementation's median is reported with its ratio to the
+group's "base" and "peft" implementations (the ``impl`` extra_info of each benchmark), next to the device, CPU
+threads, torch and triton versions recorded at write time and the command that produced the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from collections import defaultdict
+
+# Targets of DESIGN.md / the issues, keyed by a substring of the group name: (impl, reference impl, max ratio).
+TARGETS = [
+    ("op ", "E10_r4", ("ours", "base", 1.05)),
+    ("op ", "E64_r8", ("ours", "base", 1.10)),
+    ("model prefill", "", ("ours", "base", 1.10)),
+    ("model decode", "", ("ours", "base", 1.10)),
+]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["threads"] = str(torch.get_num_threads())
+        out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    except ImportError:
+        out["device"] = _cpu_name()
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def _target(group: str) -> tuple[str, str, float] | None:
+    for prefix, sub, target in TARGETS:
+        if group.startswith(prefix) and sub in group:
+            return target
+    return None
+
+
+def render(data: dict, command: str) -> str:
+    """The markdown report for one pytest-benchmark JSON document."""
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        impl = bench.get("extra_info", {}).get("impl") or bench["name"]
+        groups[bench.get("group") or bench["name"]][impl] = bench["stats"]["median"]
+    v = _versions()
+    machine = data.get("machine_info", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `benchmarks/write_results.py` from one pytest-benchmark run; every ratio compares medians measured",
+        "in that same run. Do not edit by hand: rerun `make bench`.",
+        "",
+        f"- device: {v['device']}",
+        f"- host CPU (pytest-benchmark): {machine.get('cpu', {}).get('brand_raw', 'n/a')}",
+        f"- torch {v.get('torch', 'n/a')}, triton {v['triton']}, python {v['python']}, torch threads {v.get('threads')}",
+        f"- run started: {data.get('datetime', 'n/a')}",
+        f"- command: `{command}`",
+        "",
+        "| case | impl | median | × base | × PEFT | target |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for group in sorted(groups):
+        impls = groups[group]
+        target = _target(group)
+        for impl, med in impls.items():
+            vs_base = f"{med / impls['base']:.3f}" if "base" in impls else ""
+            vs_peft = f"{med / impls['peft']:.3f}" if "peft" in impls else ""
+            verdict = ""
+            if target and impl == target[0] and target[1] in impls:
+                ratio = med / impls[target[1]]
+                verdict = f"≤ {target[2]:.2f}× {target[1]}: {'met' if ratio <= target[2] else 'missed'}"
+            lines.append(f"| {group} | {impl} | {_fmt(med)} | {vs_base} | {vs_peft} | {verdict} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    parser.add_argument(
+        "--command", default="pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json"
+    )
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        data = json.load(f)
+    text = render(data, args.command)
+    with open(args.output, "w") as f:
+        f.write(text)
+    print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
