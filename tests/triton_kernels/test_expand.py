@@ -1,0 +1,130 @@
+"""Expand kernels (gathered, dense, grouped) with the routing passed in, against reference.expand_with_routing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from genknowsub_fast.triton_kernels.dispatch import choose_plan
+
+from tests.triton_kernels.helpers import (
+    DEVICE,
+    DTYPES,
+    check,
+    make_problem,
+    random_routing,
+    reference,
+    require_triton,
+    shrink_coefficients,
+)
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    require_triton()
+
+
+def _expand(prob, dtype, idx, w, mixing, regime, accumulate, y0=None, fp32_accumulate=None):
+    """Run the regime's expand for the given routing; returns y (T, d_out)."""
+    from genknowsub_fast.triton_kernels.expand import expand_
+    from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert, grouped_expand_, grouped_shrink
+
+    packed = prob.packed(dtype, mixing)
+    t, k = idx.shape
+    e, r = prob.num_experts, prob.rank
+    x = prob.x.to(device=DEVICE, dtype=dtype)
+    plan = choose_plan(t, e, r, k, x.shape[1], packed.d_out, dtype, None, None, regime)
+    y = torch.full((t, packed.d_out), float("nan"), device=DEVICE, dtype=dtype) if y0 is None else y0.clone()
+    idx32 = idx.to(device=DEVICE, dtype=torch.int32)
+    w32 = w.to(device=DEVICE, dtype=torch.float32)
+    if regime == "grouped":
+        gp = plan.expand.grouped
+        if fp32_accumulate is not None:
+            gp = dataclasses.replace(gp, fp32_accumulate=fp32_accumulate)
+        pairs, bexp = align_pairs_by_expert(idx32, e, gp.block_m)
+        hw = grouped_shrink(x, packed.route_shrink, w32, pairs, bexp, e, r, gp)
+        if not accumulate:
+            y.zero_()
+        return grouped_expand_(y, hw, w32, pairs, bexp, packed.b_t, r, mixing == "weights", gp)
+    # Coefficients as the route pass would hand them over: float32, computed here from the given routing.
+    g = shrink_coefficients(prob.x, prob.a, w, idx, mixing).to(device=DEVICE, dtype=torch.float32)
+    return expand_(y, g, idx32, packed.b_t, e, r, plan.expand, accumulate)
+
+
+# (T, E, r, d_in, d_out, k)
+SHAPES = [
+    (1, 1, 1, 17, 19, 1),
+    (4, 5, 3, 23, 70, 2),
+    (7, 3, 2, 18, 33, 3),
+    (35, 6, 4, 21, 130, 3),
+    (2, 9, 32, 20, 40, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-E{}-r{}-din{}-dout{}-k{}".format(*s))
+@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+@pytest.mark.parametrize("mixing", ["output", "weights"])
+def test_expand_matches_reference(dtype, shape, regime, mixing):
+    t, e, r, d_in, d_out, k = shape
+    prob = make_problem(t, e, r, d_in, d_out, seed=t + 13 * e, shared_scaling=mixing == "weights", margin=False)
+    idx, w = random_routing(t, e, k, seed=t)
+    y = _expand(prob, dtype, idx, w, mixing, regime, accumulate=False)
+    ref64 = reference.expand_with_routing(prob.x, prob.a, prob.b, prob.scaling, w, idx, mixing)
+    ref_same = reference.expand_with_routing(
+        prob.x.to(dtype), prob.a.to(dtype), prob.b.to(dtype), prob.scaling.to(dtype), w.to(dtype), idx, mixing
+    )
+    check(y, ref64, ref_same, dtype, f"{regime} expand ({mixing})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+def test_expand_accumulates_into_y(dtype, regime):
+    """With accumulate the delta is added to what y holds (the base output), not written over it."""
+    prob = make_problem(9, 4, 2, 19, 41, seed=4, margin=False)
+    idx, w = random_routing(9, 4, 2, seed=2)
+    base64 = prob.x @ prob.weight.T + prob.bias
+    y = _expand(prob, dtype, idx, w, "output", regime, True, y0=base64.to(device=DEVICE, dtype=dtype))
+    delta64 = reference.expand_with_routing(prob.x, prob.a, prob.b, prob.scaling, w, idx, "output")
+    same = reference.expand_with_routing(
+        prob.x.to(dtype), prob.a.to(dtype), prob.b.to(dtype), prob.scaling.to(dtype), w.to(dtype), idx, "output"
+    )
+    check(y, base64 + delta64, base64.to(dtype) + same, dtype, f"{regime} accumulate")
+
+
+def test_grouped_fp32_accumulate_path():
+    """The float32-buffer variant of the grouped expand (bf16 before sm_90) gives the same sums."""
+    prob = make_problem(12, 5, 3, 20, 37, seed=8, margin=False)
+    idx, w = random_routing(12, 5, 3, seed=3)
+    base = (prob.x @ prob.weight.T).to(device=DEVICE, dtype=torch.float16)
+    direct = _expand(prob, torch.float16, idx, w, "output", "grouped", True, y0=base, fp32_accumulate=False)
+    buffered = _expand(prob, torch.float16, idx, w, "output", "grouped", True, y0=base, fp32_accumulate=True)
+    ref64 = prob.x @ prob.weight.T + reference.expand_with_routing(
+        prob.x, prob.a, prob.b, prob.scaling, w, idx, "output"
+    )
+    check(buffered, ref64, direct.double(), torch.float16, "fp32-buffer grouped expand vs direct atomics")
+    torch.testing.assert_close(buffered, direct, rtol=2e-3, atol=2e-3)
+
+
+def test_align_pairs_by_expert():
+    """Every (token, slot) pair appears once, inside a block of its expert; padding and spare blocks are marked."""
+    from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert
+
+    t, e, k, bm = 23, 7, 3, 4
+    idx, _ = random_routing(t, e, k, seed=5)
+    idx[:, 0] = 2  # one crowded expert; some experts may get nothing
+    pairs, bexp = align_pairs_by_expert(idx.to(DEVICE, torch.int32), e, bm)
+    pairs, bexp = pairs.cpu().long(), bexp.cpu().long()
+    n = t * k
+    assert pairs.numel() == bexp.numel() * bm
+    real = pairs[pairs < n]
+    assert torch.equal(real.sort().values, torch.arange(n)), "each pair exactly once"
+    block_of = torch.arange(pairs.numel()) // bm
+    flat = idx.reshape(-1)
+    valid = pairs < n
+    assert torch.equal(flat[pairs[valid]], bexp[block_of[valid]]), "pair inside a block of its expert"
+    assert torch.all(pairs[bexp[block_of] < 0] == n), "blocks past the end hold only padding"
+    counts = torch.bincount(flat, minlength=e)
+    assert int((bexp >= 0).sum()) == int(((counts + bm - 1) // bm).sum()), "one run of blocks per expert"
+    assert torch.all(bexp[: int((bexp >= 0).sum())] >= 0), "used blocks come first"

@@ -1,0 +1,138 @@
+"""Route + shrink kernel against genknowsub_fast.reference: routing (clear margins), weights, shrink coefficients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from genknowsub_fast.triton_kernels.dispatch import MODE_ROUTE, choose_plan
+
+from tests.triton_kernels.helpers import (
+    DEVICE,
+    DTYPES,
+    check,
+    make_problem,
+    reference,
+    require_triton,
+    shrink_coefficients,
+)
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    require_triton()
+
+
+def _run(prob, dtype, top_k, temperature, mixing, regime, split_k):
+    from genknowsub_fast.triton_kernels.route_shrink import route_shrink
+
+    packed = prob.packed(dtype, mixing)
+    x = prob.x.to(device=DEVICE, dtype=dtype)
+    plan = choose_plan(
+        x.shape[0], prob.num_experts, prob.rank, top_k, x.shape[1], packed.d_out, dtype, None, None, regime, split_k
+    )
+    g, idx, w = route_shrink(
+        x, packed.route_shrink, prob.num_experts, prob.rank, top_k, temperature, mixing == "weights", plan.route
+    )
+    return g, idx, w, plan
+
+
+# (T, E, r, d_in, k): T=1, E=1, k=E, r=1, d not a multiple of 16, more tokens than one block, and k·r = 128
+# (the gathered shrink then narrows its K tile below 16).
+SHAPES = [(1, 1, 1, 19, 1), (5, 4, 3, 37, 2), (3, 6, 1, 20, 6), (33, 5, 4, 45, 3), (2, 9, 32, 20, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-E{}-r{}-d{}-k{}".format(*s))
+@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+def test_route_shrink_matches_reference(dtype, shape, regime):
+    t, e, r, d_in, k = shape
+    mixing = "output"
+    prob = make_problem(t, e, r, d_in, 11, seed=t * 100 + e)
+    g, idx, w, plan = _run(prob, dtype, k, 0.7, mixing, regime, None)
+
+    w64, idx64 = reference.route(prob.x, prob.prototypes, k, 0.7)
+    w_same, _ = reference.route(prob.x.to(dtype), prob.prototypes.to(dtype), k, 0.7)
+    assert torch.equal(idx.cpu().long(), idx64), "routing differs although the top-k margin is clear"
+    check(w, w64, w_same, dtype, "routing weights")
+    if plan.route.mode == MODE_ROUTE:
+        assert g.shape == (t, 0)
+        return
+    g64 = shrink_coefficients(prob.x, prob.a, w64, idx64, mixing)
+    g_same = shrink_coefficients(prob.x.to(dtype), prob.a.to(dtype), w_same.to(dtype), idx64, mixing)
+    check(g, g64, g_same, dtype, f"shrink coefficients ({regime})")
+
+
+@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_matches_single_pass(regime, split_k):
+    """Split-K partials + epilogue kernel give what the single fused pass gives (float32, up to summation order)."""
+    prob = make_problem(18, 5, 3, 70, 9, seed=3)
+    ref = _run(prob, torch.float32, 2, 1.3, "output", regime, 1)
+    out = _run(prob, torch.float32, 2, 1.3, "output", regime, split_k)
+    assert out[3].route.split_k == split_k
+    assert torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("regime", ["dense", "gather"])
+def test_weights_mixing_coefficients(dtype, regime):
+    """mixing="weights": g_j = w_j Σ_i w_i h_i, so Σ_j B_j g_j = (Σ w B)(Σ w A) x."""
+    prob = make_problem(6, 4, 3, 29, 13, seed=5, shared_scaling=True)
+    g, idx, w, _ = _run(prob, dtype, 3, 1.0, "weights", regime, None)
+    w64, idx64 = reference.route(prob.x, prob.prototypes, 3, 1.0)
+    w_same, _ = reference.route(prob.x.to(dtype), prob.prototypes.to(dtype), 3, 1.0)
+    assert torch.equal(idx.cpu().long(), idx64)
+    g64 = shrink_coefficients(prob.x, prob.a, w64, idx64, "weights")
+    g_same = shrink_coefficients(prob.x.to(dtype), prob.a.to(dtype), w_same.to(dtype), idx64, "weights")
+    check(g, g64, g_same, dtype, "weights-mixing coefficients")
+
+
+def test_ties_go_to_the_lower_index():
+    """Equal logits pick the lower expert index, as the reference's stable sort does.
+
+    Small integers make every dot product exact in float32 and float64, so the ties are exact in both.
+    """
+    g = torch.Generator().manual_seed(7)
+    prob = make_problem(9, 6, 2, 24, 8, seed=7, margin=False)
+    p = torch.randint(-2, 3, (6, 24), generator=g).double()
+    p[3] = p[1]
+    p[5] = p[1]
+    p[4] = -p[0]  # |x·p| ties under a sign flip too
+    prob.prototypes = p
+    prob.x = torch.randint(-3, 4, (9, 24), generator=g).double()
+    prob.x[0] = 0  # all logits tie
+    for k in (1, 2, 4, 6):
+        _, idx, w, _ = _run(prob, torch.float32, k, 3.0, "output", "dense", None)
+        w64, idx64 = reference.route(prob.x, p, k, 3.0)
+        assert torch.equal(idx.cpu().long(), idx64), f"k={k}"
+        assert torch.allclose(w.cpu().double(), w64, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_prototype_is_chosen_last():
+    """A zero prototype (ΔW = 0) has logit 0 and is only chosen when k forces it; indices stay in range."""
+    prob = make_problem(5, 4, 2, 16, 8, seed=9)
+    prob.prototypes[2] = 0
+    _, idx, w, _ = _run(prob, torch.float32, 4, 1.0, "output", "dense", None)
+    assert torch.all(idx[:, -1] == 2)
+    assert torch.all((idx >= 0) & (idx < 4))
+    torch.testing.assert_close(w.sum(dim=1).cpu(), torch.ones(5), rtol=1e-6, atol=1e-6)
+
+
+def test_temperature_sharpens():
+    """Lower temperature puts more weight on the top expert (and matches the reference)."""
+    prob = make_problem(7, 5, 2, 21, 8, seed=12)
+    tops = []
+    for temp in (0.1, 1.0, 10.0):
+        _, idx, w, _ = _run(prob, torch.float32, 3, temp, "output", "dense", None)
+        w64, _ = reference.route(prob.x, prob.prototypes, 3, temp)
+        torch.testing.assert_close(w.cpu().double(), w64, rtol=1e-5, atol=1e-6)
+        tops.append(float(w[:, 0].mean()))
+    assert tops[0] > tops[1] > tops[2]
+
+
+def test_empty_batch():
+    prob = make_problem(0, 3, 2, 17, 5, seed=1, margin=False)
+    g, idx, w, _ = _run(prob, torch.float32, 2, 1.0, "output", "dense", None)
+    assert g.shape == (0, 4) and idx.shape == (0, 2) and w.shape == (0, 2)

@@ -1,0 +1,242 @@
+"""Ahead-of-time compile of every kernel configuration the dispatch table produces, for a GPU target, without a GPU.
+
+The launches are recorded (``launch.recording``) while the real launch code runs on meta tensors, then specialised
+exactly as Triton's JIT would (same binder: integer and alignment specialisation) and compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. ``ptxas -v`` on the resulting PTX reports
+registers, stack and spills. Must run in a process without TRITON_INTERPRET=1 (the interpreter replaces the
+JITFunctions this needs); the tests run it as a subprocess::
+
+    python -m genknowsub_fast.triton_kernels.aot --arch 80 90 --json out.json
+
+The problem set is the benchmark set of DESIGN.md (Phi-3-mini projections, E=10 r=4 and E=64 r=8, k=3,
+T in {1, 16, 256, 4096}), plus T=7 (a token count that is neither 1 nor a multiple of 16) and T=16384 (enough token
+blocks that the route pass runs without split-K on these parts), in float16, bfloat16 and float32, both mixing modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import launch as launch_mod
+from .dispatch import choose_plan
+from .linear import add_routed_delta_
+
+PHI3_MINI = {"qkv_proj": (3072, 9216), "o_proj": (3072, 3072), "gate_up_proj": (3072, 16384), "down_proj": (8192, 3072)}
+EXPERT_SETS = ((10, 4), (64, 8))
+TOP_K = 3
+TOKENS = (1, 7, 16, 256, 4096, 16384)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# SM counts of the parts these architectures are benchmarked on (A100 SXM: 108, H100 SXM: 132; vendor data sheets);
+# they only size split-K.
+NUM_SMS = {80: 108, 90: 132}
+
+
+@dataclass
+class CompileResult:
+    """One compiled configuration and what ptxas said about it."""
+
+    kernel: str
+    arch: int
+    signature: str
+    constexprs: str
+    num_warps: int
+    num_stages: int
+    shared_bytes: int = -1
+    registers: int = -1
+    stack_bytes: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    error: str = ""
+    seconds: float = 0.0
+
+
+def record_table_launches(arch: int, dtypes: tuple[torch.dtype, ...] = DTYPES) -> list[launch_mod.Launch]:
+    """Every launch the dispatch table makes for the problem set on ``arch``, recorded on meta tensors."""
+    capability = (arch // 10, arch % 10)
+    launches = []
+    meta = torch.device("meta")
+    for d_in, d_out in PHI3_MINI.values():
+        for e, r in EXPERT_SETS:
+            for t in TOKENS:
+                for dtype in dtypes:
+                    for mix_weights in (False, True):
+                        plan = choose_plan(t, e, r, TOP_K, d_in, d_out, dtype, capability, NUM_SMS[arch])
+                        x = torch.empty(t, d_in, device=meta, dtype=dtype)
+                        rs = torch.empty(e + e * r, d_in, device=meta, dtype=dtype)
+                        b_t = torch.empty(e, r, d_out, device=meta, dtype=dtype)
+                        y = torch.empty(t, d_out, device=meta, dtype=dtype)
+                        with launch_mod.recording() as rec:
+                            add_routed_delta_(y, x, rs, b_t, e, r, TOP_K, 1.0, mix_weights, True, plan)
+                        launches.extend(rec)
+    return launches
+
+
+def _specialise(ln: launch_mod.Launch, arch: int):
+    """(ASTSource, options) exactly as Triton's JIT would build them for this launch on ``arch``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = ln.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**ln.constexprs, **ln.options}
+    bound, specialization, options = binder(*ln.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), options, target
+
+
+def unique_configs(launches: list[launch_mod.Launch], arch: int) -> list[launch_mod.Launch]:
+    """Launches that compile to distinct binaries (same kernel, specialised signature, constexprs and options)."""
+    seen, out = set(), []
+    for ln in launches:
+        src, options, _ = _specialise(ln, arch)
+        key = (ln.name, src.hash(), options.num_warps, options.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(ln)
+    return out
+
+
+def ptxas_path(arch: int) -> str | None:
+    """The ptxas Triton itself uses for ``arch`` (it writes PTX versions its own ptxas reads), else the one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # noqa: BLE001 - any failure here just means "use PATH"
+        pass
+    return shutil.which("ptxas")
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
+    """Registers, stack frame and spill bytes from ``ptxas -v`` on ``ptx`` (flags as Triton passes them)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    exe = ptxas_path(arch)
+    if exe is None:
+        raise FileNotFoundError("ptxas not found (neither Triton's bundled one nor on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [exe, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", src + ".o"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"could not parse ptxas -v output:\n{log}")
+    return {
+        "registers": int(regs.group(1)),
+        "stack_bytes": int(spill.group(1)),
+        "spill_stores": int(spill.group(2)),
+        "spill_loads": int(spill.group(3)),
+    }
+
+
+def _compile_one(payload: tuple[int, int]) -> CompileResult:
+    arch, i = payload
+    ln = _WORKER_LAUNCHES[i]
+    import triton
+
+    src, options, target = _specialise(ln, arch)
+    res = CompileResult(
+        kernel=ln.name,
+        arch=arch,
+        signature=str(src.signature),
+        constexprs=str({ln.kernel.arg_names[k[0]]: v for k, v in src.constants.items()}),
+        num_warps=options.num_warps,
+        num_stages=options.num_stages,
+    )
+    t0 = time.perf_counter()
+    try:
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        res.shared_bytes = int(compiled.metadata.shared)
+        for k, v in ptxas_usage(compiled.asm["ptx"], arch).items():
+            setattr(res, k, v)
+    except Exception as exc:  # noqa: BLE001 - reported per configuration, the caller decides
+        res.error = f"{type(exc).__name__}: {exc}"[:4000]
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+_WORKER_LAUNCHES: list[launch_mod.Launch] = []
+
+
+def compile_table(
+    archs: list[int], jobs: int, dtypes: tuple[torch.dtype, ...] = DTYPES, kernel_filter: str = ""
+) -> list[CompileResult]:
+    """Compile every unique configuration of the table for each arch; ``jobs`` worker processes.
+
+    ``dtypes`` and ``kernel_filter`` (a substring of the kernel name) narrow the set, for experiments.
+    """
+    global _WORKER_LAUNCHES
+    results = []
+    for arch in archs:
+        launches = [ln for ln in record_table_launches(arch, dtypes) if kernel_filter in ln.name]
+        _WORKER_LAUNCHES = unique_configs(launches, arch)
+        payloads = [(arch, i) for i in range(len(_WORKER_LAUNCHES))]
+        if jobs > 1:
+            # fork: the workers inherit the recorded launches (meta tensors and JITFunctions do not pickle).
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+                results.extend(pool.map(_compile_one, payloads))
+        else:
+            results.extend(map(_compile_one, payloads))
+    return results
+
+
+def _dtypes(signature: str) -> str:
+    """The distinct pointer element types of a signature, e.g. "bf16,fp32,i32"."""
+    return ",".join(sorted(set(re.findall(r"'\*(\w+)'", signature))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: compile the table for the given archs, print a summary, optionally write JSON; exit 1 on any failure."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--json", help="write the per-configuration results here")
+    parser.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], help="only these dtypes")
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("aot: unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles", file=sys.stderr)
+        return 2
+    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
+    results = compile_table(args.arch, args.jobs, dtypes, args.kernel)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    bad = 0
+    for r in results:
+        flag = "ERROR " + r.error.splitlines()[0] if r.error else ("SPILL" if r.spill_stores or r.spill_loads else "ok")
+        bad += flag != "ok"
+        print(
+            f"sm_{r.arch} {r.kernel:28s} warps={r.num_warps} stages={r.num_stages} regs={r.registers:3d} "
+            f"stack={r.stack_bytes} spill={r.spill_stores}/{r.spill_loads} smem={r.shared_bytes:6d} "
+            f"{r.seconds:5.1f}s {flag}  {_dtypes(r.signature)} {r.constexprs}"
+        )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The one place kernels are launched, so the exact launches of a call can be recorded instead of run.
+
+``recording()`` collects every launch (kernel, grid, arguments, launch options) of the code it wraps without running
+any: ``aot.py`` uses it on meta tensors to compile, for a real GPU architecture, exactly the configurations the
+dispatch table produces, on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+_recorder: list[Launch] | None = None
+
+
+@dataclass
+class Launch:
+    """One kernel launch: positional runtime arguments, constexpr keywords and launch options."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple[Any, ...]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return fn.__name__
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int = 1, **constexprs: Any):
+    """Run ``kernel[grid](*args, **constexprs)`` with the launch options, or record it inside :func:`recording`."""
+    if _recorder is not None:
+        opts = {"num_warps": num_warps, "num_stages": num_stages}
+        _recorder.append(Launch(kernel, tuple(grid), tuple(args), dict(constexprs), opts))
+        return
+    kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Record launches instead of running them (not thread-safe; for tooling, never for the hot path)."""
+    global _recorder
+    prev, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = prev
