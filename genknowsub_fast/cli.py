@@ -125,4 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Plugins register into the importable genknowsub_fast.cli, not into this __main__ copy: run that one's main.
+    from genknowsub_fast.cli import main as _main
+
+    sys.exit(_main())

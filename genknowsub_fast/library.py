@@ -160,6 +160,13 @@ class LoraLibrary:
             self.routing,
         )
 
+    def stats(self, top: int | None = 8):
+        """Prototype |cos| matrices and top-``top`` ΔW singular values per module: see
+        :func:`genknowsub_fast.analytics.library_stats`."""
+        from .analytics import library_stats
+
+        return library_stats(self, top)
+
     # ------------------------------------------------------------------------------------------------- building
     @classmethod
     def from_adapters(
@@ -427,7 +434,7 @@ def _fill_prototypes(modules: dict[str, ModuleExperts], method: str, rng_seed: i
     paths = list(modules)
     if method == "exact":
         protos, zeros = prototype_ext.exact_prototypes_batched(
-            [modules[p].a for p in paths], [modules[p].b for p in paths]
+            [modules[p].a for p in paths], [modules[p].b for p in paths], progress=True
         )
     else:
         from . import ops

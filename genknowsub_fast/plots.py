@@ -1,0 +1,209 @@
+"""PNG plots of routing analytics (matplotlib, Agg backend; install with ``pip install 'genknowsub-fast[plot]'``).
+
+- :func:`plot_similarity`: prototype |cos| heatmaps, averaged over modules, after GenKnowSub (and before, if known);
+- :func:`plot_expert_usage`: share of the selections per expert, layers × experts, one panel per module kind;
+- :func:`plot_routing_entropy`: mean routing entropy and mean top-1 weight per layer, one line per module kind;
+- :func:`write_demo_plots`: all three for the demo's library and patched model.
+
+matplotlib is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .analytics import GksComparison, LibraryStats, RoutingStats, compare_gks, record_routing
+
+__all__ = ["plot_similarity", "plot_expert_usage", "plot_routing_entropy", "write_demo_plots"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "plots need matplotlib: install the 'plot' extra (pip install 'genknowsub-fast[plot]')"
+        ) from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _expert_ticks(ax, names: Sequence[str], x: bool = True, y: bool = True) -> None:
+    pos = list(range(len(names)))
+    rotate = max((len(n) for n in names), default=0) > 3
+    if x:
+        ax.set_xticks(pos)
+        ax.set_xticklabels(names, rotation=45 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    if y:
+        ax.set_yticks(pos)
+        ax.set_yticklabels(names, fontsize=8)
+
+
+def plot_similarity(
+    after: LibraryStats, path: str | os.PathLike, before: LibraryStats | None = None, kind: str | None = None
+) -> str:
+    """Heatmap(s) of the prototype |cos| matrix averaged over the library's modules (or the modules named ``kind``).
+
+    With ``before`` (the same experts without GenKnowSub, e.g. from :func:`genknowsub_fast.analytics.compare_gks`)
+    the two heatmaps sit side by side on one colour scale; without it only "after" is drawn and the title says why.
+    """
+    plt = _pyplot()
+    panels = [("before GenKnowSub", before), ("after GenKnowSub", after)] if before is not None else []
+    if not panels:
+        label = "after GenKnowSub" if after.gks else "no GenKnowSub"
+        panels = [(label, after)]
+    names = after.expert_names
+    e = len(names)
+    cell = 0.5 if e <= 12 else max(0.18, 6.0 / e)
+    side = max(3.2, cell * e + 1.4)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(side * len(panels) + 1.4, side + 1.0), squeeze=False, layout="constrained"
+    )
+    im = None
+    for i_ax, (ax, (label, stats)) in enumerate(zip(axes[0], panels)):
+        mat = stats.mean_similarity_matrix(kind).numpy()
+        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis")
+        _expert_ticks(ax, names if e <= 40 else [""] * e, y=i_ax == 0)
+        if i_ax:
+            ax.set_yticks(list(range(e)) if e <= 40 else [])
+            ax.set_yticklabels([])
+        else:
+            ax.set_ylabel("expert")
+        ax.set_xlabel("expert")
+        off = stats.mean_similarity if kind is None else _mean_off(mat)
+        ax.set_title(f"{label}\nmean off-diagonal |cos| = {off:.3f}", fontsize=10)
+        if e <= 12:
+            for i in range(e):
+                for j in range(e):
+                    colour = "black" if mat[i, j] > 0.6 else "white"
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="|cos| between prototypes")
+    scope = f"{kind} modules" if kind else f"all {len(after.modules)} modules"
+    title = f"Arrow prototype similarity (mean over {scope})"
+    if before is None and after.gks:
+        title += "\n(pre-GenKnowSub adapters unknown: 'after' only)"
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def _mean_off(mat) -> float:
+    e = mat.shape[0]
+    return float((mat.sum() - mat.trace()) / (e * (e - 1))) if e > 1 else float("nan")
+
+
+def plot_expert_usage(stats: RoutingStats, path: str | os.PathLike, title_note: str = "") -> str:
+    """Heatmaps of the selection share per expert (x) and layer (y), one panel per module kind, shared colour bar."""
+    plt = _pyplot()
+    kinds = stats.kinds
+    if not kinds:
+        raise ValueError("no routing recorded: run the model inside record_routing(model) first")
+    e = next(iter(stats.modules.values())).counts.numel()
+    names = stats.names(e)
+    mats = [stats.usage_matrix(k) for k in kinds]
+    n_layers = max(len(layers) for layers, _ in mats)
+    vmax = max(float(m.max()) for _, m in mats) or 1.0
+    width = max(2.6, 0.42 * e + 1.0)
+    height = max(2.4, 0.28 * n_layers + 1.6)
+    cols = min(len(kinds), 4)
+    rows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(width * cols + 1.2, height * rows + 0.8), squeeze=False, layout="constrained"
+    )
+    im = None
+    for i_ax, (ax, kind, (layers, mat)) in enumerate(zip(axes.flat, kinds, mats)):
+        im = ax.imshow(mat.numpy(), vmin=0.0, vmax=vmax, cmap="magma", aspect="auto")
+        _expert_ticks(ax, names if e <= 40 else [""] * e, y=False)
+        step = max(1, len(layers) // 16)
+        ax.set_yticks(list(range(0, len(layers), step)))
+        ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
+        ax.set_xlabel("expert")
+        if i_ax % cols == 0:
+            ax.set_ylabel("layer")
+        ax.set_title(kind, fontsize=10)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="share of top-k selections")
+    tokens = next(iter(stats.modules.values())).tokens
+    k = next(iter(stats.modules.values())).top_k
+    fig.suptitle(f"Expert usage per layer ({tokens} tokens, top-{k}){title_note}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_routing_entropy(stats: RoutingStats, path: str | os.PathLike, title_note: str = "") -> str:
+    """Mean routing entropy (left) and mean top-1 weight (right) per layer, one line per module kind."""
+    plt = _pyplot()
+    if not stats.modules:
+        raise ValueError("no routing recorded: run the model inside record_routing(model) first")
+    k = next(iter(stats.modules.values())).top_k
+    fig, (ax_h, ax_w) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for kind in stats.kinds:
+        layers, h = stats.per_layer("mean_entropy", kind)
+        _, w = stats.per_layer("mean_top1_weight", kind)
+        xs = [-1 if layer is None else layer for layer in layers]
+        ax_h.plot(xs, h, marker="o", label=kind)
+        ax_w.plot(xs, w, marker="o", label=kind)
+    if k > 1:
+        ax_h.axhline(math.log(k), color="grey", ls="--", lw=1, label=f"log {k} (uniform)")
+    ax_w.axhline(1.0 / k, color="grey", ls="--", lw=1, label=f"1/{k} (uniform)")
+    for ax, ylabel, title in (
+        (ax_h, "entropy of the k weights (nats)", "Routing entropy (lower = more decisive)"),
+        (ax_w, "mean top-1 weight", "Weight of the first expert"),
+    ):
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Routing decisiveness per layer (top-{k}){title_note}", fontsize=11)
+    return _save(fig, path)
+
+
+def write_demo_plots(
+    lib,
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    task_dirs: Sequence[str | os.PathLike] | None = None,
+    general_dirs: Sequence[str | os.PathLike] | None = None,
+    tokens: int = 128,
+    seed: int = 0,
+) -> list[str]:
+    """Write the similarity (before/after GenKnowSub when ``general_dirs`` are given), usage and entropy plots.
+
+    ``model`` is patched with ``lib``; its routing is recorded on ``tokens`` random token ids (the demo's models are
+    random, so there is no text to feed). Returns the paths written.
+    """
+    out_dir = os.fspath(out_dir)
+    paths = []
+    if task_dirs and general_dirs:
+        cmp: GksComparison = compare_gks(task_dirs, general_dirs, gks=lib.gks or "param")
+        paths.append(plot_similarity(cmp.after, os.path.join(out_dir, "prototype_similarity.png"), cmp.before))
+    else:
+        paths.append(plot_similarity(lib.stats(), os.path.join(out_dir, "prototype_similarity.png")))
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if vocab:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(min(3, vocab - 1), vocab, (1, tokens), generator=gen)
+        device = next(model.parameters()).device
+        with torch.no_grad(), record_routing(model, lib.expert_names) as stats:
+            model(ids.to(device))
+        note = " — random tokens, random model"
+        paths.append(plot_expert_usage(stats, os.path.join(out_dir, "expert_usage.png"), note))
+        paths.append(plot_routing_entropy(stats, os.path.join(out_dir, "routing_entropy.png"), note))
+    return paths
