@@ -213,6 +213,8 @@ class GksComparison:
 
     before: LibraryStats
     after: LibraryStats
+    before_library: LoraLibrary | None = field(default=None, repr=False)
+    after_library: LoraLibrary | None = field(default=None, repr=False)
 
     def table(self) -> str:
         """Per module: mean off-diagonal |cos| before and after GKS, and the change."""
@@ -250,7 +252,7 @@ def compare_gks(
         warnings.filterwarnings("ignore", message="experts with ΔW = 0")
         before = LoraLibrary.from_adapters(task_dirs, None, **from_adapters_kwargs)
         after = LoraLibrary.from_adapters(task_dirs, general_dirs, gks=gks, **from_adapters_kwargs)
-    return GksComparison(library_stats(before, top), library_stats(after, top))
+    return GksComparison(library_stats(before, top), library_stats(after, top), before, after)
 
 
 # ---------------------------------------------------------------------------------------------------- routing stats

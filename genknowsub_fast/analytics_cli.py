@@ -106,7 +106,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
                 "with the experts before it)"
             )
 
-    routing = None
+    routing = routing_before = None
     size = _pick_size(lib) if args.model == "auto" else args.model
     if args.model == "auto" and size is None:
         print("\nno synthetic Phi-3 size matches this library's modules: routing not measured (use --model SIZE)")
@@ -123,6 +123,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
             model(ids)
         print(f"\nrouting of {what} through a random Phi-3 '{size}' (top-{top_k}):")
         print(routing.table())
+        if comparison is not None:
+            from .plots import routing_without_gks
+
+            routing_before = routing_without_gks(model, comparison.before_library, ids)
+            print("\nsame tokens, experts without GenKnowSub → with it (mean over modules):")
+            for attr, label in (("mean_entropy", "routing entropy (nats)"), ("mean_top1_weight", "top-1 weight")):
+                b, a = (_mean_attr(r, attr) for r in (routing_before, routing))
+                print(f"  {label:<23} {b:.4f} → {a:.4f} ({a - b:+.4f})")
 
     if args.out is not None:
         try:
@@ -143,12 +151,16 @@ def _run_inspect(args: argparse.Namespace) -> int:
             note = " — random model, " + ("byte-mapped text" if args.text_file else "random tokens")
             written.append(plots.plot_expert_usage(routing, os.path.join(args.out, "expert_usage.png"), note))
             written.append(plots.plot_routing_entropy(routing, os.path.join(args.out, "routing_entropy.png"), note))
+            if routing_before is not None:
+                gks_png = os.path.join(args.out, "routing_gks.png")
+                written.append(plots.plot_gks_routing(routing_before, routing, gks_png, note))
         stats_path = os.path.join(args.out, "stats.json")
         with open(stats_path, "w") as f:
             json.dump(
                 {
                     "library": comparison.to_dict() if comparison is not None else after.to_dict(),
                     "routing": routing.to_dict() if routing is not None else None,
+                    "routing_without_gks": routing_before.to_dict() if routing_before is not None else None,
                 },
                 f,
             )
@@ -157,6 +169,11 @@ def _run_inspect(args: argparse.Namespace) -> int:
             print("\nprototype_similarity.png shows the experts after GenKnowSub only (no pre-GKS adapters given)")
         print("\nwrote " + ", ".join(written))
     return 0
+
+
+def _mean_attr(stats, attr: str) -> float:
+    vals = [getattr(m, attr) for m in stats.modules.values() if m.tokens]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 _add_inspect.run = _run_inspect

@@ -3,6 +3,7 @@
 - :func:`plot_similarity`: prototype |cos| heatmaps, averaged over modules, after GenKnowSub (and before, if known);
 - :func:`plot_expert_usage`: share of the selections per expert, layers × experts, one panel per module kind;
 - :func:`plot_routing_entropy`: mean routing entropy and mean top-1 weight per layer, one line per module kind;
+- :func:`plot_gks_routing`: the same two figures without vs with GenKnowSub, per module kind;
 - :func:`write_demo_plots`: all three for the demo's library and patched model.
 
 matplotlib is imported only when a plot is drawn.
@@ -10,6 +11,7 @@ matplotlib is imported only when a plot is drawn.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +20,14 @@ import torch
 
 from .analytics import GksComparison, LibraryStats, RoutingStats, compare_gks, record_routing
 
-__all__ = ["plot_similarity", "plot_expert_usage", "plot_routing_entropy", "write_demo_plots"]
+__all__ = [
+    "plot_expert_usage",
+    "plot_gks_routing",
+    "plot_routing_entropy",
+    "plot_similarity",
+    "routing_without_gks",
+    "write_demo_plots",
+]
 
 
 def _pyplot():
@@ -175,6 +184,46 @@ def plot_routing_entropy(stats: RoutingStats, path: str | os.PathLike, title_not
     return _save(fig, path)
 
 
+def plot_gks_routing(before: RoutingStats, after: RoutingStats, path: str | os.PathLike, title_note: str = "") -> str:
+    """Bars per module kind: mean routing entropy and mean top-1 weight without and with GenKnowSub."""
+    plt = _pyplot()
+    if not before.modules or not after.modules:
+        raise ValueError("no routing recorded: run the model inside record_routing(model) first")
+    kinds = after.kinds
+    k = next(iter(after.modules.values())).top_k
+    fig, (ax_h, ax_w) = plt.subplots(1, 2, figsize=(max(9.0, 1.2 * len(kinds) * 2 + 1), 4.0), layout="constrained")
+    xs = list(range(len(kinds)))
+    width = 0.38
+    for ax, attr, ylabel, ref, ref_label in (
+        (ax_h, "mean_entropy", "entropy of the k weights (nats)", math.log(k) if k > 1 else None, f"log {k}"),
+        (ax_w, "mean_top1_weight", "mean top-1 weight", 1.0 / k, f"1/{k}"),
+    ):
+        top = ref or 0.0
+        for shift, (label, stats, colour) in zip(
+            (-width / 2, width / 2), (("before GKS", before, "tab:grey"), ("after GKS", after, "tab:blue"))
+        ):
+            vals: list[float] = []
+            for kind in kinds:
+                _, per_layer = stats.per_layer(attr, kind)
+                vals.append(sum(per_layer) / len(per_layer) if per_layer else float("nan"))
+            bars = ax.bar([x + shift for x in xs], vals, width, label=label, color=colour)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+            top = max([top, *[v for v in vals if v == v]])
+        if ref is not None:
+            ax.axhline(ref, color="black", ls="--", lw=1, label=f"{ref_label} (uniform)")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(kinds, fontsize=8, rotation=30 if len(kinds) > 4 else 0)
+        ax.set_xlabel("module (mean over layers)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.3 * top)
+        ax.legend(fontsize=7, loc="upper center", ncols=3)
+        ax.grid(axis="y", alpha=0.3)
+    ax_h.set_title("Routing entropy (lower = more decisive)", fontsize=10)
+    ax_w.set_title("Weight of the first expert", fontsize=10)
+    fig.suptitle(f"Routing without vs with GenKnowSub (top-{k}){title_note}", fontsize=11)
+    return _save(fig, path)
+
+
 def write_demo_plots(
     lib,
     model: torch.nn.Module,
@@ -184,15 +233,17 @@ def write_demo_plots(
     tokens: int = 128,
     seed: int = 0,
 ) -> list[str]:
-    """Write the similarity (before/after GenKnowSub when ``general_dirs`` are given), usage and entropy plots.
+    """Write the similarity (before/after GenKnowSub when ``general_dirs`` are given), usage and entropy plots, and
+    with ``general_dirs`` the routing of the same tokens without vs with GenKnowSub (``routing_gks.png``).
 
     ``model`` is patched with ``lib``; its routing is recorded on ``tokens`` random token ids (the demo's models are
     random, so there is no text to feed). Returns the paths written.
     """
     out_dir = os.fspath(out_dir)
     paths = []
+    cmp: GksComparison | None = None
     if task_dirs and general_dirs:
-        cmp: GksComparison = compare_gks(task_dirs, general_dirs, gks=lib.gks or "param")
+        cmp = compare_gks(task_dirs, general_dirs, gks=lib.gks or "param")
         paths.append(plot_similarity(cmp.after, os.path.join(out_dir, "prototype_similarity.png"), cmp.before))
     else:
         paths.append(plot_similarity(lib.stats(), os.path.join(out_dir, "prototype_similarity.png")))
@@ -200,10 +251,26 @@ def write_demo_plots(
     if vocab:
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(min(3, vocab - 1), vocab, (1, tokens), generator=gen)
-        device = next(model.parameters()).device
+        ids = ids.to(next(model.parameters()).device)
         with torch.no_grad(), record_routing(model, lib.expert_names) as stats:
-            model(ids.to(device))
+            model(ids)
         note = " — random tokens, random model"
         paths.append(plot_expert_usage(stats, os.path.join(out_dir, "expert_usage.png"), note))
         paths.append(plot_routing_entropy(stats, os.path.join(out_dir, "routing_entropy.png"), note))
+        if cmp is not None:
+            before = routing_without_gks(model, cmp.before_library, ids)
+            paths.append(plot_gks_routing(before, stats, os.path.join(out_dir, "routing_gks.png"), note))
     return paths
+
+
+def routing_without_gks(model: torch.nn.Module, before_library, ids: torch.Tensor) -> RoutingStats:
+    """Routing of ``ids`` through a copy of the patched ``model`` re-patched with ``before_library`` (same top-k and
+    temperature); ``model`` itself is not touched."""
+    from .patching import _STATE, patch_model, patched_modules, unpatch_model
+
+    st = next(iter(patched_modules(model).values())).__dict__[_STATE]
+    other = unpatch_model(copy.deepcopy(model))
+    patch_model(other, before_library, top_k=st.top_k, temperature=st.temperature, mixing=st.mixing)
+    with torch.no_grad(), record_routing(other, before_library.expert_names) as stats:
+        other(ids)
+    return stats

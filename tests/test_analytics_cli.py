@@ -32,11 +32,15 @@ def test_inspect_writes_table_and_plots(lib_path, tmp_path, capsys):
 def test_inspect_before_after_and_text_file(phi3_setup, lib_path, tmp_path, capsys):
     text_file = tmp_path / "t.txt"
     text_file.write_text("GenKnowSub subtracts general knowledge. " * 4)
-    args = ["inspect", str(lib_path), "--text-file", str(text_file), "--tokens", "40"]
+    args = ["inspect", str(lib_path), "--text-file", str(text_file), "--tokens", "40", "--out", str(tmp_path / "o")]
     args += ["--task", *phi3_setup.task, "--general", *phi3_setup.general]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "before" in text and "after" in text and "40 bytes of t.txt" in text
+    assert "without GenKnowSub → with it" in text and "after GenKnowSub only" not in text
+    assert (tmp_path / "o" / "routing_gks.png").is_file()
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())
+    assert set(stats["library"]) == {"before", "after"} and stats["routing_without_gks"]["modules"]
     assert main(["inspect", str(lib_path), "--model", "none"]) == 0
     assert "routing of" not in capsys.readouterr().out
 

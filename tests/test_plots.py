@@ -46,8 +46,9 @@ def test_write_demo_plots(phi3_setup, lib, tmp_path):
     model = patch_model(phi3_setup.fresh(), lib)
     paths = plots.write_demo_plots(lib, model, tmp_path, phi3_setup.task, phi3_setup.general, tokens=16)
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
-    assert names == ["expert_usage.png", "prototype_similarity.png", "routing_entropy.png"]
+    assert names == ["expert_usage.png", "prototype_similarity.png", "routing_entropy.png", "routing_gks.png"]
     assert all(_is_png(p) for p in paths)
+    assert all(m.__dict__["_gkf_patch"].recorder is None for m in model.modules() if "_gkf_patch" in m.__dict__)
 
 
 def test_missing_matplotlib_names_the_plot_extra(monkeypatch):
