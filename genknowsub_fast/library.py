@@ -434,7 +434,7 @@ def _fill_prototypes(modules: dict[str, ModuleExperts], method: str, rng_seed: i
     paths = list(modules)
     if method == "exact":
         protos, zeros = prototype_ext.exact_prototypes_batched(
-            [modules[p].a for p in paths], [modules[p].b for p in paths]
+            [modules[p].a for p in paths], [modules[p].b for p in paths], progress=True
         )
     else:
         from . import ops

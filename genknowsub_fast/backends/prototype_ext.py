@@ -1,22 +1,110 @@
 """Exact Arrow prototypes for many modules at once: the compiled extension when available, torch.linalg otherwise.
 
-The extension (csrc/) is not wired in yet: every call runs the torch.linalg path of torch_ops.exact_prototypes.
+With the extension (csrc/prototypes_cpu.cpp, csrc/prototypes_cuda.cu) a whole library — every module of every layer,
+of different shapes — is one ``torch.ops.genknowsub_fast_C.arrow_prototypes_batched`` call. Without it (not built,
+no compiler, ``GENKNOWSUB_FAST_EXTENSION=off``, or factors on a device the extension has no kernel for) each module
+runs the torch.linalg path of torch_ops.exact_prototypes; both give the same prototypes up to float rounding, with the
+same canonical sign and zero test.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from . import torch_ops
+from . import extension, torch_ops
+
+# The CUDA kernel's per-thread accumulators and shared memory are sized for r <= 64 (csrc/prototypes_cuda.h).
+CUDA_MAX_RANK = 64
+# Libraries bigger than this many factor elements are done in chunks, so that a progress bar can move.
+PROGRESS_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def _extension_can_run(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> bool:
+    if not a_list or not extension.has_op("arrow_prototypes_batched"):
+        return False
+    devices = {t.device for t in a_list} | {t.device for t in b_list}
+    if len(devices) != 1:
+        return False
+    dev = next(iter(devices))
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda" and extension.has_cuda_kernels():
+        return max(a.shape[1] for a in a_list) <= CUDA_MAX_RANK
+    return False
+
+
+def _check(a_list, b_list) -> None:
+    if len(a_list) != len(b_list):
+        raise ValueError(f"{len(a_list)} A tensors but {len(b_list)} B tensors")
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+            raise ValueError(
+                f"pair {i}: expected A (E, r, d_in) and B (E, d_out, r), got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
 
 
 def exact_prototypes_batched(
-    a_list: list[torch.Tensor], b_list: list[torch.Tensor]
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    progress: bool = False,
+    use_extension: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Prototypes and zero masks for each (A (E, r, d_in), B (E, d_out, r)) pair, in A's dtype."""
-    protos, zeros = [], []
-    for a, b in zip(a_list, b_list, strict=True):
-        p, z = torch_ops.exact_prototypes(a, b)
-        protos.append(p)
-        zeros.append(z)
+    """Prototypes (E, d_in) in A's dtype and zero masks (E,) bool for each (A (E, r, d_in), B (E, d_out, r)) pair.
+
+    ``progress``: show a tqdm bar when the work takes over a second (the library is then processed in chunks).
+    ``use_extension``: None = the compiled op when it can run here, True/False to force (tests).
+    """
+    a_list, b_list = list(a_list), list(b_list)
+    _check(a_list, b_list)
+    if not a_list:
+        return [], []
+    use = _extension_can_run(a_list, b_list) if use_extension is None else use_extension
+    if use:
+        run = torch.ops.genknowsub_fast_C.arrow_prototypes_batched
+    else:
+
+        def run(aa, bb):
+            outs = [torch_ops.exact_prototypes(a, b) for a, b in zip(aa, bb)]
+            return [o[0] for o in outs], [o[1] for o in outs]
+
+    sizes = [a.numel() + b.numel() for a, b in zip(a_list, b_list)]
+    if not progress or sum(sizes) <= PROGRESS_CHUNK_ELEMENTS:
+        return _as_lists(run(a_list, b_list))
+    chunks, cur, n = [], [], 0
+    for i, s in enumerate(sizes):
+        cur.append(i)
+        n += s
+        if n >= PROGRESS_CHUNK_ELEMENTS:
+            chunks.append(cur)
+            cur, n = [], 0
+    if cur:
+        chunks.append(cur)
+    protos: list[torch.Tensor] = []
+    zeros: list[torch.Tensor] = []
+    bar = None
+    start = time.perf_counter()
+    try:
+        for k, idx in enumerate(chunks):
+            p, z = _as_lists(run([a_list[i] for i in idx], [b_list[i] for i in idx]))
+            protos += p
+            zeros += z
+            if bar is None and time.perf_counter() - start > 1.0 and k + 1 < len(chunks):
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(a_list), initial=len(protos), desc="prototypes", unit="module", leave=False)
+            elif bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
     return protos, zeros
+
+
+def _as_lists(res) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    p, z = res
+    return list(p), list(z)
+
+
+__all__ = ["exact_prototypes_batched", "CUDA_MAX_RANK"]

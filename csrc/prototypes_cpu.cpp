@@ -1,0 +1,415 @@
+// Exact Arrow prototypes on the CPU, batched over every expert of every module in one call.
+//
+// Per expert: the r × r Gram matrices G_a = A Aᵀ and G_b = Bᵀ B accumulated in float64 in one streaming pass over
+// the factors, the small eigen solve of prototypes_common.h, then p = Aᵀ c in a second pass over A. The whole
+// library (for Phi-3-mini 32 layers × 4 modules × 10 experts = 1280 problems) is one parallel_for over experts; with
+// fewer experts than threads the passes over d_in / d_out are split across threads instead.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "prototypes_common.h"
+
+namespace gkf_proto_cpu {
+
+// g (R × R, row-major, float64) += Σ_x col_x col_xᵀ over columns [c0, c1) of a (R rows, row stride ld). With R a
+// compile-time constant the accumulators live in registers.
+template <typename T, int R>
+static void gram_cols_fixed(const T* a, int64_t ld, int64_t c0, int64_t c1, double* g) {
+  double acc[R * R] = {};
+  for (int64_t x = c0; x < c1; ++x) {
+    double v[R];
+    for (int i = 0; i < R; ++i) v[i] = static_cast<double>(a[i * ld + x]);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < R; ++j) acc[i * R + j] += v[i] * v[j];
+  }
+  for (int i = 0; i < R * R; ++i) g[i] += acc[i];
+}
+
+// g (R × R) += Σ_y row_y row_yᵀ over rows [y0, y1) of b (rows of R contiguous values).
+template <typename T, int R>
+static void gram_rows_fixed(const T* b, int64_t y0, int64_t y1, double* g) {
+  double acc[R * R] = {};
+  for (int64_t y = y0; y < y1; ++y) {
+    double v[R];
+    for (int i = 0; i < R; ++i) v[i] = static_cast<double>(b[y * R + i]);
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < R; ++j) acc[i * R + j] += v[i] * v[j];
+  }
+  for (int i = 0; i < R * R; ++i) g[i] += acc[i];
+}
+
+// Any r: dot products of row pairs over blocks of columns converted to float64 (upper triangle, then mirrored).
+template <typename T>
+static void gram_cols_generic(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g) {
+  constexpr int64_t kBlock = 256;
+  std::vector<double> buf(static_cast<size_t>(r) * kBlock);
+  for (int64_t x0 = c0; x0 < c1; x0 += kBlock) {
+    const int64_t w = std::min(kBlock, c1 - x0);
+    for (int i = 0; i < r; ++i)
+      for (int64_t x = 0; x < w; ++x) buf[i * kBlock + x] = static_cast<double>(a[i * ld + x0 + x]);
+    for (int i = 0; i < r; ++i) {
+      const double* ri = buf.data() + i * kBlock;
+      for (int j = i; j < r; ++j) {
+        const double* rj = buf.data() + j * kBlock;
+        double s[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t x = 0;
+        for (; x + 4 <= w; x += 4)
+          for (int l = 0; l < 4; ++l) s[l] += ri[x + l] * rj[x + l];
+        for (; x < w; ++x) s[0] += ri[x] * rj[x];
+        const double d = (s[0] + s[1]) + (s[2] + s[3]);
+        g[i * r + j] += d;
+        if (j != i) g[j * r + i] += d;
+      }
+    }
+  }
+}
+
+template <typename T>
+static void gram_rows_generic(const T* b, int r, int64_t y0, int64_t y1, double* g) {
+  std::vector<double> v(r);
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int i = 0; i < r; ++i) v[i] = static_cast<double>(b[y * r + i]);
+    for (int i = 0; i < r; ++i) {
+      const double vi = v[i];
+      double* gi = g + i * r;
+      for (int j = 0; j < r; ++j) gi[j] += vi * v[j];
+    }
+  }
+}
+
+
+#if defined(__AVX2__) && defined(__FMA__)
+// r = 4, float32 factors, AVX2 + FMA. A: four columns per step, one float64 vector per row, the 10 row pairs in 10
+// vector accumulators (2.5 FMAs per column). B: one row (4 values) per step against itself rotated by 0, 1 and 2
+// lanes, which covers all 10 pairs in 3 FMAs.
+static inline double hsum(__m256d v) {
+  const __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
+  const __m128d s = _mm_add_pd(lo, hi);
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+static void gram_a4_avx2(const float* a, int64_t ld, int64_t c0, int64_t c1, double* g) {
+  __m256d acc[10];
+  for (auto& v : acc) v = _mm256_setzero_pd();
+  int64_t x = c0;
+  for (; x + 4 <= c1; x += 4) {
+    const __m256d r0 = _mm256_cvtps_pd(_mm_loadu_ps(a + x));
+    const __m256d r1 = _mm256_cvtps_pd(_mm_loadu_ps(a + ld + x));
+    const __m256d r2 = _mm256_cvtps_pd(_mm_loadu_ps(a + 2 * ld + x));
+    const __m256d r3 = _mm256_cvtps_pd(_mm_loadu_ps(a + 3 * ld + x));
+    acc[0] = _mm256_fmadd_pd(r0, r0, acc[0]);
+    acc[1] = _mm256_fmadd_pd(r0, r1, acc[1]);
+    acc[2] = _mm256_fmadd_pd(r0, r2, acc[2]);
+    acc[3] = _mm256_fmadd_pd(r0, r3, acc[3]);
+    acc[4] = _mm256_fmadd_pd(r1, r1, acc[4]);
+    acc[5] = _mm256_fmadd_pd(r1, r2, acc[5]);
+    acc[6] = _mm256_fmadd_pd(r1, r3, acc[6]);
+    acc[7] = _mm256_fmadd_pd(r2, r2, acc[7]);
+    acc[8] = _mm256_fmadd_pd(r2, r3, acc[8]);
+    acc[9] = _mm256_fmadd_pd(r3, r3, acc[9]);
+  }
+  int k = 0;
+  for (int i = 0; i < 4; ++i)
+    for (int j = i; j < 4; ++j, ++k) {
+      double s = hsum(acc[k]);
+      for (int64_t y = x; y < c1; ++y) s += static_cast<double>(a[i * ld + y]) * static_cast<double>(a[j * ld + y]);
+      g[i * 4 + j] += s;
+      if (i != j) g[j * 4 + i] += s;
+    }
+}
+
+static void gram_b4_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
+  __m256d d0 = _mm256_setzero_pd(), d1 = _mm256_setzero_pd(), d2 = _mm256_setzero_pd();
+  __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd(), e2 = _mm256_setzero_pd();
+  int64_t y = y0;
+  for (; y + 2 <= y1; y += 2) {  // two rows per step: two independent accumulator sets
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4));
+    const __m256d w = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4 + 4));
+    d0 = _mm256_fmadd_pd(v, v, d0);
+    d1 = _mm256_fmadd_pd(v, _mm256_permute4x64_pd(v, 0x39), d1);  // lanes (1,2,3,0)
+    d2 = _mm256_fmadd_pd(v, _mm256_permute4x64_pd(v, 0x4E), d2);  // lanes (2,3,0,1)
+    e0 = _mm256_fmadd_pd(w, w, e0);
+    e1 = _mm256_fmadd_pd(w, _mm256_permute4x64_pd(w, 0x39), e1);
+    e2 = _mm256_fmadd_pd(w, _mm256_permute4x64_pd(w, 0x4E), e2);
+  }
+  for (; y < y1; ++y) {
+    const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4));
+    d0 = _mm256_fmadd_pd(v, v, d0);
+    d1 = _mm256_fmadd_pd(v, _mm256_permute4x64_pd(v, 0x39), d1);
+    d2 = _mm256_fmadd_pd(v, _mm256_permute4x64_pd(v, 0x4E), d2);
+  }
+  alignas(32) double s0[4], s1[4], s2[4];
+  _mm256_store_pd(s0, _mm256_add_pd(d0, e0));
+  _mm256_store_pd(s1, _mm256_add_pd(d1, e1));
+  _mm256_store_pd(s2, _mm256_add_pd(d2, e2));
+  for (int i = 0; i < 4; ++i) {
+    g[i * 4 + i] += s0[i];
+    const int j1 = (i + 1) & 3;  // lane i of s1 is b_i b_{i+1}
+    g[i * 4 + j1] += s1[i];
+    g[j1 * 4 + i] += s1[i];
+  }
+  // lanes 0,1 of s2 are b0 b2 and b1 b3; lanes 2,3 hold the same sums again
+  const double p02 = s2[0], p13 = s2[1];
+  g[0 * 4 + 2] += p02;
+  g[2 * 4 + 0] += p02;
+  g[1 * 4 + 3] += p13;
+  g[3 * 4 + 1] += p13;
+}
+#endif
+
+template <typename T>
+static void gram_a(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (r == 4) return gram_a4_avx2(a, ld, c0, c1, g);
+  }
+#endif
+  switch (r) {
+    case 1: return gram_cols_fixed<T, 1>(a, ld, c0, c1, g);
+    case 2: return gram_cols_fixed<T, 2>(a, ld, c0, c1, g);
+    case 4: return gram_cols_fixed<T, 4>(a, ld, c0, c1, g);
+    default: return gram_cols_generic<T>(a, ld, r, c0, c1, g);
+  }
+}
+
+template <typename T>
+static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (r == 4) return gram_b4_avx2(b, y0, y1, g);
+  }
+#endif
+  switch (r) {
+    case 1: return gram_rows_fixed<T, 1>(b, y0, y1, g);
+    case 2: return gram_rows_fixed<T, 2>(b, y0, y1, g);
+    case 4: return gram_rows_fixed<T, 4>(b, y0, y1, g);
+    case 8: return gram_rows_fixed<T, 8>(b, y0, y1, g);
+    default: return gram_rows_generic<T>(b, r, y0, y1, g);
+  }
+}
+
+// p[c0..c1) = Σ_i coef_i a[i, c0..c1) in float64 into buf; returns Σ p² over the range and the first index of the
+// largest |p| in it (through *arg, *best).
+template <typename T>
+static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t c0, int64_t c1, double* buf,
+                      int64_t* arg, double* best) {
+  int i0 = 0;
+  if (r >= 4) {  // first four rows in one pass (the whole of r = 4, the common LoRA rank)
+    const double k0 = coef[0], k1 = coef[1], k2 = coef[2], k3 = coef[3];
+    const T *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
+    for (int64_t x = c0; x < c1; ++x)
+      buf[x] = (k0 * static_cast<double>(a0[x]) + k1 * static_cast<double>(a1[x])) +
+               (k2 * static_cast<double>(a2[x]) + k3 * static_cast<double>(a3[x]));
+    i0 = 4;
+  } else {
+    for (int64_t x = c0; x < c1; ++x) buf[x] = 0.0;
+  }
+  for (int i = i0; i < r; ++i) {
+    const double ci = coef[i];
+    if (ci == 0.0) continue;
+    const T* row = a + i * ld;
+    for (int64_t x = c0; x < c1; ++x) buf[x] += ci * static_cast<double>(row[x]);
+  }
+  double ss = 0.0, bv = -1.0;
+  int64_t bi = c0;
+  for (int64_t x = c0; x < c1; ++x) {
+    const double v = buf[x];
+    ss += v * v;
+    if (std::fabs(v) > bv) {
+      bv = std::fabs(v);
+      bi = x;
+    }
+  }
+  *arg = bi;
+  *best = bv;
+  return ss;
+}
+
+template <typename OutT>
+static void write_out(const double* buf, int64_t n, double mult, OutT* out) {
+  for (int64_t x = 0; x < n; ++x) out[x] = static_cast<OutT>(buf[x] * mult);
+}
+
+struct Problem {
+  const void* a;  // (r, d_in) of one expert
+  const void* b;  // (d_out, r)
+  void* out;      // (d_in)
+  bool* zero;
+  int64_t d_in, d_out;
+  int r;
+};
+
+// One expert; `split` parallelises its passes over d_in / d_out (used when there are fewer experts than threads).
+template <typename T, typename OutT>
+static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratch) {
+  const int r = pr.r;
+  const int64_t d_in = pr.d_in, d_out = pr.d_out;
+  const T* a = static_cast<const T*>(pr.a);
+  const T* b = static_cast<const T*>(pr.b);
+  OutT* out = static_cast<OutT*>(pr.out);
+  const size_t rr = static_cast<size_t>(r) * r;
+  scratch.assign(4 * rr + r + d_in, 0.0);
+  double* ga = scratch.data();
+  double* gb = ga + rr;
+  double* work = gb + rr;
+  double* coef = work + 2 * rr;
+  double* buf = coef + r;
+
+  if (!split) {
+    gram_a<T>(a, d_in, r, 0, d_in, ga);
+    gram_b<T>(b, r, 0, d_out, gb);
+  } else {
+    // Fixed chunking (independent of the thread count), partial sums added in chunk order.
+    const int64_t n_chunks = 16;
+    std::vector<double> part(2 * n_chunks * rr, 0.0);
+    at::parallel_for(0, 2 * n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        double* g = part.data() + k * rr;
+        if (k < n_chunks) {
+          const int64_t step = (d_in + n_chunks - 1) / n_chunks, c0 = std::min(d_in, k * step);
+          gram_a<T>(a, d_in, r, c0, std::min(d_in, c0 + step), g);
+        } else {
+          const int64_t kk = k - n_chunks, step = (d_out + n_chunks - 1) / n_chunks, y0 = std::min(d_out, kk * step);
+          gram_b<T>(b, r, y0, std::min(d_out, y0 + step), g);
+        }
+      }
+    });
+    for (int64_t k = 0; k < n_chunks; ++k)
+      for (size_t i = 0; i < rr; ++i) {
+        ga[i] += part[k * rr + i];
+        gb[i] += part[(n_chunks + k) * rr + i];
+      }
+  }
+  for (size_t i = 0; i < rr; ++i)
+    if (!std::isfinite(ga[i]) || !std::isfinite(gb[i])) return false;
+
+  const bool nonzero = gkf_proto::solve_coefficients(ga, gb, r, coef, work);
+  *pr.zero = !nonzero;
+  if (!nonzero) {
+    for (int64_t x = 0; x < d_in; ++x) out[x] = OutT(0);
+    return true;
+  }
+  double ss = 0.0, best = -1.0;
+  int64_t arg = 0;
+  if (!split) {
+    ss = combine<T>(a, d_in, r, coef, 0, d_in, buf, &arg, &best);
+  } else {
+    const int64_t n_chunks = 16, step = (d_in + n_chunks - 1) / n_chunks;
+    std::vector<double> ssk(n_chunks, 0.0), bestk(n_chunks, -1.0);
+    std::vector<int64_t> argk(n_chunks, 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t c0 = std::min(d_in, k * step), c1 = std::min(d_in, c0 + step);
+        if (c0 < c1) ssk[k] = combine<T>(a, d_in, r, coef, c0, c1, buf, &argk[k], &bestk[k]);
+      }
+    });
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      ss += ssk[k];
+      if (bestk[k] > best) {
+        best = bestk[k];
+        arg = argk[k];
+      }
+    }
+  }
+  const double norm = std::sqrt(ss);
+  if (!(norm > 0.0)) {
+    *pr.zero = true;
+    for (int64_t x = 0; x < d_in; ++x) out[x] = OutT(0);
+    return true;
+  }
+  const double mult = (buf[arg] < 0 ? -1.0 : 1.0) / norm;
+  write_out<OutT>(buf, d_in, mult, out);
+  return true;
+}
+
+template <typename T, typename OutT>
+static bool solve_all(const std::vector<Problem>& problems) {
+  const int64_t n = static_cast<int64_t>(problems.size());
+  std::atomic<bool> ok{true};
+  const int64_t threads = at::get_num_threads();
+  if (n >= 2 * threads || threads == 1) {
+    at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<double> scratch;
+      for (int64_t i = lo; i < hi; ++i)
+        if (!solve_one<T, OutT>(problems[i], false, scratch)) ok = false;
+    });
+  } else {
+    std::vector<double> scratch;
+    for (int64_t i = 0; i < n; ++i)
+      if (!solve_one<T, OutT>(problems[i], true, scratch)) ok = false;
+  }
+  return ok.load();
+}
+
+static void check_pair(const at::Tensor& a, const at::Tensor& b, size_t i) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3, "arrow_prototypes: expected A (E, r, d_in) and B (E, d_out, r), got ",
+              a.sizes(), " and ", b.sizes(), " (pair ", i, ")");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(2),
+              "arrow_prototypes: A ", a.sizes(), " and B ", b.sizes(), " do not match (pair ", i, ")");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "arrow_prototypes: CPU tensors expected (pair ", i, ")");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()) && at::isFloatingType(b.scalar_type()),
+              "arrow_prototypes: floating-point factors expected (pair ", i, ")");
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_batched(at::TensorList a_list,
+                                                                                      at::TensorList b_list) {
+  TORCH_CHECK(a_list.size() == b_list.size(), "arrow_prototypes_batched: ", a_list.size(), " A tensors but ",
+              b_list.size(), " B tensors");
+  const size_t m = a_list.size();
+  // Work in float64 when any factor is float64, else float32 (fp16 / bf16 are widened once, which is cheap).
+  bool any_double = false;
+  for (size_t i = 0; i < m; ++i) {
+    check_pair(a_list[i], b_list[i], i);
+    any_double = any_double || a_list[i].scalar_type() == at::kDouble || b_list[i].scalar_type() == at::kDouble;
+  }
+  const auto work = any_double ? at::kDouble : at::kFloat;
+  std::vector<at::Tensor> a_w(m), b_w(m), out_w(m), protos(m), zeros(m);
+  std::vector<Problem> problems;
+  for (size_t i = 0; i < m; ++i) {
+    a_w[i] = a_list[i].to(work).contiguous();
+    b_w[i] = b_list[i].to(work).contiguous();
+    const int64_t e = a_w[i].size(0), r = a_w[i].size(1), d_in = a_w[i].size(2), d_out = b_w[i].size(1);
+    out_w[i] = at::empty({e, d_in}, a_w[i].options());
+    zeros[i] = at::zeros({e}, a_w[i].options().dtype(at::kBool));
+    const int64_t esz = a_w[i].element_size();
+    for (int64_t k = 0; k < e; ++k) {
+      problems.push_back({static_cast<const char*>(a_w[i].data_ptr()) + k * r * d_in * esz,
+                          static_cast<const char*>(b_w[i].data_ptr()) + k * d_out * r * esz,
+                          static_cast<char*>(out_w[i].data_ptr()) + k * d_in * esz, zeros[i].data_ptr<bool>() + k,
+                          d_in, d_out, static_cast<int>(r)});
+    }
+  }
+  const bool ok = work == at::kDouble ? solve_all<double, double>(problems) : solve_all<float, float>(problems);
+  TORCH_CHECK(ok, "arrow_prototypes: the LoRA factors contain NaN or Inf");
+  for (size_t i = 0; i < m; ++i) protos[i] = out_w[i].to(a_list[i].scalar_type());
+  return {protos, zeros};
+}
+
+std::tuple<at::Tensor, at::Tensor> arrow_prototypes(const at::Tensor& a, const at::Tensor& b) {
+  auto res = arrow_prototypes_batched({a}, {b});
+  return {std::get<0>(res)[0], std::get<1>(res)[0]};
+}
+
+}  // namespace gkf_proto_cpu
+
+TORCH_LIBRARY_FRAGMENT(genknowsub_fast_C, m) {
+  m.def("arrow_prototypes(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("arrow_prototypes_batched(Tensor[] a, Tensor[] b) -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(genknowsub_fast_C, CPU, m) {
+  m.impl("arrow_prototypes", &gkf_proto_cpu::arrow_prototypes);
+  m.impl("arrow_prototypes_batched", &gkf_proto_cpu::arrow_prototypes_batched);
+}
