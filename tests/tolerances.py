@@ -29,7 +29,7 @@ def assert_close_to_reference(
 ) -> None:
     """Assert ``|ours - ref64| <= RATIO * |ref_same_dtype - ref64| + ATOL[dtype] * max(1, |ref64|_inf)``."""
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    scale = max(1.0, float(ref64.abs().max())) if ref64.numel() else 1.0
+    scale = max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1.0
     ours_err = max_err(ours, ref64)
     ref_err = max_err(ref_same_dtype, ref64)
     bound = RATIO * ref_err + ATOL[dtype] * scale

@@ -8,6 +8,10 @@ One routed linear call does at most four GEMM-sized things and never builds a (T
 4. expand ``y += H @ (s·Bᵀ)``: one addmm into the base output ("dense"), a batched GEMM over the k selected
    experts ("gather") or an index_add per expert ("grouped").
 
+On CPU float32 without autograd, when the compiled extension is loaded, the "fused" regime runs all of this in one
+C++ call (csrc/routed_lora_cpu.cpp) that reads only the k selected experts per token; the regimes below are what runs
+everywhere else (other devices and dtypes, autograd, no compiler), and what the fused kernel is tested against.
+
 Regime table (CPU fp32, 2 threads, Phi-3-mini shapes, ``benchmarks/`` and /tmp microbenchmarks of this session):
 - dense costs E·r / d_out of an extra GEMM on top of the base: shrink+expand measured 2.5 % of the base o_proj
   (3072→3072) at E·r = 40, T = 512, and 33 % at E·r = 512; so dense only while E·r ≤ DENSE_MAX_ER.
@@ -28,8 +32,14 @@ GATHER_MAX_T = 16
 POWER_ITERS = 15
 
 
-def choose_regime(num_tokens: int, num_experts: int, rank: int) -> str:
-    """The torch backend's regime for a call: "dense", "gather" or "grouped" (see the module docstring)."""
+def choose_regime(num_tokens: int, num_experts: int, rank: int, fused: bool = False) -> str:
+    """The torch backend's regime for a call: "fused", "dense", "gather" or "grouped" (see the module docstring).
+
+    ``fused`` says whether the compiled CPU kernel can take this call (see :func:`fused_kernel_applies`); when it can,
+    it always does: it reads only the k selected experts per token and costs one dispatch.
+    """
+    if fused:
+        return "fused"
     if num_experts * rank <= DENSE_MAX_ER:
         return "dense"
     return "gather" if num_tokens <= GATHER_MAX_T else "grouped"
@@ -149,7 +159,10 @@ def add_routed_delta_(
     if t == 0:
         return y
     e, r = packed.num_experts, packed.rank
-    regime = regime or choose_regime(t, e, r)
+    regime = regime or choose_regime(t, e, r, fused_kernel_applies(y, x, packed))
+    if regime == "fused":
+        _fused_cpu_(y, x, packed, top_k, temperature)
+        return y
     if regime == "dense":
         s = F.linear(x, packed.route_shrink)  # (T, E + E·r): routing logits and every shrink in one GEMM
         w, idx = topk_softmax(s[:, :e].abs(), top_k, temperature)
@@ -172,7 +185,46 @@ def add_routed_delta_(
         return y
     if regime == "grouped":
         return _grouped_(y, x, packed, w, idx)
-    raise ValueError(f"unknown regime {regime!r}; expected 'dense', 'gather' or 'grouped'")
+    raise ValueError(f"unknown regime {regime!r}; expected 'fused', 'dense', 'gather' or 'grouped'")
+
+
+def fused_kernel_applies(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts) -> bool:
+    """Whether the compiled CPU kernel (csrc/routed_lora_cpu.cpp) can take this call.
+
+    It runs float32 CPU tensors without autograd (it has no backward; with gradients on, the torch regimes run).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32 or y.dtype != torch.float32:
+        return False
+    if packed.b_t.dtype != torch.float32 or packed.route_shrink.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return False
+    return _fused_op() is not None
+
+
+_FUSED_OP: list = []
+
+
+def _fused_op():
+    """The compiled op, or None when the extension is not loaded (looked up once per process)."""
+    if not _FUSED_OP:
+        from . import extension
+
+        _FUSED_OP.append(
+            torch.ops.genknowsub_fast_C.routed_lora_delta_ if extension.has_op("routed_lora_delta_") else None
+        )
+    return _FUSED_OP[0]
+
+
+def _fused_cpu_(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts, top_k: int, temperature: float) -> None:
+    op = _fused_op()
+    if op is None:
+        from . import extension
+
+        raise ValueError(f'regime="fused" needs the compiled extension: {extension.status()[1]}')
+    if not y.is_contiguous():
+        raise ValueError("the fused CPU kernel writes y in place and needs it contiguous")
+    op(y, x.contiguous(), packed.route_shrink, packed.b_t, top_k, float(temperature), packed.mixing == "weights")
 
 
 def _grouped_(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts, w: torch.Tensor, idx: torch.Tensor):
