@@ -6,6 +6,7 @@ gkf.patch_model(model, lib, top_k=3)
 """
 
 from . import ops, reference
+from .analytics import compare_gks, library_stats, record_routing
 from .library import LoraLibrary, ModuleExperts
 from .ops import arrow_prototypes, arrow_route, routed_lora
 from .patching import is_patched, patch_model, patched, unpatch_model
@@ -16,10 +17,13 @@ __all__ = [
     "ModuleExperts",
     "arrow_prototypes",
     "arrow_route",
+    "compare_gks",
     "is_patched",
+    "library_stats",
     "ops",
     "patch_model",
     "patched",
+    "record_routing",
     "reference",
     "routed_lora",
     "unpatch_model",
