@@ -209,8 +209,11 @@ def choose_plan(
     # accumulator, so the A part counts twice (at BLOCK_T = 64 this config spilled 16-96 bytes on sm_80/sm_90).
     block_t = _block_rows(num_tokens, nw + (nw - block_e), acc_max)
     # Gathered shrink: a (BLOCK_T, BLOCK_KK·BLOCK_R, GATHER_BLOCK_K) float32 product tile, kept at ACC_ELEMS_MAX
-    # (it is a multiply-add, not a tl.dot, so GATHER_BLOCK_K may go below 16 when k·r is large).
-    gather_block_k = max(1, min(128, ACC_ELEMS_MAX // (block_t * block_kk * block_r)))
+    # (it is a multiply-add, not a tl.dot, so GATHER_BLOCK_K may go below 16 when k·r is large). float32 operands
+    # take half: at E=10 r=8 k=3 (a library of 10 rank-8 adapters) the split-K epilogue kernel spilled 4 bytes on
+    # sm_90 with the full tile (ptxas -v, aot.py --extra).
+    gather_elems = ACC_ELEMS_MAX // 2 if dtype == torch.float32 else ACC_ELEMS_MAX
+    gather_block_k = max(1, min(128, gather_elems // (block_t * block_kk * block_r)))
     n_tblocks = max(1, -(-num_tokens // block_t))
     if split_k is None:
         split_k = 1

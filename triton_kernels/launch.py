@@ -24,6 +24,7 @@ class Launch:
     args: tuple[Any, ...]
     constexprs: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    tag: str = ""  # free label for tooling (aot.py: which problem set recorded it)
 
     @property
     def name(self) -> str:
@@ -31,8 +32,20 @@ class Launch:
         return fn.__name__
 
 
+# CUDA grid limits: 2^31 - 1 blocks on axis 0, 65535 on axes 1 and 2. A larger grid fails at launch on a GPU (and not
+# at all in the interpreter), so it is checked here, for recorded launches too.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(name: str, grid: tuple[int, ...]) -> None:
+    """ValueError when ``grid`` exceeds the CUDA limits (see MAX_GRID)."""
+    if len(grid) > 3 or any(g > m for g, m in zip(grid, MAX_GRID)):
+        raise ValueError(f"{name}: grid {tuple(grid)} exceeds the CUDA limits {MAX_GRID[: len(grid)]}")
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_stages: int = 1, **constexprs: Any):
     """Run ``kernel[grid](*args, **constexprs)`` with the launch options, or record it inside :func:`recording`."""
+    check_grid(getattr(getattr(kernel, "fn", kernel), "__name__", "kernel"), grid)
     if _recorder is not None:
         opts = {"num_warps": num_warps, "num_stages": num_stages}
         _recorder.append(Launch(kernel, tuple(grid), tuple(args), dict(constexprs), opts))
