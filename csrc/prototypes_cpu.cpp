@@ -50,45 +50,102 @@ static void gram_rows_fixed(const T* b, int64_t y0, int64_t y1, double* g) {
   for (int i = 0; i < R * R; ++i) g[i] += acc[i];
 }
 
-// Any r: dot products of row pairs over blocks of columns converted to float64 (upper triangle, then mirrored).
+// Any r: G += X Xᵀ for a block X (r rows × w columns, row stride ldx, w a multiple of 8, float64), over 2 × 2 tiles of
+// row pairs with 4-lane accumulators (one load per FMA; the compiler vectorizes the lane loops). Row r of an odd r
+// reads the zero row `zero`. Writes both triangles.
+static void gram_block(const double* x, int r, int64_t ldx, int64_t w, const double* zero, double* g) {
+  for (int i = 0; i < r; i += 2) {
+    const double* __restrict a0 = x + i * ldx;
+    const double* __restrict a1 = i + 1 < r ? x + (i + 1) * ldx : zero;
+    for (int j = i; j < r; j += 2) {
+      const double* __restrict b0 = x + j * ldx;
+      const double* __restrict b1 = j + 1 < r ? x + (j + 1) * ldx : zero;
+      alignas(32) double s00[4] = {}, s01[4] = {}, s10[4] = {}, s11[4] = {};
+#if defined(__AVX2__) && defined(__FMA__)
+      {
+        // two column groups per step: 8 independent FMA chains hide the FMA latency
+        __m256d v00 = _mm256_setzero_pd(), v01 = _mm256_setzero_pd();
+        __m256d v10 = _mm256_setzero_pd(), v11 = _mm256_setzero_pd();
+        __m256d u00 = _mm256_setzero_pd(), u01 = _mm256_setzero_pd();
+        __m256d u10 = _mm256_setzero_pd(), u11 = _mm256_setzero_pd();
+        for (int64_t c = 0; c < w; c += 8) {
+          const __m256d x0 = _mm256_loadu_pd(a0 + c), x1 = _mm256_loadu_pd(a1 + c);
+          const __m256d y0 = _mm256_loadu_pd(b0 + c), y1 = _mm256_loadu_pd(b1 + c);
+          const __m256d p0 = _mm256_loadu_pd(a0 + c + 4), p1 = _mm256_loadu_pd(a1 + c + 4);
+          const __m256d q0 = _mm256_loadu_pd(b0 + c + 4), q1 = _mm256_loadu_pd(b1 + c + 4);
+          v00 = _mm256_fmadd_pd(x0, y0, v00);
+          v01 = _mm256_fmadd_pd(x0, y1, v01);
+          v10 = _mm256_fmadd_pd(x1, y0, v10);
+          v11 = _mm256_fmadd_pd(x1, y1, v11);
+          u00 = _mm256_fmadd_pd(p0, q0, u00);
+          u01 = _mm256_fmadd_pd(p0, q1, u01);
+          u10 = _mm256_fmadd_pd(p1, q0, u10);
+          u11 = _mm256_fmadd_pd(p1, q1, u11);
+        }
+        _mm256_store_pd(s00, _mm256_add_pd(v00, u00));
+        _mm256_store_pd(s01, _mm256_add_pd(v01, u01));
+        _mm256_store_pd(s10, _mm256_add_pd(v10, u10));
+        _mm256_store_pd(s11, _mm256_add_pd(v11, u11));
+      }
+#else
+      for (int64_t c = 0; c < w; c += 4) {
+        for (int l = 0; l < 4; ++l) {
+          s00[l] += a0[c + l] * b0[c + l];
+          s01[l] += a0[c + l] * b1[c + l];
+          s10[l] += a1[c + l] * b0[c + l];
+          s11[l] += a1[c + l] * b1[c + l];
+        }
+      }
+#endif
+      const double t00 = (s00[0] + s00[1]) + (s00[2] + s00[3]), t01 = (s01[0] + s01[1]) + (s01[2] + s01[3]);
+      const double t10 = (s10[0] + s10[1]) + (s10[2] + s10[3]), t11 = (s11[0] + s11[1]) + (s11[2] + s11[3]);
+      auto add = [&](int p, int q, double v) {
+        if (p >= r || q >= r) return;
+        g[p * r + q] += v;
+        if (p != q) g[q * r + p] += v;
+      };
+      add(i, j, t00);
+      add(i, j + 1, t01);
+      if (j != i) add(i + 1, j, t10);  // on a diagonal tile t10 is t01 again
+      add(i + 1, j + 1, t11);
+    }
+  }
+}
+
+constexpr int64_t kBlock = 256;
+
+// A (r rows, row stride ld): columns [c0, c1) in blocks converted to float64.
 template <typename T>
 static void gram_cols_generic(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g) {
-  constexpr int64_t kBlock = 256;
-  std::vector<double> buf(static_cast<size_t>(r) * kBlock);
+  std::vector<double> buf(static_cast<size_t>(r) * kBlock + kBlock, 0.0);
+  const double* zero = buf.data() + static_cast<size_t>(r) * kBlock;
   for (int64_t x0 = c0; x0 < c1; x0 += kBlock) {
-    const int64_t w = std::min(kBlock, c1 - x0);
-    for (int i = 0; i < r; ++i)
-      for (int64_t x = 0; x < w; ++x) buf[i * kBlock + x] = static_cast<double>(a[i * ld + x0 + x]);
+    const int64_t w = std::min(kBlock, c1 - x0), w4 = (w + 7) / 8 * 8;
     for (int i = 0; i < r; ++i) {
-      const double* ri = buf.data() + i * kBlock;
-      for (int j = i; j < r; ++j) {
-        const double* rj = buf.data() + j * kBlock;
-        double s[4] = {0.0, 0.0, 0.0, 0.0};
-        int64_t x = 0;
-        for (; x + 4 <= w; x += 4)
-          for (int l = 0; l < 4; ++l) s[l] += ri[x + l] * rj[x + l];
-        for (; x < w; ++x) s[0] += ri[x] * rj[x];
-        const double d = (s[0] + s[1]) + (s[2] + s[3]);
-        g[i * r + j] += d;
-        if (j != i) g[j * r + i] += d;
-      }
+      double* dst = buf.data() + i * kBlock;
+      const T* src = a + i * ld + x0;
+      for (int64_t x = 0; x < w; ++x) dst[x] = static_cast<double>(src[x]);
+      for (int64_t x = w; x < w4; ++x) dst[x] = 0.0;
     }
+    gram_block(buf.data(), r, kBlock, w4, zero, g);
   }
 }
 
+// B (rows of r contiguous values): rows [y0, y1) in blocks transposed to float64 (r × block).
 template <typename T>
 static void gram_rows_generic(const T* b, int r, int64_t y0, int64_t y1, double* g) {
-  std::vector<double> v(r);
-  for (int64_t y = y0; y < y1; ++y) {
-    for (int i = 0; i < r; ++i) v[i] = static_cast<double>(b[y * r + i]);
-    for (int i = 0; i < r; ++i) {
-      const double vi = v[i];
-      double* gi = g + i * r;
-      for (int j = 0; j < r; ++j) gi[j] += vi * v[j];
-    }
+  std::vector<double> buf(static_cast<size_t>(r) * kBlock + kBlock, 0.0);
+  const double* zero = buf.data() + static_cast<size_t>(r) * kBlock;
+  for (int64_t z0 = y0; z0 < y1; z0 += kBlock) {
+    const int64_t w = std::min(kBlock, y1 - z0), w4 = (w + 7) / 8 * 8;
+    const T* src = b + z0 * r;
+    for (int64_t y = 0; y < w; ++y)
+      for (int i = 0; i < r; ++i) buf[i * kBlock + y] = static_cast<double>(src[y * r + i]);
+    for (int i = 0; i < r; ++i)
+      for (int64_t y = w; y < w4; ++y) buf[i * kBlock + y] = 0.0;
+    gram_block(buf.data(), r, kBlock, w4, zero, g);
   }
 }
-
 
 #if defined(__AVX2__) && defined(__FMA__)
 // r = 4, float32 factors, AVX2 + FMA. A: four columns per step, one float64 vector per row, the 10 row pairs in 10
@@ -167,6 +224,48 @@ static void gram_b4_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
   g[1 * 4 + 3] += p13;
   g[3 * 4 + 1] += p13;
 }
+
+// r = 8, float32 B, AVX2 + FMA: one row = 8 floats = lo (0..3) and hi (4..7) as float64 vectors; the 36 pairs come
+// from lo·rot_k(lo) (k = 0, 1, 2), hi·rot_k(hi) (k = 0, 1, 2) and lo·rot_k(hi) (k = 0..3): 10 FMAs per row.
+static void gram_b8_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
+  __m256d ll0 = _mm256_setzero_pd(), ll1 = _mm256_setzero_pd(), ll2 = _mm256_setzero_pd();
+  __m256d hh0 = _mm256_setzero_pd(), hh1 = _mm256_setzero_pd(), hh2 = _mm256_setzero_pd();
+  __m256d lh0 = _mm256_setzero_pd(), lh1 = _mm256_setzero_pd(), lh2 = _mm256_setzero_pd();
+  __m256d lh3 = _mm256_setzero_pd();
+  for (int64_t y = y0; y < y1; ++y) {
+    const __m256 v = _mm256_loadu_ps(b + y * 8);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    ll0 = _mm256_fmadd_pd(lo, lo, ll0);
+    ll1 = _mm256_fmadd_pd(lo, _mm256_permute4x64_pd(lo, 0x39), ll1);
+    ll2 = _mm256_fmadd_pd(lo, _mm256_permute4x64_pd(lo, 0x4E), ll2);
+    hh0 = _mm256_fmadd_pd(hi, hi, hh0);
+    hh1 = _mm256_fmadd_pd(hi, _mm256_permute4x64_pd(hi, 0x39), hh1);
+    hh2 = _mm256_fmadd_pd(hi, _mm256_permute4x64_pd(hi, 0x4E), hh2);
+    lh0 = _mm256_fmadd_pd(lo, hi, lh0);
+    lh1 = _mm256_fmadd_pd(lo, _mm256_permute4x64_pd(hi, 0x39), lh1);
+    lh2 = _mm256_fmadd_pd(lo, _mm256_permute4x64_pd(hi, 0x4E), lh2);
+    lh3 = _mm256_fmadd_pd(lo, _mm256_permute4x64_pd(hi, 0x93), lh3);
+  }
+  alignas(32) double t[10][4];
+  const __m256d all[10] = {ll0, ll1, ll2, hh0, hh1, hh2, lh0, lh1, lh2, lh3};
+  for (int k = 0; k < 10; ++k) _mm256_store_pd(t[k], all[k]);
+  auto add = [&](int p, int q, double v) {
+    g[p * 8 + q] += v;
+    if (p != q) g[q * 8 + p] += v;
+  };
+  for (int h = 0; h < 2; ++h) {  // lo block (h = 0) and hi block (h = 1)
+    const int o = 4 * h, k0 = 3 * h;
+    for (int i = 0; i < 4; ++i) {
+      add(o + i, o + i, t[k0][i]);
+      add(o + i, o + ((i + 1) & 3), t[k0 + 1][i]);
+    }
+    add(o + 0, o + 2, t[k0 + 2][0]);  // lanes 2, 3 of rot2 repeat lanes 0, 1
+    add(o + 1, o + 3, t[k0 + 2][1]);
+  }
+  for (int k = 0; k < 4; ++k)
+    for (int i = 0; i < 4; ++i) add(i, 4 + ((i + k) & 3), t[6 + k][i]);
+}
 #endif
 
 template <typename T>
@@ -189,13 +288,13 @@ static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g) {
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float>) {
     if (r == 4) return gram_b4_avx2(b, y0, y1, g);
+    if (r == 8) return gram_b8_avx2(b, y0, y1, g);
   }
 #endif
   switch (r) {
     case 1: return gram_rows_fixed<T, 1>(b, y0, y1, g);
     case 2: return gram_rows_fixed<T, 2>(b, y0, y1, g);
     case 4: return gram_rows_fixed<T, 4>(b, y0, y1, g);
-    case 8: return gram_rows_fixed<T, 8>(b, y0, y1, g);
     default: return gram_rows_generic<T>(b, r, y0, y1, g);
   }
 }
@@ -205,34 +304,47 @@ static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g) {
 template <typename T>
 static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t c0, int64_t c1, double* buf,
                       int64_t* arg, double* best) {
+  // rows in groups of four, one pass per group (the first group writes, the others add)
   int i0 = 0;
-  if (r >= 4) {  // first four rows in one pass (the whole of r = 4, the common LoRA rank)
-    const double k0 = coef[0], k1 = coef[1], k2 = coef[2], k3 = coef[3];
-    const T *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
-    for (int64_t x = c0; x < c1; ++x)
-      buf[x] = (k0 * static_cast<double>(a0[x]) + k1 * static_cast<double>(a1[x])) +
-               (k2 * static_cast<double>(a2[x]) + k3 * static_cast<double>(a3[x]));
-    i0 = 4;
-  } else {
-    for (int64_t x = c0; x < c1; ++x) buf[x] = 0.0;
+  for (; i0 + 4 <= r; i0 += 4) {
+    const double k0 = coef[i0], k1 = coef[i0 + 1], k2 = coef[i0 + 2], k3 = coef[i0 + 3];
+    const T *a0 = a + i0 * ld, *a1 = a0 + ld, *a2 = a1 + ld, *a3 = a2 + ld;
+    if (i0 == 0) {
+      for (int64_t x = c0; x < c1; ++x)
+        buf[x] = (k0 * static_cast<double>(a0[x]) + k1 * static_cast<double>(a1[x])) +
+                 (k2 * static_cast<double>(a2[x]) + k3 * static_cast<double>(a3[x]));
+    } else {
+      for (int64_t x = c0; x < c1; ++x)
+        buf[x] += (k0 * static_cast<double>(a0[x]) + k1 * static_cast<double>(a1[x])) +
+                  (k2 * static_cast<double>(a2[x]) + k3 * static_cast<double>(a3[x]));
+    }
   }
+  if (i0 == 0)
+    for (int64_t x = c0; x < c1; ++x) buf[x] = 0.0;
   for (int i = i0; i < r; ++i) {
     const double ci = coef[i];
     if (ci == 0.0) continue;
     const T* row = a + i * ld;
     for (int64_t x = c0; x < c1; ++x) buf[x] += ci * static_cast<double>(row[x]);
   }
-  double ss = 0.0, bv = -1.0;
-  int64_t bi = c0;
-  for (int64_t x = c0; x < c1; ++x) {
-    const double v = buf[x];
-    ss += v * v;
-    if (std::fabs(v) > bv) {
-      bv = std::fabs(v);
-      bi = x;
+  // Σ p² and max |p| over four lanes (independent chains, vectorizable), then the first index of the max.
+  double s4[4] = {0.0, 0.0, 0.0, 0.0}, m4[4] = {-1.0, -1.0, -1.0, -1.0};
+  int64_t x = c0;
+  for (; x + 4 <= c1; x += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double v = buf[x + l], av = v < 0 ? -v : v;
+      s4[l] += v * v;
+      m4[l] = av > m4[l] ? av : m4[l];
     }
+  double ss = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+  double bv = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+  for (; x < c1; ++x) {
+    ss += buf[x] * buf[x];
+    bv = std::max(bv, std::fabs(buf[x]));
   }
-  *arg = bi;
+  int64_t bi = c0;
+  while (bi < c1 && std::fabs(buf[bi]) != bv) ++bi;
+  *arg = bi < c1 ? bi : c0;
   *best = bv;
   return ss;
 }

@@ -62,7 +62,7 @@ def test_matches_float64_svd(op, r, d_in):
         assert torch.allclose(p.double().norm(dim=-1), torch.ones(3, dtype=torch.float64), atol=1e-5)
 
 
-@pytest.mark.parametrize("r", [1, 4, 16, 64])
+@pytest.mark.parametrize("r", [1, 3, 4, 8, 16, 64])
 def test_agrees_with_torch_fallback(op, r):
     a, b = decaying(4, r, 93, 70, seed=10 + r, dtype=torch.float32)
     p, zero = op.arrow_prototypes(a, b)
