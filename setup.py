@@ -17,7 +17,16 @@ CUDA_ONLY = ("prototypes_cuda_binding.cpp",)
 
 def _host_cflags() -> list[str]:
     # Same rule as genknowsub_fast/backends/extension.py::host_cflags (setup.py cannot import the package).
+    # at::parallel_for is a header template: without -fopenmp it runs serially.
     flags = ["-O3"]
+    if sys.platform.startswith("linux"):
+        try:
+            import torch
+
+            if torch.backends.openmp.is_available():
+                flags.append("-fopenmp")
+        except ImportError:
+            pass
     try:
         words = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -54,9 +63,16 @@ def extension_modules() -> tuple[list, dict]:
             cpp + sorted(f"csrc/{p.name}" for p in csrc.glob("*.cu")) + [f"csrc/{n}" for n in CUDA_ONLY],
             include_dirs=[str(csrc)],
             extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cflags else [],
         )
     else:
-        ext = CppExtension("genknowsub_fast._C", cpp, include_dirs=[str(csrc)], extra_compile_args=cflags)
+        ext = CppExtension(
+            "genknowsub_fast._C",
+            cpp,
+            include_dirs=[str(csrc)],
+            extra_compile_args=cflags,
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cflags else [],
+        )
 
     class OptionalBuildExtension(BuildExtension):
         def run(self):

@@ -190,8 +190,10 @@ static void gram_a4_avx2(const float* a, int64_t ld, int64_t c0, int64_t c1, dou
 static void gram_b4_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
   __m256d d0 = _mm256_setzero_pd(), d1 = _mm256_setzero_pd(), d2 = _mm256_setzero_pd();
   __m256d e0 = _mm256_setzero_pd(), e1 = _mm256_setzero_pd(), e2 = _mm256_setzero_pd();
+  __m256d f0 = _mm256_setzero_pd(), f1 = _mm256_setzero_pd(), f2 = _mm256_setzero_pd();
+  __m256d h0 = _mm256_setzero_pd(), h1 = _mm256_setzero_pd(), h2 = _mm256_setzero_pd();
   int64_t y = y0;
-  for (; y + 2 <= y1; y += 2) {  // two rows per step: two independent accumulator sets
+  for (; y + 4 <= y1; y += 4) {  // four rows per step: 12 independent FMA chains hide the FMA latency
     const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4));
     const __m256d w = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4 + 4));
     d0 = _mm256_fmadd_pd(v, v, d0);
@@ -200,7 +202,21 @@ static void gram_b4_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
     e0 = _mm256_fmadd_pd(w, w, e0);
     e1 = _mm256_fmadd_pd(w, _mm256_permute4x64_pd(w, 0x39), e1);
     e2 = _mm256_fmadd_pd(w, _mm256_permute4x64_pd(w, 0x4E), e2);
+    const __m256d u = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4 + 8));
+    const __m256d z = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4 + 12));
+    f0 = _mm256_fmadd_pd(u, u, f0);
+    f1 = _mm256_fmadd_pd(u, _mm256_permute4x64_pd(u, 0x39), f1);
+    f2 = _mm256_fmadd_pd(u, _mm256_permute4x64_pd(u, 0x4E), f2);
+    h0 = _mm256_fmadd_pd(z, z, h0);
+    h1 = _mm256_fmadd_pd(z, _mm256_permute4x64_pd(z, 0x39), h1);
+    h2 = _mm256_fmadd_pd(z, _mm256_permute4x64_pd(z, 0x4E), h2);
   }
+  d0 = _mm256_add_pd(d0, f0);
+  d1 = _mm256_add_pd(d1, f1);
+  d2 = _mm256_add_pd(d2, f2);
+  e0 = _mm256_add_pd(e0, h0);
+  e1 = _mm256_add_pd(e1, h1);
+  e2 = _mm256_add_pd(e2, h2);
   for (; y < y1; ++y) {
     const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(b + y * 4));
     d0 = _mm256_fmadd_pd(v, v, d0);
@@ -301,9 +317,32 @@ static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g) {
 
 // p[c0..c1) = Σ_i coef_i a[i, c0..c1) in float64 into buf; returns Σ p² over the range and the first index of the
 // largest |p| in it (through *arg, *best).
+static double finish_norm(const double* buf, int64_t x, int64_t c0, int64_t c1, const double* s4, const double* m4,
+                          int64_t* arg, double* best);
+
 template <typename T>
 static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t c0, int64_t c1, double* buf,
                       int64_t* arg, double* best) {
+  double s4[4] = {0.0, 0.0, 0.0, 0.0}, m4[4] = {-1.0, -1.0, -1.0, -1.0};
+  int64_t x = c0;
+  if (r == 4) {  // the common rank: p, Σ p² and max |p| in one pass (four independent lanes, vectorizable)
+    const double k0 = coef[0], k1 = coef[1], k2 = coef[2], k3 = coef[3];
+    const T *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
+    for (; x + 4 <= c1; x += 4)
+      for (int l = 0; l < 4; ++l) {
+        const int64_t xl = x + l;
+        const double v = (k0 * static_cast<double>(a0[xl]) + k1 * static_cast<double>(a1[xl])) +
+                         (k2 * static_cast<double>(a2[xl]) + k3 * static_cast<double>(a3[xl]));
+        const double av = v < 0 ? -v : v;
+        buf[xl] = v;
+        s4[l] += v * v;
+        m4[l] = av > m4[l] ? av : m4[l];
+      }
+    for (int64_t y = x; y < c1; ++y)
+      buf[y] = (k0 * static_cast<double>(a0[y]) + k1 * static_cast<double>(a1[y])) +
+               (k2 * static_cast<double>(a2[y]) + k3 * static_cast<double>(a3[y]));
+    return finish_norm(buf, x, c0, c1, s4, m4, arg, best);
+  }
   // rows in groups of four, one pass per group (the first group writes, the others add)
   int i0 = 0;
   for (; i0 + 4 <= r; i0 += 4) {
@@ -328,14 +367,18 @@ static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t
     for (int64_t x = c0; x < c1; ++x) buf[x] += ci * static_cast<double>(row[x]);
   }
   // Σ p² and max |p| over four lanes (independent chains, vectorizable), then the first index of the max.
-  double s4[4] = {0.0, 0.0, 0.0, 0.0}, m4[4] = {-1.0, -1.0, -1.0, -1.0};
-  int64_t x = c0;
   for (; x + 4 <= c1; x += 4)
     for (int l = 0; l < 4; ++l) {
       const double v = buf[x + l], av = v < 0 ? -v : v;
       s4[l] += v * v;
       m4[l] = av > m4[l] ? av : m4[l];
     }
+  return finish_norm(buf, x, c0, c1, s4, m4, arg, best);
+}
+
+// Adds the tail [x, c1) to the four-lane sums, then finds the first index of the largest |p|.
+static double finish_norm(const double* buf, int64_t x, int64_t c0, int64_t c1, const double* s4, const double* m4,
+                          int64_t* arg, double* best) {
   double ss = (s4[0] + s4[1]) + (s4[2] + s4[3]);
   double bv = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
   for (; x < c1; ++x) {
@@ -452,9 +495,12 @@ static bool solve_all(const std::vector<Problem>& problems) {
   std::atomic<bool> ok{true};
   const int64_t threads = at::get_num_threads();
   if (n >= 2 * threads || threads == 1) {
-    at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    // Dynamic schedule: problems differ in size (d_in, d_out, r), so each worker takes the next one from a counter
+    // rather than a fixed contiguous range.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<double> scratch;
-      for (int64_t i = lo; i < hi; ++i)
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
         if (!solve_one<T, OutT>(problems[i], false, scratch)) ok = false;
     });
   } else {

@@ -56,8 +56,14 @@ def cpu_sources() -> list[Path]:
 
 
 def host_cflags() -> list[str]:
-    """-O3, plus -mavx2 -mfma when this CPU has them (the kernels have AVX2+FMA paths and scalar fallbacks)."""
+    """-O3, -fopenmp where torch uses OpenMP, plus -mavx2 -mfma when this CPU has them.
+
+    at::parallel_for is a header template: compiled without -fopenmp it runs serially. The kernels have AVX2+FMA paths
+    and scalar fallbacks.
+    """
     flags = ["-O3"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        flags.append("-fopenmp")
     if sys.platform.startswith("linux"):
         try:
             cpu = Path("/proc/cpuinfo").read_text()
@@ -129,6 +135,7 @@ def _jit_build() -> None:
             name="genknowsub_fast_C_jit",
             sources=[str(p) for p in sources],
             extra_cflags=host_cflags(),
+            extra_ldflags=["-fopenmp"] if "-fopenmp" in host_cflags() else [],
             extra_include_paths=[str(csrc_dir())],
             build_directory=str(build_dir),
             is_python_module=False,
