@@ -79,8 +79,9 @@ def extension_modules() -> tuple[list, dict]:
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 - the extension is optional
+                why = " ".join(str(exc).split())[:300]
                 print(
-                    f"genknowsub_fast: C++ extension not built ({type(exc).__name__}: {exc}); it is JIT-built on "
+                    f"genknowsub_fast: C++ extension not built ({type(exc).__name__}: {why}); it is JIT-built on "
                     "first use or the torch path runs",
                     file=sys.stderr,
                 )
