@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
-	$(PY) benchmarks/write_results.py benchmarks/results/latest.json
+	$(PY) benchmarks/write_results.py benchmarks/results/latest.json --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

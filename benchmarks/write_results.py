@@ -21,6 +21,9 @@ TARGETS = [
     ("op ", "E64_r8", ("ours", "base", 1.10)),
     ("model prefill", "", ("ours", "base", 1.10)),
     ("model decode", "", ("ours", "base", 1.10)),
+    # Prototypes (issue 4): ≥ 20× faster than PEFT's power-iteration loop, ≥ 3× faster than the torch.linalg composite.
+    ("prototypes ", "", ("ours", "peft", 0.05)),
+    ("prototypes ", "", ("ours", "torch", 1 / 3)),
     # GPU (benchmarks/test_bench_triton.py, bf16): "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base
     # tokens/s" is ≤ 1/0.90 of its time.
     ("gpu op ", " T=256 ", ("ours", "base", 1.05)),
@@ -65,8 +68,8 @@ def _targets(group: str) -> list[tuple[str, str, float]]:
     return [target for prefix, sub, target in TARGETS if group.startswith(prefix) and sub in group]
 
 
-def render(data: dict, command: str) -> str:
-    """The markdown report for one pytest-benchmark JSON document."""
+def _groups(data: dict) -> tuple[dict[str, dict[str, float]], set[str]]:
+    """Per-call medians by group and impl, and the devices the benchmarks recorded."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     devices: set[str] = set()
     for bench in data["benchmarks"]:
@@ -76,6 +79,59 @@ def render(data: dict, command: str) -> str:
         groups[bench.get("group") or bench["name"]][impl] = bench["stats"]["median"] / info.get("calls", 1)
         if info.get("device"):
             devices.add(info["device"])
+    return groups, devices
+
+
+def _verdicts(group: str, impl: str, impls: dict[str, float]) -> str:
+    out = []
+    for t_impl, ref, limit in _targets(group):
+        if impl == t_impl and ref in impls:
+            ratio = impls[impl] / impls[ref]
+            out.append(f"≤ {limit:.2f}× {ref}: {'met' if ratio <= limit else 'missed'}")
+    return "; ".join(out)
+
+
+def summary(data: dict) -> str:
+    """A short markdown table for the README: per case, ours against base and PEFT, and the target verdicts."""
+    groups, _ = _groups(data)
+    v = _versions()
+    lines = [
+        f"Measured by `make bench` on {v['device']}, torch {v.get('torch', 'n/a')}, {v.get('threads')} threads "
+        f"(run started {data.get('datetime', 'n/a')}); medians of one run, full table in `benchmarks/RESULTS.md`.",
+        "",
+        "| case | ours × base | ours × PEFT | target |",
+        "|---|---:|---:|---|",
+    ]
+    for group in sorted(groups):
+        impls = groups[group]
+        ours = next((i for i in ("ours", "ours_graph") if i in impls), None)
+        if ours is None:
+            continue
+        base = "base_graph" if ours == "ours_graph" and "base_graph" in impls else "base"
+        vs_base = f"{impls[ours] / impls[base]:.2f}" if base in impls else ""
+        vs_peft = f"{impls[ours] / impls['peft']:.3f}" if "peft" in impls else ""
+        lines.append(f"| {group} | {vs_base} | {vs_peft} | {_verdicts(group, ours, impls)} |")
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
+
+
+def update_readme(path: str, table: str) -> None:
+    """Replace the text between the README's speed-table markers with ``table``."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
+def render(data: dict, command: str) -> str:
+    """The markdown report for one pytest-benchmark JSON document."""
+    groups, devices = _groups(data)
     v = _versions()
     machine = data.get("machine_info", {})
     lines = [
@@ -97,16 +153,10 @@ def render(data: dict, command: str) -> str:
     ]
     for group in sorted(groups):
         impls = groups[group]
-        targets = _targets(group)
         for impl, med in impls.items():
             vs_base = f"{med / impls['base']:.3f}" if "base" in impls else ""
             vs_peft = f"{med / impls['peft']:.3f}" if "peft" in impls else ""
-            verdicts = []
-            for t_impl, ref, limit in targets:
-                if impl == t_impl and ref in impls:
-                    ratio = med / impls[ref]
-                    verdicts.append(f"≤ {limit:.2f}× {ref}: {'met' if ratio <= limit else 'missed'}")
-            verdict = "; ".join(verdicts)
+            verdict = _verdicts(group, impl, impls)
             lines.append(f"| {group} | {impl} | {_fmt(med)} | {vs_base} | {vs_peft} | {verdict} |")
     lines.append("")
     return "\n".join(lines)
@@ -127,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--command", default="pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json"
     )
+    parser.add_argument("--readme", help="also fill this README's speed-table block with a summary")
     args = parser.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
@@ -134,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.output, "w") as f:
         f.write(text)
     print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
+    if args.readme:
+        update_readme(args.readme, summary(data))
+        print(f"updated the speed table of {args.readme}")
     return 0
 
 

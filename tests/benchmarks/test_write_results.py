@@ -30,3 +30,36 @@ def test_ratios_and_verdicts(tmp_path):
     written = out.read_text()
     assert "- command: `pytest benchmarks/ --benchmark-only" in written
     assert written.split("| case |")[1] == text.split("| case |")[1]
+
+
+def test_readme_block_is_filled_from_the_json(tmp_path):
+    data = {
+        "datetime": "2026-11-24T00:00:00",
+        "benchmarks": [
+            _bench("prototypes phi3-mini E10_r4 1280 problems", "peft", 0.800),
+            _bench("prototypes phi3-mini E10_r4 1280 problems", "torch", 0.130),
+            _bench("prototypes phi3-mini E10_r4 1280 problems", "ours", 0.020),
+            _bench("model prefill T=512", "base", 0.300),
+            _bench("model prefill T=512", "ours", 0.321),
+        ],
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- speed-table -->\nold numbers\n<!-- /speed-table -->\n\n## after\n")
+    assert main([str(path), "-o", str(tmp_path / "R.md"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and text.endswith("<!-- /speed-table -->\n\n## after\n")
+    assert "| model prefill T=512 | 1.07 |  | ≤ 1.10× base: met |" in text
+    assert "| prototypes phi3-mini E10_r4 1280 problems |  | 0.025 | ≤ 0.05× peft: met; ≤ 0.33× torch: met |" in text
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    import pytest
+
+    from benchmarks.write_results import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="speed-table"):
+        update_readme(str(readme), "table")
