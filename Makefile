@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
+	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
 	$(PY) benchmarks/write_results.py benchmarks/results/latest.json --readme README.md
 

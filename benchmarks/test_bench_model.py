@@ -1,6 +1,7 @@
 """Model level, CPU fp32: a random Phi-3 (hidden 1024, 4 layers), 10 task + 3 general adapters (r=8) on all four
 targets with GenKnowSub — prefill of 512 tokens and decode of 32 tokens: base, PEFT's Arrow model, patched."""
 
+import contextlib
 import copy
 import warnings
 
@@ -30,37 +31,49 @@ def models(tmp_path_factory):
     return {
         "base": base,
         "peft": peft_model.eval(),
-        "ours": gkf.patch_model(copy.deepcopy(base), lib, top_k=3),
+        "lib": lib,
         "ids": ids,
     }
 
 
+@contextlib.contextmanager
+def _model(models, impl):
+    """The model to time. "ours" patches the very base model object (unpatched on exit), so base and ours read the
+    same weight memory: a deepcopy of the base ran 2-5 % slower than the original in decode here, on its own."""
+    if impl == "ours":
+        with gkf.patched(models["base"], models["lib"], top_k=3) as model:
+            yield model
+    else:
+        yield models[impl]
+
+
 @pytest.mark.parametrize("impl", ["base", "peft", "ours"])
 def test_prefill(benchmark, models, impl):
-    model, ids = models[impl], models["ids"]
+    ids = models["ids"]
     benchmark.group = f"model prefill T={PREFILL} (Phi-3 hidden 1024, 4 layers, E=10 r=8, GKS)"
     benchmark.extra_info.update(impl=impl, tokens=PREFILL)
-    with torch.no_grad():
-        benchmark.pedantic(lambda: model(ids), rounds=5, iterations=1, warmup_rounds=1)
+    with _model(models, impl) as model, torch.no_grad():
+        benchmark.pedantic(lambda: model(ids), rounds=9, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("impl", ["base", "peft", "ours"])
 def test_decode(benchmark, models, impl):
     from transformers import DynamicCache
 
-    model, ids = models[impl], models["ids"]
+    ids = models["ids"]
     benchmark.group = f"model decode {DECODE} tokens (Phi-3 hidden 1024, 4 layers, E=10 r=8, GKS)"
     benchmark.extra_info.update(impl=impl, tokens=DECODE)
 
-    def prefill():  # untimed: a 16-token prompt into a fresh KV cache
+    def prefill(model):  # untimed: a 16-token prompt into a fresh KV cache
         cache = DynamicCache()
         with torch.no_grad():
             out = model(ids[:, :16], past_key_values=cache, use_cache=True)
-        return (cache, out.logits[:, -1:].argmax(-1)), {}
+        return (model, cache, out.logits[:, -1:].argmax(-1)), {}
 
-    def decode(cache, tok):
+    def decode(model, cache, tok):
         with torch.no_grad():
             for _ in range(DECODE):
                 tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
-    benchmark.pedantic(decode, setup=prefill, rounds=5, iterations=1, warmup_rounds=1)
+    with _model(models, impl) as model:
+        benchmark.pedantic(decode, setup=lambda: prefill(model), rounds=9, iterations=1, warmup_rounds=1)

@@ -17,7 +17,7 @@ IMPLS = ("base", "peft", "ours")
 
 
 def _rounds(t: int) -> int:
-    return 30 if t == 1 else 5
+    return 30 if t == 1 else 9
 
 
 class _Layer:
