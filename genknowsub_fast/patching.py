@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .backends import torch_ops
 from .backends.packing import PackedExperts, check_mixing, pack_experts
 from .library import LoraLibrary, ModuleExperts, model_family
 
@@ -45,6 +47,8 @@ class _Patch:
     saved_forward: object = None  # instance-level forward (or _old_forward) the module had before, if any
     saved_call: object = None  # the module's own forward, called by the non-fused path (quantised layers, Conv1D)
     recorder: object = field(default=None, repr=False)
+    cpu_op: object = field(default=None, repr=False)  # the compiled CPU kernel when it can serve this layer
+    inner: object = field(default=None, repr=False)  # the nn.Linear holding the weight, for the cpu_op path
 
 
 def _is_peft_lora_layer(module: nn.Module) -> bool:
@@ -121,7 +125,28 @@ def _check_shapes(path: str, module: nn.Module, experts: ModuleExperts) -> None:
 def _routed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Instance forward of a patched layer: base output plus the Arrow-routed LoRA delta."""
     st: _Patch = self.__dict__[_STATE]
-    packed = PackedExperts(self._buffers[_BUF_ROUTE], self._buffers[_BUF_B], st.num_experts, st.rank, st.mixing)
+    route_shrink, b_t = self._buffers[_BUF_ROUTE], self._buffers[_BUF_B]
+    if st.cpu_op is not None and st.recorder is None:
+        # Decode hot path on the CPU: straight to the base GEMM + compiled kernel. Going through ops.routed_linear cost
+        # ~10 µs more per layer in Python (hidden-256 Phi-3, T=1: 40 µs per patched layer against 23 µs unpatched).
+        # Same checks as torch_ops.fused_kernel_applies; after model.to()/.half() they fail and the call falls through.
+        inner = st.inner  # cached: _inner_linear's hasattr probes on an nn.Module cost ~3 µs a call
+        w = inner.weight
+        if (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.dtype == torch.float32
+            and route_shrink.dtype == torch.float32
+            and route_shrink.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        ):
+            x2 = x.reshape(-1, x.shape[-1])
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            y = F.linear(x2, w, inner.bias)
+            st.cpu_op(y, x2, route_shrink, b_t, st.top_k, st.temperature, st.mixing == "weights")
+            return y.view(*x.shape[:-1], y.shape[-1])
+    packed = PackedExperts(route_shrink, b_t, st.num_experts, st.rank, st.mixing)
     if st.recorder is not None:
         st.recorder.record(st.name, x, packed, st.top_k, st.temperature)
     if st.fused:
@@ -205,6 +230,8 @@ def patch_model(
         st.saved_call = (
             module.__dict__[slot] if slot in module.__dict__ else types.MethodType(type(module).forward, module)
         )
+        if fused and run_backend == "torch" and packed.route_shrink.device.type == "cpu":
+            st.cpu_op, st.inner = torch_ops.fused_op(), _inner_linear(module)
         module.register_buffer(_BUF_ROUTE, packed.route_shrink, persistent=False)
         module.register_buffer(_BUF_B, packed.b_t, persistent=False)
         module.__dict__[_STATE] = st

@@ -236,3 +236,29 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
     with torch.no_grad():
         ours = layer(x64.to(dtype))
     assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
+
+
+def test_cpu_kernel_hot_path_matches_the_ops_path(phi3_setup):
+    """The patched forward's direct call of the compiled CPU kernel gives what ops.routed_linear gives, and autograd
+    (which the kernel lacks) falls through to the torch regimes with gradients."""
+    from genknowsub_fast.backends import extension
+
+    if not extension.has_op("routed_lora_delta_"):
+        pytest.skip(f"compiled extension not loaded: {extension.status()[1]}")
+    model = phi3_setup.fresh()
+    gkf.patch_model(model, LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general), top_k=2)
+    states = [m.__dict__["_gkf_patch"] for m in patched_modules(model).values()]
+    assert all(st.cpu_op is not None for st in states)
+    hot = _logits(model, phi3_setup.ids)
+    ops_ = [st.cpu_op for st in states]
+    for st in states:
+        st.cpu_op = None
+    slow = _logits(model, phi3_setup.ids)
+    torch.testing.assert_close(hot, slow, rtol=0, atol=0)
+    for st, op in zip(states, ops_, strict=True):
+        st.cpu_op = op
+    emb = model.get_input_embeddings()(phi3_setup.ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=emb).logits
+    torch.testing.assert_close(out.detach(), hot, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert emb.grad is not None and bool(emb.grad.abs().sum() > 0)

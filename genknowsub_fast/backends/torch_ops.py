@@ -199,13 +199,13 @@ def fused_kernel_applies(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts
         return False
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return False
-    return _fused_op() is not None
+    return fused_op() is not None
 
 
 _FUSED_OP: list = []
 
 
-def _fused_op():
+def fused_op():
     """The compiled op, or None when the extension is not loaded (looked up once per process)."""
     if not _FUSED_OP:
         from . import extension
@@ -217,7 +217,7 @@ def _fused_op():
 
 
 def _fused_cpu_(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts, top_k: int, temperature: float) -> None:
-    op = _fused_op()
+    op = fused_op()
     if op is None:
         from . import extension
 
