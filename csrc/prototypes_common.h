@@ -45,10 +45,36 @@ GKF_HD inline void jacobi_rotation(double app, double aqq, double apq, double* c
   *t = tt;
 }
 
-// Serial cyclic Jacobi on a symmetric n × n row-major matrix `a` (overwritten: its diagonal ends as the eigenvalues);
+// Applies the rotation (c, s, t) that zeroes a[p][q] (apq its value before) to `a` and to the columns p, q of `v`.
+GKF_HD inline void jacobi_apply(double* a, double* v, int n, int p, int q, double apq, double c, double s, double t) {
+  a[p * n + p] -= t * apq;
+  a[q * n + q] += t * apq;
+  a[p * n + q] = a[q * n + p] = 0.0;
+  for (int k = 0; k < n; ++k) {
+    if (k != p && k != q) {
+      const double akp = a[k * n + p], akq = a[k * n + q];
+      const double np_ = c * akp - s * akq, nq = s * akp + c * akq;
+      a[k * n + p] = a[p * n + k] = np_;
+      a[k * n + q] = a[q * n + k] = nq;
+    }
+    const double vkp = v[k * n + p], vkq = v[k * n + q];
+    v[k * n + p] = c * vkp - s * vkq;
+    v[k * n + q] = s * vkp + c * vkq;
+  }
+}
+
+// Jacobi eigen solver on a symmetric n × n row-major matrix `a` (overwritten: its diagonal ends as the eigenvalues);
 // `v` receives the eigenvectors as columns. Converges quadratically; stops when the off-diagonal mass is below
 // ε² of the Frobenius norm, or after kMaxSweeps sweeps.
-GKF_HD inline void jacobi_eigh(double* a, double* v, int n) {
+// NF = 0 (n read at run time): serial cyclic row order. NF > 0 even (the CPU kernel's r = 4 and r = 8): n = NF and
+// each sweep runs in the round-robin ("parallel") order, n − 1 rounds of n / 2 disjoint pairs. The pairs of a round
+// do not touch each other's a_pp, a_qq, a_pq, so all their (c, s, t) are computed first, as independent dependency
+// chains (the divisions and square roots overlap instead of running back to back), then applied one after the other;
+// the result is the same as rotating them one at a time in that order.
+template <int NF = 0>
+GKF_HD inline void jacobi_eigh(double* a, double* v, int n_rt) {
+  static_assert(NF >= 0 && NF % 2 == 0, "jacobi_eigh: NF must be 0 or even");
+  const int n = NF > 0 ? NF : n_rt;
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) v[i * n + j] = i == j ? 1.0 : 0.0;
   double frob = 0.0;
@@ -59,25 +85,31 @@ GKF_HD inline void jacobi_eigh(double* a, double* v, int n) {
     for (int p = 0; p < n; ++p)
       for (int q = p + 1; q < n; ++q) off += a[p * n + q] * a[p * n + q];
     if (off <= 1e-32 * frob) break;
-    for (int p = 0; p < n; ++p) {
-      for (int q = p + 1; q < n; ++q) {
-        const double apq = a[p * n + q];
-        if (apq == 0.0) continue;
-        double c, s, t;
-        jacobi_rotation(a[p * n + p], a[q * n + q], apq, &c, &s, &t);
-        a[p * n + p] -= t * apq;
-        a[q * n + q] += t * apq;
-        a[p * n + q] = a[q * n + p] = 0.0;
-        for (int k = 0; k < n; ++k) {
-          if (k != p && k != q) {
-            const double akp = a[k * n + p], akq = a[k * n + q];
-            const double np_ = c * akp - s * akq, nq = s * akp + c * akq;
-            a[k * n + p] = a[p * n + k] = np_;
-            a[k * n + q] = a[q * n + k] = nq;
-          }
-          const double vkp = v[k * n + p], vkq = v[k * n + q];
-          v[k * n + p] = c * vkp - s * vkq;
-          v[k * n + q] = s * vkp + c * vkq;
+    if constexpr (NF > 0) {
+      constexpr int kHalf = NF / 2;
+      for (int round = 0; round < NF - 1; ++round) {
+        // players 0 .. NF − 2 on a circle plus NF − 1 fixed: pair (round, NF − 1), then (round ± i) mod (NF − 1)
+        int pp[kHalf], qq[kHalf];
+        double apq[kHalf], cc[kHalf], ss[kHalf], tt[kHalf];
+        for (int i = 0; i < kHalf; ++i) {
+          int x = i == 0 ? round : (round + i) % (NF - 1);
+          int y = i == 0 ? NF - 1 : (round - i + (NF - 1)) % (NF - 1);
+          pp[i] = x < y ? x : y;
+          qq[i] = x < y ? y : x;
+          apq[i] = a[pp[i] * NF + qq[i]];
+          if (apq[i] != 0.0) jacobi_rotation(a[pp[i] * NF + pp[i]], a[qq[i] * NF + qq[i]], apq[i], &cc[i], &ss[i], &tt[i]);
+        }
+        for (int i = 0; i < kHalf; ++i)
+          if (apq[i] != 0.0) jacobi_apply(a, v, NF, pp[i], qq[i], apq[i], cc[i], ss[i], tt[i]);
+      }
+    } else {
+      for (int p = 0; p < n; ++p) {
+        for (int q = p + 1; q < n; ++q) {
+          const double apq = a[p * n + q];
+          if (apq == 0.0) continue;
+          double c, s, t;
+          jacobi_rotation(a[p * n + p], a[q * n + q], apq, &c, &s, &t);
+          jacobi_apply(a, v, n, p, q, apq, c, s, t);
         }
       }
     }
@@ -87,7 +119,10 @@ GKF_HD inline void jacobi_eigh(double* a, double* v, int n) {
 // From G_a (overwritten) and G_b (overwritten: it ends holding M), the coefficients c (r) with p ∝ Aᵀ c. `work`
 // holds 2 r² doubles.
 // Returns false when ΔW is (numerically) zero; c is then all zero.
-GKF_HD inline bool solve_coefficients(double* ga, double* gb, int r, double* coef, double* work) {
+// NF as in jacobi_eigh.
+template <int NF = 0>
+GKF_HD inline bool solve_coefficients(double* ga, double* gb, int r_rt, double* coef, double* work) {
+  const int r = NF > 0 ? NF : r_rt;
   double tra = 0.0, trb = 0.0;
   for (int i = 0; i < r; ++i) {
     tra += ga[i * r + i];
@@ -99,7 +134,7 @@ GKF_HD inline bool solve_coefficients(double* ga, double* gb, int r, double* coe
   double* u = work;          // eigenvectors of G_a (columns)
   double* w = work + r * r;  // G_b U, then the eigenvectors of M
   double* m = gb;            // M replaces G_b once G_b U is formed
-  jacobi_eigh(ga, u, r);
+  jacobi_eigh<NF>(ga, u, r);
   double lmax = 0.0;
   for (int i = 0; i < r; ++i) lmax = fmax(lmax, ga[i * r + i]);
   if (!(lmax > 0.0)) return false;
@@ -121,7 +156,7 @@ GKF_HD inline bool solve_coefficients(double* ga, double* gb, int r, double* coe
     }
   for (int i = 0; i < r; ++i)  // exact symmetry before Jacobi
     for (int j = i + 1; j < r; ++j) m[i * r + j] = m[j * r + i] = 0.5 * (m[i * r + j] + m[j * r + i]);
-  jacobi_eigh(m, w, r);
+  jacobi_eigh<NF>(m, w, r);
   int top = 0;
   for (int i = 1; i < r; ++i)
     if (m[i * r + i] > m[top * r + top]) top = i;

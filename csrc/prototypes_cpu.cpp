@@ -241,6 +241,75 @@ static void gram_b4_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
   g[3 * 4 + 1] += p13;
 }
 
+// r = 8, float32 A, AVX2 + FMA. The 36 row pairs need 36 vector accumulators, more than the 16 registers, so each
+// block of kA8Block columns (8 rows × 1 KB, L1-resident after the first pass) is swept four times with a register tile
+// each: rows 0..3 × 0..3 (10 pairs), rows 4..7 × 4..7 (10 pairs), rows 0..3 × {4, 5} and rows 0..3 × {6, 7} (8 pairs
+// each); the 36 accumulators stay in a stack array between blocks. 9 FMAs per column, float64 products and sums.
+constexpr int64_t kA8Block = 256;
+
+static inline int pair8(int i, int j) { return i * 8 - i * (i - 1) / 2 + (j - i); }  // i <= j, row-major upper
+
+static inline __m256d cvt4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+
+static void gram_a8_avx2(const float* a, int64_t ld, int64_t c0, int64_t c1, double* g) {
+  __m256d acc[36];
+  for (auto& v : acc) v = _mm256_setzero_pd();
+  const int64_t end4 = c0 + (c1 - c0) / 4 * 4;
+  for (int64_t x0 = c0; x0 < end4; x0 += kA8Block) {
+    const int64_t x1 = std::min(end4, x0 + kA8Block);
+    for (int o = 0; o < 8; o += 4) {  // diagonal 4 × 4 blocks of G
+      const float *a0 = a + o * ld, *a1 = a0 + ld, *a2 = a1 + ld, *a3 = a2 + ld;
+      __m256d s00 = acc[pair8(o, o)], s01 = acc[pair8(o, o + 1)], s02 = acc[pair8(o, o + 2)];
+      __m256d s03 = acc[pair8(o, o + 3)], s11 = acc[pair8(o + 1, o + 1)], s12 = acc[pair8(o + 1, o + 2)];
+      __m256d s13 = acc[pair8(o + 1, o + 3)], s22 = acc[pair8(o + 2, o + 2)], s23 = acc[pair8(o + 2, o + 3)];
+      __m256d s33 = acc[pair8(o + 3, o + 3)];
+      for (int64_t x = x0; x < x1; x += 4) {
+        const __m256d r0 = cvt4(a0 + x), r1 = cvt4(a1 + x), r2 = cvt4(a2 + x), r3 = cvt4(a3 + x);
+        s00 = _mm256_fmadd_pd(r0, r0, s00);
+        s01 = _mm256_fmadd_pd(r0, r1, s01);
+        s02 = _mm256_fmadd_pd(r0, r2, s02);
+        s03 = _mm256_fmadd_pd(r0, r3, s03);
+        s11 = _mm256_fmadd_pd(r1, r1, s11);
+        s12 = _mm256_fmadd_pd(r1, r2, s12);
+        s13 = _mm256_fmadd_pd(r1, r3, s13);
+        s22 = _mm256_fmadd_pd(r2, r2, s22);
+        s23 = _mm256_fmadd_pd(r2, r3, s23);
+        s33 = _mm256_fmadd_pd(r3, r3, s33);
+      }
+      acc[pair8(o, o)] = s00, acc[pair8(o, o + 1)] = s01, acc[pair8(o, o + 2)] = s02, acc[pair8(o, o + 3)] = s03;
+      acc[pair8(o + 1, o + 1)] = s11, acc[pair8(o + 1, o + 2)] = s12, acc[pair8(o + 1, o + 3)] = s13;
+      acc[pair8(o + 2, o + 2)] = s22, acc[pair8(o + 2, o + 3)] = s23, acc[pair8(o + 3, o + 3)] = s33;
+    }
+    for (int j = 4; j < 8; j += 2) {  // off-diagonal block: rows 0..3 × rows j, j + 1
+      const float *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld, *bj = a + j * ld, *bk = bj + ld;
+      __m256d t0 = acc[pair8(0, j)], t1 = acc[pair8(1, j)], t2 = acc[pair8(2, j)], t3 = acc[pair8(3, j)];
+      __m256d u0 = acc[pair8(0, j + 1)], u1 = acc[pair8(1, j + 1)], u2 = acc[pair8(2, j + 1)];
+      __m256d u3 = acc[pair8(3, j + 1)];
+      for (int64_t x = x0; x < x1; x += 4) {
+        const __m256d r0 = cvt4(a0 + x), r1 = cvt4(a1 + x), r2 = cvt4(a2 + x), r3 = cvt4(a3 + x);
+        const __m256d p = cvt4(bj + x), q = cvt4(bk + x);
+        t0 = _mm256_fmadd_pd(r0, p, t0);
+        t1 = _mm256_fmadd_pd(r1, p, t1);
+        t2 = _mm256_fmadd_pd(r2, p, t2);
+        t3 = _mm256_fmadd_pd(r3, p, t3);
+        u0 = _mm256_fmadd_pd(r0, q, u0);
+        u1 = _mm256_fmadd_pd(r1, q, u1);
+        u2 = _mm256_fmadd_pd(r2, q, u2);
+        u3 = _mm256_fmadd_pd(r3, q, u3);
+      }
+      acc[pair8(0, j)] = t0, acc[pair8(1, j)] = t1, acc[pair8(2, j)] = t2, acc[pair8(3, j)] = t3;
+      acc[pair8(0, j + 1)] = u0, acc[pair8(1, j + 1)] = u1, acc[pair8(2, j + 1)] = u2, acc[pair8(3, j + 1)] = u3;
+    }
+  }
+  for (int i = 0; i < 8; ++i)  // lane sums plus the last (c1 - c0) % 4 columns
+    for (int j = i; j < 8; ++j) {
+      double s = hsum(acc[pair8(i, j)]);
+      for (int64_t y = end4; y < c1; ++y) s += static_cast<double>(a[i * ld + y]) * static_cast<double>(a[j * ld + y]);
+      g[i * 8 + j] += s;
+      if (i != j) g[j * 8 + i] += s;
+    }
+}
+
 // r = 8, float32 B, AVX2 + FMA: one row = 8 floats = lo (0..3) and hi (4..7) as float64 vectors; the 36 pairs come
 // from lo·rot_k(lo) (k = 0, 1, 2), hi·rot_k(hi) (k = 0, 1, 2) and lo·rot_k(hi) (k = 0..3): 10 FMAs per row.
 static void gram_b8_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
@@ -289,6 +358,7 @@ static void gram_a(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float>) {
     if (r == 4) return gram_a4_avx2(a, ld, c0, c1, g);
+    if (r == 8) return gram_a8_avx2(a, ld, c0, c1, g);
   }
 #endif
   switch (r) {
@@ -450,7 +520,10 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
   for (size_t i = 0; i < rr; ++i)
     if (!std::isfinite(ga[i]) || !std::isfinite(gb[i])) return false;
 
-  const bool nonzero = gkf_proto::solve_coefficients(ga, gb, r, coef, work);
+  // r = 4 and r = 8: the eigen solves with n fixed at compile time and the round-robin Jacobi order.
+  const bool nonzero = r == 8   ? gkf_proto::solve_coefficients<8>(ga, gb, r, coef, work)
+                       : r == 4 ? gkf_proto::solve_coefficients<4>(ga, gb, r, coef, work)
+                                : gkf_proto::solve_coefficients(ga, gb, r, coef, work);
   *pr.zero = !nonzero;
   if (!nonzero) {
     for (int64_t x = 0; x < d_in; ++x) out[x] = OutT(0);

@@ -79,6 +79,20 @@ def test_e1_and_fixed_rank_paths(op):
         assert abs_cos(p, svd_top(a, b)) >= MIN_COS, r
 
 
+@pytest.mark.parametrize("d_in", [37, 259, 1030, 3075])
+def test_rank8_float32_gram_kernels(op, d_in):
+    # r = 8 float32 takes the AVX2 Gram kernels where built with them (A in column blocks of 256 plus a tail of
+    # d_in % 4 columns); E = 1 splits the columns into chunks that start at unaligned offsets, E = 6 does not.
+    for e in (1, 6):
+        a, b = decaying(e, 8, d_in, 97, seed=d_in + e)
+        ref = svd_top(a, b)
+        p32, zero = op.arrow_prototypes(a.float(), b.float())
+        p64, _ = op.arrow_prototypes(a, b)
+        assert not zero.any()
+        assert abs_cos(p32, ref) >= MIN_COS, (d_in, e)
+        torch.testing.assert_close(p32.double(), p64, atol=2e-5, rtol=0)
+
+
 def test_many_experts_parallel_path(op):
     a, b = decaying(9, 4, 45, 61, seed=3)
     p, _ = op.arrow_prototypes(a.float(), b.float())
