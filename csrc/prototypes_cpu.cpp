@@ -16,10 +16,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "prototypes_common.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace gkf_proto_cpu {
 
@@ -395,6 +401,39 @@ static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t
                       int64_t* arg, double* best) {
   double s4[4] = {0.0, 0.0, 0.0, 0.0}, m4[4] = {-1.0, -1.0, -1.0, -1.0};
   int64_t x = c0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (r == 8) {  // p, Σ p² and max |p| in one pass over the eight rows (A is still in L2 from the Gram pass)
+      __m256d k[8];
+      for (int i = 0; i < 8; ++i) k[i] = _mm256_set1_pd(coef[i]);
+      const __m256d sign = _mm256_set1_pd(-0.0);
+      __m256d sv = _mm256_setzero_pd(), mv = _mm256_set1_pd(-1.0);
+      for (; x + 4 <= c1; x += 4) {
+        __m256d lo = _mm256_mul_pd(k[0], _mm256_cvtps_pd(_mm_loadu_ps(a + x)));
+        __m256d hi = _mm256_mul_pd(k[4], _mm256_cvtps_pd(_mm_loadu_ps(a + 4 * ld + x)));
+        for (int i = 1; i < 4; ++i) {
+          lo = _mm256_fmadd_pd(k[i], _mm256_cvtps_pd(_mm_loadu_ps(a + i * ld + x)), lo);
+          hi = _mm256_fmadd_pd(k[4 + i], _mm256_cvtps_pd(_mm_loadu_ps(a + (4 + i) * ld + x)), hi);
+        }
+        const __m256d v = _mm256_add_pd(lo, hi);
+        _mm256_storeu_pd(buf + x, v);
+        sv = _mm256_fmadd_pd(v, v, sv);
+        mv = _mm256_max_pd(mv, _mm256_andnot_pd(sign, v));
+      }
+      for (int64_t y = x; y < c1; ++y) {
+        double lo = 0.0, hi = 0.0;
+        for (int i = 0; i < 4; ++i) {
+          lo += coef[i] * static_cast<double>(a[i * ld + y]);
+          hi += coef[4 + i] * static_cast<double>(a[(4 + i) * ld + y]);
+        }
+        buf[y] = lo + hi;
+      }
+      _mm256_storeu_pd(s4, sv);
+      _mm256_storeu_pd(m4, mv);
+      return finish_norm(buf, x, c0, c1, s4, m4, arg, best);
+    }
+  }
+#endif
   if (r == 4) {  // the common rank: p, Σ p² and max |p| in one pass (four independent lanes, vectorizable)
     const double k0 = coef[0], k1 = coef[1], k2 = coef[2], k3 = coef[3];
     const T *a0 = a, *a1 = a + ld, *a2 = a + 2 * ld, *a3 = a + 3 * ld;
@@ -594,6 +633,27 @@ static void check_pair(const at::Tensor& a, const at::Tensor& b, size_t i) {
               "arrow_prototypes: floating-point factors expected (pair ", i, ")");
 }
 
+// Output memory of a large call (a whole library: Phi-3-mini E64 r8 is 142 MB of prototypes). Fresh at::empty
+// memory is faulted in 4 KB pages on first write, and those faults (with the kernel's page clearing) were ~15% of the
+// op. On Linux, one 2 MB-aligned block with MADV_HUGEPAGE takes them in 2 MB pages instead. Null (use at::empty)
+// for small calls, off Linux, or when the allocation fails.
+constexpr int64_t kHugeBlockMin = 8 << 20;
+
+static std::shared_ptr<void> huge_page_block(int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes < kHugeBlockMin) return nullptr;
+  const size_t size = (static_cast<size_t>(bytes) + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, size);
+  if (p == nullptr) return nullptr;
+  madvise(p, size, MADV_HUGEPAGE);  // advisory: on failure the block still works with normal pages
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+#else
+  (void)bytes;
+  return nullptr;
+#endif
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_batched(at::TensorList a_list,
                                                                                       at::TensorList b_list) {
   TORCH_CHECK(a_list.size() == b_list.size(), "arrow_prototypes_batched: ", a_list.size(), " A tensors but ",
@@ -608,13 +668,25 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_ba
   const auto work = any_double ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> a_w(m), b_w(m), out_w(m), protos(m), zeros(m);
   std::vector<Problem> problems;
+  int64_t out_bytes = 0;
   for (size_t i = 0; i < m; ++i) {
     a_w[i] = a_list[i].to(work).contiguous();
     b_w[i] = b_list[i].to(work).contiguous();
+    out_bytes += (a_w[i].size(0) * a_w[i].size(2) * a_w[i].element_size() + 63) / 64 * 64;
+  }
+  std::shared_ptr<void> block = huge_page_block(out_bytes);
+  int64_t out_off = 0;
+  for (size_t i = 0; i < m; ++i) {
     const int64_t e = a_w[i].size(0), r = a_w[i].size(1), d_in = a_w[i].size(2), d_out = b_w[i].size(1);
-    out_w[i] = at::empty({e, d_in}, a_w[i].options());
-    zeros[i] = at::zeros({e}, a_w[i].options().dtype(at::kBool));
     const int64_t esz = a_w[i].element_size();
+    if (block) {  // a slice of the shared block with its own storage; the block is freed with the last of them
+      void* ptr = static_cast<char*>(block.get()) + out_off;
+      out_off += (e * d_in * esz + 63) / 64 * 64;
+      out_w[i] = at::from_blob(ptr, {e, d_in}, [block](void*) {}, a_w[i].options());
+    } else {
+      out_w[i] = at::empty({e, d_in}, a_w[i].options());
+    }
+    zeros[i] = at::zeros({e}, a_w[i].options().dtype(at::kBool));
     for (int64_t k = 0; k < e; ++k) {
       problems.push_back({static_cast<const char*>(a_w[i].data_ptr()) + k * r * d_in * esz,
                           static_cast<const char*>(b_w[i].data_ptr()) + k * d_out * r * esz,
@@ -622,6 +694,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_ba
                           d_in, d_out, static_cast<int>(r)});
     }
   }
+  block.reset();
   const bool ok = work == at::kDouble ? solve_all<double, double>(problems) : solve_all<float, float>(problems);
   TORCH_CHECK(ok, "arrow_prototypes: the LoRA factors contain NaN or Inf");
   for (size_t i = 0; i < m; ++i) protos[i] = out_w[i].to(a_list[i].scalar_type());

@@ -93,6 +93,23 @@ def test_rank8_float32_gram_kernels(op, d_in):
         torch.testing.assert_close(p32.double(), p64, atol=2e-5, rtol=0)
 
 
+def test_large_call_outputs(op):
+    # Over 8 MB of prototypes: the outputs are slices of one huge-page block, each tensor with its own storage, and
+    # must equal the per-module (small call) results and outlive each other.
+    g = torch.Generator().manual_seed(5)
+    a_list = [torch.randn(64, 8, 4096, generator=g) for _ in range(9)]
+    b_list = [torch.randn(64, 40, 8, generator=g) for _ in range(9)]
+    protos, zeros = op.arrow_prototypes_batched(a_list, b_list)
+    ptrs = {p.untyped_storage().data_ptr() for p in protos}
+    assert len(ptrs) == 9
+    keep = protos[4].clone()
+    del protos[:4], protos[1:]
+    for _ in range(3):
+        torch.ones(1 << 20).sum()
+    p4, z4 = op.arrow_prototypes(a_list[4], b_list[4])
+    assert torch.equal(protos[0], keep) and torch.equal(protos[0], p4) and torch.equal(zeros[4], z4)
+
+
 def test_many_experts_parallel_path(op):
     a, b = decaying(9, 4, 45, 61, seed=3)
     p, _ = op.arrow_prototypes(a.float(), b.float())
