@@ -524,7 +524,9 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
   const T* b = static_cast<const T*>(pr.b);
   OutT* out = static_cast<OutT*>(pr.out);
   const size_t rr = static_cast<size_t>(r) * r;
-  scratch.assign(4 * rr + r + d_in, 0.0);
+  // Only the Gram accumulators need zeros: coef is cleared by solve_coefficients, buf written before it is read.
+  if (scratch.size() < 4 * rr + r + d_in) scratch.resize(4 * rr + r + d_in);
+  std::fill(scratch.begin(), scratch.begin() + 2 * rr, 0.0);
   double* ga = scratch.data();
   double* gb = ga + rr;
   double* work = gb + rr;
