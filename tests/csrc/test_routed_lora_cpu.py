@@ -103,3 +103,14 @@ def test_fused_accumulates_into_y():
         y = torch_ops.add_routed_delta_(base.clone(), case.x, packed, 3, 1.0, regime="fused")
         delta = torch_ops.add_routed_delta_(torch.zeros(33, 40), case.x, packed, 3, 1.0, regime="dense")
     torch.testing.assert_close(y, base + delta, rtol=1e-5, atol=1e-5)
+
+
+def test_large_b_walks_all_tokens_per_tile():
+    """B over 4 MB (E·r·d_out floats) switches the expand to one block of all tokens: same result as the reference."""
+    t, e, r, d_in, d_out, k = 33, 40, 16, 48, 1700, 3  # 40·16·1700·4 B = 4.35 MB
+    case = make_case(t, e, r, d_in, d_out, seed=11)
+    ours = _fused(case, k, 1.0, "output")
+    ref64 = reference.routed_lora(case.x, case.a, case.b, case.scaling, case.prototypes, k, 1.0, "output")
+    c = case.to(torch.float32)
+    ref32 = reference.routed_lora(c.x, c.a, c.b, case.scaling.float(), c.prototypes, k, 1.0, "output")
+    assert_close_to_reference(ours, ref64, ref32, torch.float32, "large B")
