@@ -126,6 +126,71 @@ GKF_HD inline void jacobi_eigh(double* a, double* v, int n_rt) {
   }
 }
 
+// The coefficients by whitening with a Cholesky factor instead of G_a's eigen decomposition (one Jacobi solve
+// instead of two): G_a = L Lᵀ, Q = L⁻¹ A has orthonormal rows, ΔWᵀΔW = Qᵀ (Lᵀ G_b L) Q, so with v the top
+// eigenvector of M = Lᵀ G_b L, p = Qᵀ v = Aᵀ L⁻ᵀ v. Only for a well-conditioned G_a: λ_min ≥ 1 / ‖L⁻¹‖_F² must exceed
+// 1e-10 tr G_a (≥ 1e-10 λ_max), so no direction would have been dropped (kDropRel) and L⁻¹ amplifies rounding by
+// at most ~1e10 ε. Returns -1 when not applicable (G_a untouched; the caller takes the eigen path), else 1 for a
+// nonzero ΔW or 0 for a zero one (coef untouched, i.e. zero). gb ends holding M; work holds N² doubles.
+template <int N>
+GKF_HD inline int solve_coefficients_cholesky(const double* ga, double* gb, double tra, double scale, double* coef,
+                                              double* work) {
+  double l[N * N], li[N * N];
+  for (int j = 0; j < N; ++j) {
+    double d = ga[j * N + j];
+    for (int k = 0; k < j; ++k) d -= l[j * N + k] * l[j * N + k];
+    if (!(d > 0.0)) return -1;
+    const double ljj = sqrt(d);
+    l[j * N + j] = ljj;
+    for (int i = j + 1; i < N; ++i) {
+      double x = ga[i * N + j];
+      for (int k = 0; k < j; ++k) x -= l[i * N + k] * l[j * N + k];
+      l[i * N + j] = x / ljj;
+    }
+    for (int i = 0; i < j; ++i) l[i * N + j] = 0.0;
+  }
+  double fro = 0.0;
+  for (int j = 0; j < N; ++j) {  // li = L⁻¹ (lower triangular), column by column
+    for (int i = 0; i < j; ++i) li[i * N + j] = 0.0;
+    li[j * N + j] = 1.0 / l[j * N + j];
+    for (int i = j + 1; i < N; ++i) {
+      double x = 0.0;
+      for (int k = j; k < i; ++k) x += l[i * N + k] * li[k * N + j];
+      li[i * N + j] = -x / l[i * N + i];
+    }
+    for (int i = j; i < N; ++i) fro += li[i * N + j] * li[i * N + j];
+  }
+  if (!(1.0 / fro > 1e-10 * tra)) return -1;
+  double t[N * N];  // G_b L
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      double x = 0.0;
+      for (int k = j; k < N; ++k) x += gb[i * N + k] * l[k * N + j];
+      t[i * N + j] = x;
+    }
+  double* m = gb;
+  for (int i = 0; i < N; ++i)
+    for (int j = 0; j < N; ++j) {
+      double x = 0.0;
+      for (int k = i; k < N; ++k) x += l[k * N + i] * t[k * N + j];
+      m[i * N + j] = x;
+    }
+  for (int i = 0; i < N; ++i)  // exact symmetry before Jacobi
+    for (int j = i + 1; j < N; ++j) m[i * N + j] = m[j * N + i] = 0.5 * (m[i * N + j] + m[j * N + i]);
+  double* w = work;
+  jacobi_eigh<N>(m, w, N);
+  int top = 0;
+  for (int i = 1; i < N; ++i)
+    if (m[i * N + i] > m[top * N + top]) top = i;
+  if (!(m[top * N + top] > kZeroRel * scale)) return 0;
+  for (int i = 0; i < N; ++i) {  // coef = L⁻ᵀ v
+    double x = 0.0;
+    for (int k = i; k < N; ++k) x += li[k * N + i] * w[k * N + top];
+    coef[i] = x;
+  }
+  return 1;
+}
+
 // From G_a (overwritten) and G_b (overwritten: it ends holding M), the coefficients c (r) with p ∝ Aᵀ c. `work`
 // holds 2 r² doubles.
 // Returns false when ΔW is (numerically) zero; c is then all zero.
@@ -141,6 +206,10 @@ GKF_HD inline bool solve_coefficients(double* ga, double* gb, int r_rt, double* 
   }
   const double scale = tra * trb;
   if (!(scale > 0.0)) return false;
+  if constexpr (NF > 0) {  // the CPU kernel's fixed ranks: Cholesky whitening when G_a is well-conditioned
+    const int res = solve_coefficients_cholesky<NF>(ga, gb, tra, scale, coef, work);
+    if (res >= 0) return res == 1;
+  }
   double* u = work;          // eigenvectors of G_a (columns)
   double* w = work + r * r;  // G_b U, then the eigenvectors of M
   double* m = gb;            // M replaces G_b once G_b U is formed

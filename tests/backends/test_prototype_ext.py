@@ -151,6 +151,26 @@ def test_zero_and_rank_deficient_experts(op):
     assert torch.equal(zero, zt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank8_conditioning_paths(op, dtype):
+    # r = 8 whitens with a Cholesky factor of G_a when it is well-conditioned and falls back to G_a's eigen
+    # decomposition (dropping null directions) otherwise: zero, rank-deficient, ill-conditioned and plain experts.
+    a, b = decaying(6, 8, 300, 120, seed=11)
+    a[1] = 0
+    b[2] = 0
+    a[3, 5:] = 0  # rank 5 padded to r = 8
+    b[3, :, 5:] = 0
+    a[4, 6] = a[4, 2] + 1e-9 * a[4, 6]  # full rank, cond(G_a) ~ 1e18: the eigen path, nothing dropped wrongly
+    a[5] = a[5] * torch.tensor([1.0, 1e-3, 1.0, 1e-2, 1.0, 1e-3, 1.0, 1.0], dtype=torch.float64)[:, None]
+    a, b = a.to(dtype), b.to(dtype)
+    p, zero = op.arrow_prototypes(a, b)
+    assert zero.tolist() == [False, True, True, False, False, False]
+    keep = [0, 3, 4, 5]
+    assert abs_cos(p[keep], svd_top(a[keep], b[keep])) >= MIN_COS
+    pt, zt = torch_ops.exact_prototypes(a, b)
+    assert torch.equal(zero, zt)
+
+
 def test_tiny_but_nonzero_expert_is_not_zero(op):
     a, b = decaying(2, 4, 40, 30, seed=8, dtype=torch.float32)
     a[1] *= 1e-20
