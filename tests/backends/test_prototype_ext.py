@@ -94,14 +94,14 @@ def test_rank8_float32_gram_kernels(op, d_in):
 
 
 def test_large_call_outputs(op):
-    # Over 8 MB of prototypes: the outputs are slices of one huge-page block, each tensor with its own storage, and
+    # Over 64 MB of prototypes: the outputs are slices of one huge-page block, each tensor with its own storage, and
     # must equal the per-module (small call) results and outlive each other.
     g = torch.Generator().manual_seed(5)
-    a_list = [torch.randn(64, 8, 4096, generator=g) for _ in range(9)]
-    b_list = [torch.randn(64, 40, 8, generator=g) for _ in range(9)]
+    a_list = [torch.randn(64, 1, 16384, generator=g) for _ in range(17)]
+    b_list = [torch.randn(64, 4, 1, generator=g) for _ in range(17)]
     protos, zeros = op.arrow_prototypes_batched(a_list, b_list)
     ptrs = {p.untyped_storage().data_ptr() for p in protos}
-    assert len(ptrs) == 9
+    assert len(ptrs) == 17
     keep = protos[4].clone()
     del protos[:4], protos[1:]
     for _ in range(3):
