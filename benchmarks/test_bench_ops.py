@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.peft_arrow import peft_arrow_linear
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES, TOP_K
 from genknowsub_fast import ops
 from genknowsub_fast.backends.packing import pack_experts
@@ -32,25 +33,10 @@ class _Layer:
         self.prototypes = ops.arrow_prototypes(self.a, self.b)
         self.packed = pack_experts(self.a, self.b, self.scaling, self.prototypes)
         self._peft = None
-        self.e, self.d_in = e, d_in
 
     def peft(self):
         if self._peft is None:
-            from peft import ArrowConfig
-            from peft.tuners.lora.arrow import ArrowLoraLinearLayer
-
-            names = [f"task_{i}" for i in range(self.e)]
-            cfg = ArrowConfig(top_k=TOP_K, rng_seed=0)
-            cfg.task_adapter_names, cfg.gks_adapter_names = names, []
-            lora_a = torch.nn.ModuleDict({n: torch.nn.Linear(self.d_in, 1, bias=False) for n in names})
-            lora_b = torch.nn.ModuleDict({n: torch.nn.Linear(1, 1, bias=False) for n in names})
-            for i, n in enumerate(names):
-                lora_a[n].weight = torch.nn.Parameter(self.a[i], requires_grad=False)
-                lora_b[n].weight = torch.nn.Parameter(self.b[i], requires_grad=False)
-            layer = ArrowLoraLinearLayer(self.d_in, cfg)
-            layer.build_prototypes(lora_a, lora_b)
-            scaling = dict.fromkeys(names, 2.0)
-            self._peft = lambda x: F.linear(x, self.weight) + layer(x, lora_a, lora_b, torch.nn.Identity(), scaling)
+            self._peft = peft_arrow_linear(self.weight, self.a, self.b, 2.0)
         return self._peft
 
     def run(self, impl):

@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.peft_arrow import peft_arrow_linear  # noqa: E402
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES, TOP_K  # noqa: E402
 from genknowsub_fast import ops  # noqa: E402
 from genknowsub_fast.backends import triton_ops  # noqa: E402
@@ -59,27 +60,12 @@ class GpuLayer:
         self.packed = pack_experts(a, b, scaling, prototypes, dtype=dtype, device=device)
         self.weight = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(device=device, dtype=dtype)
         self.a, self.b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-        self.e, self.d_in, self.device, self.dtype = e, d_in, device, dtype
+        self.device = device
         self._peft = None
 
     def peft(self):
         if self._peft is None:
-            from peft import ArrowConfig
-            from peft.tuners.lora.arrow import ArrowLoraLinearLayer
-
-            names = [f"task_{i}" for i in range(self.e)]
-            cfg = ArrowConfig(top_k=TOP_K, rng_seed=0)
-            cfg.task_adapter_names, cfg.gks_adapter_names = names, []
-            lora_a = torch.nn.ModuleDict({n: torch.nn.Linear(self.d_in, 1, bias=False) for n in names})
-            lora_b = torch.nn.ModuleDict({n: torch.nn.Linear(1, 1, bias=False) for n in names})
-            for i, n in enumerate(names):
-                lora_a[n].weight = torch.nn.Parameter(self.a[i], requires_grad=False)
-                lora_b[n].weight = torch.nn.Parameter(self.b[i], requires_grad=False)
-            layer = ArrowLoraLinearLayer(self.d_in, cfg).to(self.device)
-            layer.build_prototypes(lora_a, lora_b)
-            scaling = dict.fromkeys(names, 2.0)
-            w = self.weight
-            self._peft = lambda x: F.linear(x, w) + layer(x, lora_a, lora_b, torch.nn.Identity(), scaling)
+            self._peft = peft_arrow_linear(self.weight, self.a, self.b, 2.0, self.device)
         return self._peft
 
     def eager(self, impl: str):
