@@ -188,18 +188,18 @@ def add_routed_delta_(
     raise ValueError(f"unknown regime {regime!r}; expected 'fused', 'dense', 'gather' or 'grouped'")
 
 
-def fused_kernel_applies(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts) -> bool:
-    """Whether the compiled CPU kernel (csrc/routed_lora_cpu.cpp) can take this call.
+def cpu_kernel_takes(*tensors: torch.Tensor) -> bool:
+    """Whether tensors are what the compiled CPU kernel (csrc/routed_lora_cpu.cpp) runs on: all float32 on the CPU,
+    and no autograd through any of them (the kernel has no backward; with gradients on, the torch regimes run)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-    It runs float32 CPU tensors without autograd (it has no backward; with gradients on, the torch regimes run).
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or y.dtype != torch.float32:
-        return False
-    if packed.b_t.dtype != torch.float32 or packed.route_shrink.dtype != torch.float32:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-        return False
-    return fused_op() is not None
+
+def fused_kernel_applies(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts) -> bool:
+    """Whether the compiled CPU kernel is loaded and can take this call (see :func:`cpu_kernel_takes`)."""
+    return cpu_kernel_takes(x, y, packed.route_shrink, packed.b_t) and fused_op() is not None
 
 
 _FUSED_OP: list = []
