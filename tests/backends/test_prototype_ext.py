@@ -6,23 +6,18 @@ torch.linalg fallback must reach |cos| >= 0.99999 on decaying spectra and agree 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from genknowsub_fast.backends import extension, prototype_ext, torch_ops
+from tests.extension_required import require_op
 
 MIN_COS = 0.99999
 
 
 @pytest.fixture(scope="module")
 def op():
-    if not extension.has_op("arrow_prototypes_batched"):
-        why = extension.status()[1]
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is here but the extension did not load: {why}")
-        pytest.skip(f"no C++ compiler: {why}")
+    require_op("arrow_prototypes_batched")
     return torch.ops.genknowsub_fast_C
 
 

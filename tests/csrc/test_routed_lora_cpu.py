@@ -1,24 +1,19 @@
 """The fused CPU kernel (csrc/routed_lora_cpu.cpp) against reference.py, and the torch backend's use of it."""
 
-import shutil
-
 import pytest
 import torch
 
 from genknowsub_fast import reference
-from genknowsub_fast.backends import extension, torch_ops
+from genknowsub_fast.backends import torch_ops
 from genknowsub_fast.backends.packing import pack_experts
+from tests.extension_required import require_op
 from tests.routing_cases import make_case
 from tests.tolerances import assert_close_to_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_extension():
-    if not extension.has_op("routed_lora_delta_"):
-        why = extension.status()[1]
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is here but the extension did not load: {why}")
-        pytest.skip(f"no C++ compiler: {why}")
+    require_op("routed_lora_delta_")
 
 
 SHAPES = [  # (T, E, r, d_in, d_out, k): T < 32 takes the per-token logits path, T >= 32 the GEMM one
