@@ -4,14 +4,14 @@
 // the factors, the small eigen solve of prototypes_common.h, then p = Aᵀ c in a second pass over A. The whole
 // library (for Phi-3-mini 32 layers × 4 modules × 10 experts = 1280 problems) is one parallel_for over experts; with
 // fewer experts than threads the passes over d_in / d_out are split across threads instead.
+//
+// The AVX2 + FMA kernels below are compiled in a target region (cpu_target.h) and called only when the active ISA
+// (cpu_isa.h) has them; the portable loops run otherwise. NaN / Inf in the factors show up in the float64 Gram
+// matrices (their diagonals are sums of squares), so the op reports them without a separate pass over the data.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +21,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "cpu_target.h"
 #include "prototypes_common.h"
 
 #if defined(__linux__)
@@ -56,10 +58,45 @@ static void gram_rows_fixed(const T* b, int64_t y0, int64_t y1, double* g) {
   for (int i = 0; i < R * R; ++i) g[i] += acc[i];
 }
 
+#if GKF_HAVE_X86_TARGETS
+GKF_TARGET_AVX2_BEGIN
+namespace avx2 {
+// s.. (4 lanes each) = the 2 × 2 tile of dot products of rows (a0, a1) with rows (b0, b1) over w columns (w a multiple
+// of 8): two column groups per step, 8 independent FMA chains hide the FMA latency.
+static void tile_sums(const double* __restrict a0, const double* __restrict a1, const double* __restrict b0,
+                      const double* __restrict b1, int64_t w, double* s00, double* s01, double* s10, double* s11) {
+    // two column groups per step: 8 independent FMA chains hide the FMA latency
+    __m256d v00 = _mm256_setzero_pd(), v01 = _mm256_setzero_pd();
+    __m256d v10 = _mm256_setzero_pd(), v11 = _mm256_setzero_pd();
+    __m256d u00 = _mm256_setzero_pd(), u01 = _mm256_setzero_pd();
+    __m256d u10 = _mm256_setzero_pd(), u11 = _mm256_setzero_pd();
+    for (int64_t c = 0; c < w; c += 8) {
+      const __m256d x0 = _mm256_loadu_pd(a0 + c), x1 = _mm256_loadu_pd(a1 + c);
+      const __m256d y0 = _mm256_loadu_pd(b0 + c), y1 = _mm256_loadu_pd(b1 + c);
+      const __m256d p0 = _mm256_loadu_pd(a0 + c + 4), p1 = _mm256_loadu_pd(a1 + c + 4);
+      const __m256d q0 = _mm256_loadu_pd(b0 + c + 4), q1 = _mm256_loadu_pd(b1 + c + 4);
+      v00 = _mm256_fmadd_pd(x0, y0, v00);
+      v01 = _mm256_fmadd_pd(x0, y1, v01);
+      v10 = _mm256_fmadd_pd(x1, y0, v10);
+      v11 = _mm256_fmadd_pd(x1, y1, v11);
+      u00 = _mm256_fmadd_pd(p0, q0, u00);
+      u01 = _mm256_fmadd_pd(p0, q1, u01);
+      u10 = _mm256_fmadd_pd(p1, q0, u10);
+      u11 = _mm256_fmadd_pd(p1, q1, u11);
+    }
+    _mm256_store_pd(s00, _mm256_add_pd(v00, u00));
+    _mm256_store_pd(s01, _mm256_add_pd(v01, u01));
+    _mm256_store_pd(s10, _mm256_add_pd(v10, u10));
+    _mm256_store_pd(s11, _mm256_add_pd(v11, u11));
+}
+}  // namespace avx2
+GKF_TARGET_END
+#endif
+
 // Any r: G += X Xᵀ for a block X (r rows × w columns, row stride ldx, w a multiple of 8, float64), over 2 × 2 tiles of
 // row pairs with 4-lane accumulators (one load per FMA; the compiler vectorizes the lane loops). Row r of an odd r
 // reads the zero row `zero`. Writes both triangles.
-static void gram_block(const double* x, int r, int64_t ldx, int64_t w, const double* zero, double* g) {
+static void gram_block(const double* x, int r, int64_t ldx, int64_t w, const double* zero, double* g, bool avx2) {
   for (int i = 0; i < r; i += 2) {
     const double* __restrict a0 = x + i * ldx;
     const double* __restrict a1 = i + 1 < r ? x + (i + 1) * ldx : zero;
@@ -67,33 +104,12 @@ static void gram_block(const double* x, int r, int64_t ldx, int64_t w, const dou
       const double* __restrict b0 = x + j * ldx;
       const double* __restrict b1 = j + 1 < r ? x + (j + 1) * ldx : zero;
       alignas(32) double s00[4] = {}, s01[4] = {}, s10[4] = {}, s11[4] = {};
-#if defined(__AVX2__) && defined(__FMA__)
+#if GKF_HAVE_X86_TARGETS
+      if (avx2) {
+        avx2::tile_sums(a0, a1, b0, b1, w, s00, s01, s10, s11);
+      } else
+#endif
       {
-        // two column groups per step: 8 independent FMA chains hide the FMA latency
-        __m256d v00 = _mm256_setzero_pd(), v01 = _mm256_setzero_pd();
-        __m256d v10 = _mm256_setzero_pd(), v11 = _mm256_setzero_pd();
-        __m256d u00 = _mm256_setzero_pd(), u01 = _mm256_setzero_pd();
-        __m256d u10 = _mm256_setzero_pd(), u11 = _mm256_setzero_pd();
-        for (int64_t c = 0; c < w; c += 8) {
-          const __m256d x0 = _mm256_loadu_pd(a0 + c), x1 = _mm256_loadu_pd(a1 + c);
-          const __m256d y0 = _mm256_loadu_pd(b0 + c), y1 = _mm256_loadu_pd(b1 + c);
-          const __m256d p0 = _mm256_loadu_pd(a0 + c + 4), p1 = _mm256_loadu_pd(a1 + c + 4);
-          const __m256d q0 = _mm256_loadu_pd(b0 + c + 4), q1 = _mm256_loadu_pd(b1 + c + 4);
-          v00 = _mm256_fmadd_pd(x0, y0, v00);
-          v01 = _mm256_fmadd_pd(x0, y1, v01);
-          v10 = _mm256_fmadd_pd(x1, y0, v10);
-          v11 = _mm256_fmadd_pd(x1, y1, v11);
-          u00 = _mm256_fmadd_pd(p0, q0, u00);
-          u01 = _mm256_fmadd_pd(p0, q1, u01);
-          u10 = _mm256_fmadd_pd(p1, q0, u10);
-          u11 = _mm256_fmadd_pd(p1, q1, u11);
-        }
-        _mm256_store_pd(s00, _mm256_add_pd(v00, u00));
-        _mm256_store_pd(s01, _mm256_add_pd(v01, u01));
-        _mm256_store_pd(s10, _mm256_add_pd(v10, u10));
-        _mm256_store_pd(s11, _mm256_add_pd(v11, u11));
-      }
-#else
       for (int64_t c = 0; c < w; c += 4) {
         for (int l = 0; l < 4; ++l) {
           s00[l] += a0[c + l] * b0[c + l];
@@ -102,7 +118,7 @@ static void gram_block(const double* x, int r, int64_t ldx, int64_t w, const dou
           s11[l] += a1[c + l] * b1[c + l];
         }
       }
-#endif
+      }
       const double t00 = (s00[0] + s00[1]) + (s00[2] + s00[3]), t01 = (s01[0] + s01[1]) + (s01[2] + s01[3]);
       const double t10 = (s10[0] + s10[1]) + (s10[2] + s10[3]), t11 = (s11[0] + s11[1]) + (s11[2] + s11[3]);
       auto add = [&](int p, int q, double v) {
@@ -122,7 +138,7 @@ constexpr int64_t kBlock = 256;
 
 // A (r rows, row stride ld): columns [c0, c1) in blocks converted to float64.
 template <typename T>
-static void gram_cols_generic(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g) {
+static void gram_cols_generic(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g, bool avx2) {
   std::vector<double> buf(static_cast<size_t>(r) * kBlock + kBlock, 0.0);
   const double* zero = buf.data() + static_cast<size_t>(r) * kBlock;
   for (int64_t x0 = c0; x0 < c1; x0 += kBlock) {
@@ -133,13 +149,13 @@ static void gram_cols_generic(const T* a, int64_t ld, int r, int64_t c0, int64_t
       for (int64_t x = 0; x < w; ++x) dst[x] = static_cast<double>(src[x]);
       for (int64_t x = w; x < w4; ++x) dst[x] = 0.0;
     }
-    gram_block(buf.data(), r, kBlock, w4, zero, g);
+    gram_block(buf.data(), r, kBlock, w4, zero, g, avx2);
   }
 }
 
 // B (rows of r contiguous values): rows [y0, y1) in blocks transposed to float64 (r × block).
 template <typename T>
-static void gram_rows_generic(const T* b, int r, int64_t y0, int64_t y1, double* g) {
+static void gram_rows_generic(const T* b, int r, int64_t y0, int64_t y1, double* g, bool avx2) {
   std::vector<double> buf(static_cast<size_t>(r) * kBlock + kBlock, 0.0);
   const double* zero = buf.data() + static_cast<size_t>(r) * kBlock;
   for (int64_t z0 = y0; z0 < y1; z0 += kBlock) {
@@ -149,11 +165,13 @@ static void gram_rows_generic(const T* b, int r, int64_t y0, int64_t y1, double*
       for (int i = 0; i < r; ++i) buf[i * kBlock + y] = static_cast<double>(src[y * r + i]);
     for (int i = 0; i < r; ++i)
       for (int64_t y = w; y < w4; ++y) buf[i * kBlock + y] = 0.0;
-    gram_block(buf.data(), r, kBlock, w4, zero, g);
+    gram_block(buf.data(), r, kBlock, w4, zero, g, avx2);
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if GKF_HAVE_X86_TARGETS
+GKF_TARGET_AVX2_BEGIN
+namespace avx2 {
 // r = 4, float32 factors, AVX2 + FMA. A: four columns per step, one float64 vector per row, the 10 row pairs in 10
 // vector accumulators (2.5 FMAs per column). B: one row (4 values) per step against itself rotated by 0, 1 and 2
 // lanes, which covers all 10 pairs in 3 FMAs.
@@ -316,6 +334,11 @@ static void gram_a8_avx2(const float* a, int64_t ld, int64_t c0, int64_t c1, dou
     }
 }
 
+static inline void add_sym8(double* g, int p, int q, double v) {
+  g[p * 8 + q] += v;
+  if (p != q) g[q * 8 + p] += v;
+}
+
 // r = 8, float32 B, AVX2 + FMA: one row = 8 floats = lo (0..3) and hi (4..7) as float64 vectors; the 36 pairs come
 // from lo·rot_k(lo) (k = 0, 1, 2), hi·rot_k(hi) (k = 0, 1, 2) and lo·rot_k(hi) (k = 0..3): 10 FMAs per row.
 static void gram_b8_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
@@ -341,53 +364,77 @@ static void gram_b8_avx2(const float* b, int64_t y0, int64_t y1, double* g) {
   alignas(32) double t[10][4];
   const __m256d all[10] = {ll0, ll1, ll2, hh0, hh1, hh2, lh0, lh1, lh2, lh3};
   for (int k = 0; k < 10; ++k) _mm256_store_pd(t[k], all[k]);
-  auto add = [&](int p, int q, double v) {
-    g[p * 8 + q] += v;
-    if (p != q) g[q * 8 + p] += v;
-  };
   for (int h = 0; h < 2; ++h) {  // lo block (h = 0) and hi block (h = 1)
     const int o = 4 * h, k0 = 3 * h;
     for (int i = 0; i < 4; ++i) {
-      add(o + i, o + i, t[k0][i]);
-      add(o + i, o + ((i + 1) & 3), t[k0 + 1][i]);
+      add_sym8(g, o + i, o + i, t[k0][i]);
+      add_sym8(g, o + i, o + ((i + 1) & 3), t[k0 + 1][i]);
     }
-    add(o + 0, o + 2, t[k0 + 2][0]);  // lanes 2, 3 of rot2 repeat lanes 0, 1
-    add(o + 1, o + 3, t[k0 + 2][1]);
+    add_sym8(g, o + 0, o + 2, t[k0 + 2][0]);  // lanes 2, 3 of rot2 repeat lanes 0, 1
+    add_sym8(g, o + 1, o + 3, t[k0 + 2][1]);
   }
   for (int k = 0; k < 4; ++k)
-    for (int i = 0; i < 4; ++i) add(i, 4 + ((i + k) & 3), t[6 + k][i]);
+    for (int i = 0; i < 4; ++i) add_sym8(g, i, 4 + ((i + k) & 3), t[6 + k][i]);
 }
+
+// The r = 8 float32 pass of combine(): p, Σ p² (4 lanes in s4) and max |p| (4 lanes in m4) in one pass over the eight
+// rows (A is still in L2 from the Gram pass). Returns the first column it did not do (the tail is the caller's).
+static int64_t combine8(const float* a, int64_t ld, const double* coef, int64_t c0, int64_t c1, double* buf,
+                        double* s4, double* m4) {
+  int64_t x = c0;
+  __m256d k[8];
+  for (int i = 0; i < 8; ++i) k[i] = _mm256_set1_pd(coef[i]);
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  __m256d sv = _mm256_setzero_pd(), mv = _mm256_set1_pd(-1.0);
+  for (; x + 4 <= c1; x += 4) {
+    __m256d lo = _mm256_mul_pd(k[0], _mm256_cvtps_pd(_mm_loadu_ps(a + x)));
+    __m256d hi = _mm256_mul_pd(k[4], _mm256_cvtps_pd(_mm_loadu_ps(a + 4 * ld + x)));
+    for (int i = 1; i < 4; ++i) {
+      lo = _mm256_fmadd_pd(k[i], _mm256_cvtps_pd(_mm_loadu_ps(a + i * ld + x)), lo);
+      hi = _mm256_fmadd_pd(k[4 + i], _mm256_cvtps_pd(_mm_loadu_ps(a + (4 + i) * ld + x)), hi);
+    }
+    const __m256d v = _mm256_add_pd(lo, hi);
+    _mm256_storeu_pd(buf + x, v);
+    sv = _mm256_fmadd_pd(v, v, sv);
+    mv = _mm256_max_pd(mv, _mm256_andnot_pd(sign, v));
+  }
+  _mm256_storeu_pd(s4, sv);
+  _mm256_storeu_pd(m4, mv);
+  return x;
+}
+}  // namespace avx2
+GKF_TARGET_END
 #endif
 
 template <typename T>
-static void gram_a(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g) {
-#if defined(__AVX2__) && defined(__FMA__)
+static void gram_a(const T* a, int64_t ld, int r, int64_t c0, int64_t c1, double* g, bool avx2) {
+#if GKF_HAVE_X86_TARGETS
   if constexpr (std::is_same_v<T, float>) {
-    if (r == 4) return gram_a4_avx2(a, ld, c0, c1, g);
-    if (r == 8) return gram_a8_avx2(a, ld, c0, c1, g);
+    if (avx2 && r == 4) return avx2::gram_a4_avx2(a, ld, c0, c1, g);
+    if (avx2 && r == 8) return avx2::gram_a8_avx2(a, ld, c0, c1, g);
   }
 #endif
   switch (r) {
     case 1: return gram_cols_fixed<T, 1>(a, ld, c0, c1, g);
     case 2: return gram_cols_fixed<T, 2>(a, ld, c0, c1, g);
     case 4: return gram_cols_fixed<T, 4>(a, ld, c0, c1, g);
-    default: return gram_cols_generic<T>(a, ld, r, c0, c1, g);
+    default: return gram_cols_generic<T>(a, ld, r, c0, c1, g, avx2);
   }
 }
 
 template <typename T>
-static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g) {
-#if defined(__AVX2__) && defined(__FMA__)
+static void gram_b(const T* b, int r, int64_t y0, int64_t y1, double* g, bool avx2) {
+#if GKF_HAVE_X86_TARGETS
   if constexpr (std::is_same_v<T, float>) {
-    if (r == 4) return gram_b4_avx2(b, y0, y1, g);
-    if (r == 8) return gram_b8_avx2(b, y0, y1, g);
+    if (avx2 && r == 4) return avx2::gram_b4_avx2(b, y0, y1, g);
+    if (avx2 && r == 8) return avx2::gram_b8_avx2(b, y0, y1, g);
   }
 #endif
   switch (r) {
     case 1: return gram_rows_fixed<T, 1>(b, y0, y1, g);
     case 2: return gram_rows_fixed<T, 2>(b, y0, y1, g);
     case 4: return gram_rows_fixed<T, 4>(b, y0, y1, g);
-    default: return gram_rows_generic<T>(b, r, y0, y1, g);
+    default: return gram_rows_generic<T>(b, r, y0, y1, g, avx2);
   }
 }
 
@@ -398,28 +445,13 @@ static double finish_norm(const double* buf, int64_t x, int64_t c0, int64_t c1, 
 
 template <typename T>
 static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t c0, int64_t c1, double* buf,
-                      int64_t* arg, double* best) {
+                      int64_t* arg, double* best, bool avx2) {
   double s4[4] = {0.0, 0.0, 0.0, 0.0}, m4[4] = {-1.0, -1.0, -1.0, -1.0};
   int64_t x = c0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if GKF_HAVE_X86_TARGETS
   if constexpr (std::is_same_v<T, float>) {
-    if (r == 8) {  // p, Σ p² and max |p| in one pass over the eight rows (A is still in L2 from the Gram pass)
-      __m256d k[8];
-      for (int i = 0; i < 8; ++i) k[i] = _mm256_set1_pd(coef[i]);
-      const __m256d sign = _mm256_set1_pd(-0.0);
-      __m256d sv = _mm256_setzero_pd(), mv = _mm256_set1_pd(-1.0);
-      for (; x + 4 <= c1; x += 4) {
-        __m256d lo = _mm256_mul_pd(k[0], _mm256_cvtps_pd(_mm_loadu_ps(a + x)));
-        __m256d hi = _mm256_mul_pd(k[4], _mm256_cvtps_pd(_mm_loadu_ps(a + 4 * ld + x)));
-        for (int i = 1; i < 4; ++i) {
-          lo = _mm256_fmadd_pd(k[i], _mm256_cvtps_pd(_mm_loadu_ps(a + i * ld + x)), lo);
-          hi = _mm256_fmadd_pd(k[4 + i], _mm256_cvtps_pd(_mm_loadu_ps(a + (4 + i) * ld + x)), hi);
-        }
-        const __m256d v = _mm256_add_pd(lo, hi);
-        _mm256_storeu_pd(buf + x, v);
-        sv = _mm256_fmadd_pd(v, v, sv);
-        mv = _mm256_max_pd(mv, _mm256_andnot_pd(sign, v));
-      }
+    if (avx2 && r == 8) {
+      x = avx2::combine8(a, ld, coef, c0, c1, buf, s4, m4);
       for (int64_t y = x; y < c1; ++y) {
         double lo = 0.0, hi = 0.0;
         for (int i = 0; i < 4; ++i) {
@@ -428,8 +460,6 @@ static double combine(const T* a, int64_t ld, int r, const double* coef, int64_t
         }
         buf[y] = lo + hi;
       }
-      _mm256_storeu_pd(s4, sv);
-      _mm256_storeu_pd(m4, mv);
       return finish_norm(buf, x, c0, c1, s4, m4, arg, best);
     }
   }
@@ -513,12 +543,18 @@ struct Problem {
   bool* zero;
   int64_t d_in, d_out;
   int r;
+  int pair;   // index of the (A, B) pair in the call, for error messages
+  bool avx2;  // run the AVX2 + FMA kernels
 };
+
+// solve_one's result: kOk, or a mask of the factors whose Gram matrix is not finite (they hold NaN or Inf).
+constexpr int kOk = 0, kBadA = 1, kBadB = 2;
 
 // One expert; `split` parallelises its passes over d_in / d_out (used when there are fewer experts than threads).
 template <typename T, typename OutT>
-static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratch) {
+static int solve_one(const Problem& pr, bool split, std::vector<double>& scratch) {
   const int r = pr.r;
+  const bool avx2 = pr.avx2;
   const int64_t d_in = pr.d_in, d_out = pr.d_out;
   const T* a = static_cast<const T*>(pr.a);
   const T* b = static_cast<const T*>(pr.b);
@@ -534,8 +570,8 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
   double* buf = coef + r;
 
   if (!split) {
-    gram_a<T>(a, d_in, r, 0, d_in, ga);
-    gram_b<T>(b, r, 0, d_out, gb);
+    gram_a<T>(a, d_in, r, 0, d_in, ga, avx2);
+    gram_b<T>(b, r, 0, d_out, gb, avx2);
   } else {
     // Fixed chunking (independent of the thread count), partial sums added in chunk order.
     const int64_t n_chunks = 16;
@@ -545,10 +581,10 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
         double* g = part.data() + k * rr;
         if (k < n_chunks) {
           const int64_t step = (d_in + n_chunks - 1) / n_chunks, c0 = std::min(d_in, k * step);
-          gram_a<T>(a, d_in, r, c0, std::min(d_in, c0 + step), g);
+          gram_a<T>(a, d_in, r, c0, std::min(d_in, c0 + step), g, avx2);
         } else {
           const int64_t kk = k - n_chunks, step = (d_out + n_chunks - 1) / n_chunks, y0 = std::min(d_out, kk * step);
-          gram_b<T>(b, r, y0, std::min(d_out, y0 + step), g);
+          gram_b<T>(b, r, y0, std::min(d_out, y0 + step), g, avx2);
         }
       }
     });
@@ -558,8 +594,12 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
         gb[i] += part[(n_chunks + k) * rr + i];
       }
   }
-  for (size_t i = 0; i < rr; ++i)
-    if (!std::isfinite(ga[i]) || !std::isfinite(gb[i])) return false;
+  int bad = kOk;
+  for (size_t i = 0; i < rr; ++i) {
+    if (!std::isfinite(ga[i])) bad |= kBadA;
+    if (!std::isfinite(gb[i])) bad |= kBadB;
+  }
+  if (bad != kOk) return bad;
 
   // r = 4 and r = 8: the eigen solves with n fixed at compile time and the round-robin Jacobi order.
   const bool nonzero = r == 8   ? gkf_proto::solve_coefficients<8>(ga, gb, r, coef, work)
@@ -568,12 +608,12 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
   *pr.zero = !nonzero;
   if (!nonzero) {
     for (int64_t x = 0; x < d_in; ++x) out[x] = OutT(0);
-    return true;
+    return kOk;
   }
   double ss = 0.0, best = -1.0;
   int64_t arg = 0;
   if (!split) {
-    ss = combine<T>(a, d_in, r, coef, 0, d_in, buf, &arg, &best);
+    ss = combine<T>(a, d_in, r, coef, 0, d_in, buf, &arg, &best, avx2);
   } else {
     const int64_t n_chunks = 16, step = (d_in + n_chunks - 1) / n_chunks;
     std::vector<double> ssk(n_chunks, 0.0), bestk(n_chunks, -1.0);
@@ -581,7 +621,7 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
     at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t c0 = std::min(d_in, k * step), c1 = std::min(d_in, c0 + step);
-        if (c0 < c1) ssk[k] = combine<T>(a, d_in, r, coef, c0, c1, buf, &argk[k], &bestk[k]);
+        if (c0 < c1) ssk[k] = combine<T>(a, d_in, r, coef, c0, c1, buf, &argk[k], &bestk[k], avx2);
       }
     });
     for (int64_t k = 0; k < n_chunks; ++k) {
@@ -596,17 +636,18 @@ static bool solve_one(const Problem& pr, bool split, std::vector<double>& scratc
   if (!(norm > 0.0)) {
     *pr.zero = true;
     for (int64_t x = 0; x < d_in; ++x) out[x] = OutT(0);
-    return true;
+    return kOk;
   }
   const double mult = (buf[arg] < 0 ? -1.0 : 1.0) / norm;
   write_out<OutT>(buf, d_in, mult, out);
-  return true;
+  return kOk;
 }
 
+// Solves every problem; returns kOk or the first failing pair's mask (and its index through *bad_pair).
 template <typename T, typename OutT>
-static bool solve_all(const std::vector<Problem>& problems) {
+static int solve_all(const std::vector<Problem>& problems, int* bad_pair) {
   const int64_t n = static_cast<int64_t>(problems.size());
-  std::atomic<bool> ok{true};
+  std::vector<int> status(n, kOk);
   const int64_t threads = at::get_num_threads();
   if (n >= 2 * threads || threads == 1) {
     // Dynamic schedule: problems differ in size (d_in, d_out, r), so each worker takes the next one from a counter
@@ -615,14 +656,22 @@ static bool solve_all(const std::vector<Problem>& problems) {
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       std::vector<double> scratch;
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
-        if (!solve_one<T, OutT>(problems[i], false, scratch)) ok = false;
+        status[i] = solve_one<T, OutT>(problems[i], false, scratch);
     });
   } else {
     std::vector<double> scratch;
     for (int64_t i = 0; i < n; ++i)
-      if (!solve_one<T, OutT>(problems[i], true, scratch)) ok = false;
+      status[i] = solve_one<T, OutT>(problems[i], true, scratch);
   }
-  return ok.load();
+  for (int64_t i = 0; i < n; ++i)
+    if (status[i] != kOk) {
+      const int pair = problems[i].pair;
+      int mask = 0;
+      for (int64_t j = i; j < n && problems[j].pair == pair; ++j) mask |= status[j];
+      *bad_pair = pair;
+      return mask;
+    }
+  return kOk;
 }
 
 static void check_pair(const at::Tensor& a, const at::Tensor& b, size_t i) {
@@ -672,6 +721,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_ba
   const auto work = any_double ? at::kDouble : at::kFloat;
   std::vector<at::Tensor> a_w(m), b_w(m), out_w(m), protos(m), zeros(m);
   std::vector<Problem> problems;
+  const bool avx2 = gkf_isa::active() != gkf_isa::Isa::kScalar;
   int64_t out_bytes = 0;
   for (size_t i = 0; i < m; ++i) {
     a_w[i] = a_list[i].to(work).contiguous();
@@ -695,12 +745,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_ba
       problems.push_back({static_cast<const char*>(a_w[i].data_ptr()) + k * r * d_in * esz,
                           static_cast<const char*>(b_w[i].data_ptr()) + k * d_out * r * esz,
                           static_cast<char*>(out_w[i].data_ptr()) + k * d_in * esz, zeros[i].data_ptr<bool>() + k,
-                          d_in, d_out, static_cast<int>(r)});
+                          d_in, d_out, static_cast<int>(r), static_cast<int>(i), avx2});
     }
   }
   block.reset();
-  const bool ok = work == at::kDouble ? solve_all<double, double>(problems) : solve_all<float, float>(problems);
-  TORCH_CHECK(ok, "arrow_prototypes: the LoRA factors contain NaN or Inf");
+  int bad_pair = -1;
+  const int bad = work == at::kDouble ? solve_all<double, double>(problems, &bad_pair)
+                                      : solve_all<float, float>(problems, &bad_pair);
+  // The Python side turns this message into a ValueError: keep its form "<A|B|A and B> contain(s) NaN or Inf".
+  TORCH_CHECK(bad == kOk, "arrow_prototypes: ", bad == kBadA ? "A contains" : bad == kBadB ? "B contains" : "A and B contain",
+              " NaN or Inf (pair ", bad_pair, ")");
   for (size_t i = 0; i < m; ++i) protos[i] = out_w[i].to(a_list[i].scalar_type());
   return {protos, zeros};
 }
