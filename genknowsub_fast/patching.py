@@ -137,7 +137,9 @@ def _routed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.
             if not x2.is_contiguous():
                 x2 = x2.contiguous()
             y = F.linear(x2, w, inner.bias)
-            st.cpu_op(y, x2, route_shrink, b_t, st.top_k, st.temperature, st.mixing == "weights")
+            e = st.num_experts
+            protos, a = route_shrink[:e], route_shrink[e:].view(e, st.rank, -1)
+            st.cpu_op(y, x2, protos, a, b_t, st.top_k, st.temperature, st.mixing == "weights", None)
             return y.view(*x.shape[:-1], y.shape[-1])
     packed = PackedExperts(route_shrink, b_t, st.num_experts, st.rank, st.mixing)
     if st.recorder is not None:

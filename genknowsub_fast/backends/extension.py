@@ -37,8 +37,10 @@ ENV_SWITCH = build_rule.EXTENSION_SWITCH
 ENV_CACHE = "GENKNOWSUB_FAST_CACHE"
 OPS = ("arrow_prototypes", "arrow_prototypes_batched", "routed_lora_delta_", "cpu_isa")
 
+_JIT_NAME = "genknowsub_fast_C_jit"
+
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "reason": str once load() has run
+_state: dict[str, object] = {}  # "ok": bool, "reason": str once load() has run; "library": path when loaded
 _warned = False
 _fakes_registered = False
 
@@ -112,7 +114,7 @@ def _jit_build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / "build.lock"):
         cpp_extension.load(
-            name="genknowsub_fast_C_jit",
+            name=_JIT_NAME,
             sources=[str(p) for p in sources],
             extra_cflags=build_rule.cxx_flags(),
             extra_ldflags=build_rule.link_flags(),
@@ -121,6 +123,7 @@ def _jit_build() -> None:
             is_python_module=False,
             verbose=False,
         )
+    _state["library"] = str(build_dir / f"{_JIT_NAME}.so")
 
 
 def _try_load() -> tuple[bool, str]:
@@ -135,6 +138,7 @@ def _try_load() -> tuple[bool, str]:
     else:
         try:  # a library of torch ops, not a Python module: load it the way torch.ops does
             torch.ops.load_library(spec.origin)
+            _state["library"] = spec.origin
         except OSError as exc:
             errors.append(f"genknowsub_fast._C did not load ({exc})")
     if not _registered():
@@ -172,6 +176,11 @@ def status() -> tuple[bool, str]:
     """(loaded, reason) after trying to load."""
     ok = load()
     return ok, str(_state["reason"])
+
+
+def library_path() -> str | None:
+    """The file of the loaded extension (setup.py's build or the JIT build), or None when it is not loaded."""
+    return str(_state["library"]) if load() and "library" in _state else None
 
 
 def has_op(name: str) -> bool:
@@ -215,4 +224,4 @@ def _register_fakes() -> None:
                 raise
 
 
-__all__ = ["load", "status", "has_op", "has_cuda_kernels", "cpu_sources", "csrc_dir", "OPS"]
+__all__ = ["load", "status", "has_op", "has_cuda_kernels", "library_path", "cpu_sources", "csrc_dir", "OPS"]

@@ -35,6 +35,22 @@ def _extension_can_run(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -
     return False
 
 
+def checks_finite(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> bool:
+    """Whether :func:`exact_prototypes_batched` runs the CPU extension on these factors, which finds NaN / Inf in its own
+    pass (the float64 Gram matrices) and raises ValueError naming A or B: callers then need no separate check."""
+    return _extension_can_run(list(a_list), list(b_list)) and a_list[0].device.type == "cpu"
+
+
+def _extension_op(aa: list[torch.Tensor], bb: list[torch.Tensor]):
+    try:
+        return torch.ops.genknowsub_fast_C.arrow_prototypes_batched(aa, bb)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "NaN or Inf" in first:  # "arrow_prototypes: A contains NaN or Inf (pair i)"
+            raise ValueError(first.split(": ", 1)[-1]) from None
+        raise
+
+
 def _check(a_list, b_list) -> None:
     if len(a_list) != len(b_list):
         raise ValueError(f"{len(a_list)} A tensors but {len(b_list)} B tensors")
@@ -55,6 +71,8 @@ def exact_prototypes_batched(
 
     ``progress``: show a tqdm bar when the work takes over a second (the library is then processed in chunks).
     ``use_extension``: None = the compiled op when it can run here, True/False to force (tests).
+    On the CPU the extension raises ValueError ("A contains NaN or Inf (pair i)") for non-finite factors; the torch path
+    does not check (see :func:`checks_finite`).
     """
     a_list, b_list = list(a_list), list(b_list)
     _check(a_list, b_list)
@@ -62,7 +80,7 @@ def exact_prototypes_batched(
         return [], []
     use = _extension_can_run(a_list, b_list) if use_extension is None else use_extension
     if use:
-        run = torch.ops.genknowsub_fast_C.arrow_prototypes_batched
+        run = _extension_op
     else:
 
         def run(aa, bb):
@@ -107,4 +125,4 @@ def _as_lists(res) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(p), list(z)
 
 
-__all__ = ["exact_prototypes_batched", "CUDA_MAX_RANK"]
+__all__ = ["exact_prototypes_batched", "checks_finite", "CUDA_MAX_RANK"]

@@ -8,9 +8,9 @@ One routed linear call does at most four GEMM-sized things and never builds a (T
 4. expand ``y += H @ (s·Bᵀ)``: one addmm into the base output ("dense"), a batched GEMM over the k selected
    experts ("gather") or an index_add per expert ("grouped").
 
-On CPU float32 without autograd, when the compiled extension is loaded, the "fused" regime runs all of this in one
-C++ call (csrc/routed_lora_cpu.cpp) that reads only the k selected experts per token; the regimes below are what runs
-everywhere else (other devices and dtypes, autograd, no compiler), and what the fused kernel is tested against.
+On the CPU in float32, bfloat16 or float16 without autograd, when the compiled extension is loaded, the "fused" regime
+runs all of this in one C++ call (backends/cpu_kernel.py) that reads only the k selected experts per token; the regimes
+below are what runs everywhere else (other devices and dtypes, autograd, no compiler).
 
 Regime table (CPU fp32, 2 threads, Phi-3-mini shapes, ``benchmarks/`` and /tmp microbenchmarks of this session):
 - dense costs E·r / d_out of an extra GEMM on top of the base: shrink+expand measured 2.5 % of the base o_proj
@@ -189,8 +189,8 @@ def add_routed_delta_(
 
 
 def cpu_kernel_takes(*tensors: torch.Tensor) -> bool:
-    """Whether tensors are what the compiled CPU kernel (csrc/routed_lora_cpu.cpp) runs on: all float32 on the CPU,
-    and no autograd through any of them (the kernel has no backward; with gradients on, the torch regimes run)."""
+    """Whether the patched forward's float32 hot path can hand these tensors to the compiled op: all float32 on the
+    CPU, and no autograd through any of them (the kernel has no backward; with gradients on, the torch regimes run)."""
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return False
@@ -198,33 +198,23 @@ def cpu_kernel_takes(*tensors: torch.Tensor) -> bool:
 
 
 def fused_kernel_applies(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts) -> bool:
-    """Whether the compiled CPU kernel is loaded and can take this call (see :func:`cpu_kernel_takes`)."""
-    return cpu_kernel_takes(x, y, packed.route_shrink, packed.b_t) and fused_op() is not None
+    """Whether the compiled CPU kernel is loaded and can take this call (see ``cpu_kernel.takes``)."""
+    from . import cpu_kernel
 
-
-_FUSED_OP: list = []
+    return packed.b_t.dtype == x.dtype and cpu_kernel.takes(x, y) and cpu_kernel.available()
 
 
 def fused_op():
     """The compiled op, or None when the extension is not loaded (looked up once per process)."""
-    if not _FUSED_OP:
-        from . import extension
+    from . import cpu_kernel
 
-        _FUSED_OP.append(
-            torch.ops.genknowsub_fast_C.routed_lora_delta_ if extension.has_op("routed_lora_delta_") else None
-        )
-    return _FUSED_OP[0]
+    return cpu_kernel.op()
 
 
 def _fused_cpu_(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts, top_k: int, temperature: float) -> None:
-    op = fused_op()
-    if op is None:
-        from . import extension
+    from . import cpu_kernel
 
-        raise ValueError(f'regime="fused" needs the compiled extension: {extension.status()[1]}')
-    if not y.is_contiguous():
-        raise ValueError("the fused CPU kernel writes y in place and needs it contiguous")
-    op(y, x.contiguous(), packed.route_shrink, packed.b_t, top_k, float(temperature), packed.mixing == "weights")
+    cpu_kernel.add_delta_(y, x, packed, top_k, temperature)
 
 
 def _grouped_(y: torch.Tensor, x: torch.Tensor, packed: PackedExperts, w: torch.Tensor, idx: torch.Tensor):
