@@ -36,8 +36,8 @@ def _extension_can_run(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -
 
 
 def checks_finite(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> bool:
-    """Whether :func:`exact_prototypes_batched` runs the CPU extension on these factors, which finds NaN / Inf in its own
-    pass (the float64 Gram matrices) and raises ValueError naming A or B: callers then need no separate check."""
+    """Whether :func:`exact_prototypes_batched` runs the CPU extension on these factors. It finds NaN / Inf in its
+    own pass (the float64 Gram matrices) and raises ValueError naming A or B: callers then need no separate check."""
     return _extension_can_run(list(a_list), list(b_list)) and a_list[0].device.type == "cpu"
 
 
