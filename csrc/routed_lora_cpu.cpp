@@ -25,7 +25,9 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -42,9 +44,22 @@ constexpr int64_t kScoresGemmMinT = 32;
 // are chosen by at least kGroupedMinUses tokens on average and all of A is bigger than L2.
 constexpr int64_t kGroupedMinUses = 2;
 constexpr int64_t kGroupedMinABytes = int64_t(1) << 20;
-// Above this many bytes of Bᵀ, the expand walks all tokens per d_out tile (see the expand below).
+// Above this many bytes of Bᵀ, the expand walks all tokens per d_out tile (see the expand below), or, when experts are
+// chosen by kGroupedMinUses tokens on average, runs grouped by expert into float32 column chunks of at most
+// kDeltaBytes for all tokens (the chunk stays in L2).
 constexpr int64_t kExpandAllTokensBytes = int64_t(4) << 20;
+constexpr int64_t kDeltaBytes = int64_t(256) << 10;
 constexpr int64_t kTile = 64;
+
+#ifdef GKF_PHASE_TIMING
+// Timing build only: GKF_FORCE_SHRINK=token|grouped|pairs and GKF_FORCE_EXPAND=tiles|grouped override the schedule.
+int forced(const char* var, const char* a, const char* b, const char* c = nullptr) {
+  const char* v = std::getenv(var);
+  if (v == nullptr) return -1;
+  const std::string s(v);
+  return s == a ? 0 : s == b ? 1 : (c != nullptr && s == c) ? 2 : -1;
+}
+#endif
 
 #ifdef GKF_PHASE_TIMING
 std::atomic<int64_t> g_phase_ns[5];
@@ -169,29 +184,41 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   //  - grouped by expert when A does not fit L2 and experts are chosen by several tokens: each expert's r rows are
   //    read once for all its tokens instead of once per token;
   //  - few tokens (decode): the k·r dot products of the token(s) split across threads in blocks of 4 rows.
-  const bool grouped = t * k >= kGroupedMinUses * e && e * r * d_in * esz > kGroupedMinABytes;
-  const bool per_token = !grouped && t >= 2 * threads;
+  const bool many_uses = t * k >= kGroupedMinUses * e;
+  bool grouped = many_uses && e * r * d_in * esz > kGroupedMinABytes;
+  bool per_token = !grouped && t >= 2 * threads;
+  bool expand_grouped = many_uses && e * r * d_out * esz > kExpandAllTokensBytes;
+#ifdef GKF_PHASE_TIMING
+  if (const int f = forced("GKF_FORCE_SHRINK", "token", "grouped", "pairs"); f >= 0) {
+    per_token = f == 0;
+    grouped = f == 1;
+  }
+  if (const int f = forced("GKF_FORCE_EXPAND", "tiles", "grouped"); f >= 0) expand_grouped = f == 1;
+#endif
   at::parallel_for(0, t, 4, [&](int64_t lo, int64_t hi) { kern.route(p, s, lo, hi, per_token); });
+  const int64_t n_pairs = t * k;
+  std::vector<int32_t> by_expert;  // the (token, slot) pairs sorted by expert (a counting sort)
+  if (grouped || expand_grouped) {
+    by_expert.resize(n_pairs);
+    std::vector<int64_t> start(e + 1, 0);
+    for (int64_t u = 0; u < n_pairs; ++u) ++start[idx[u] + 1];
+    for (int64_t j = 0; j < e; ++j) start[j + 1] += start[j];
+    for (int64_t u = 0; u < n_pairs; ++u) by_expert[start[idx[u]]++] = static_cast<int32_t>(u);
+  }
   clock.lap(1);
-  if (!per_token) {
-    const int64_t n_pairs = t * k;
-    std::vector<int32_t> pairs(n_pairs);
-    if (grouped) {  // counting sort of the (token, slot) pairs by expert
-      std::vector<int64_t> start(e + 1, 0);
-      for (int64_t u = 0; u < n_pairs; ++u) ++start[idx[u] + 1];
-      for (int64_t j = 0; j < e; ++j) start[j + 1] += start[j];
-      for (int64_t u = 0; u < n_pairs; ++u) pairs[start[idx[u]]++] = static_cast<int32_t>(u);
-      at::parallel_for(0, n_pairs, 16, [&](int64_t lo, int64_t hi) { kern.shrink_pairs(p, pairs.data() + lo, hi - lo, 0, r); });
-    } else {
-      for (int64_t u = 0; u < n_pairs; ++u) pairs[u] = static_cast<int32_t>(u);
-      const int64_t blocks = (r + 3) / 4;
-      at::parallel_for(0, n_pairs * blocks, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t u = lo; u < hi; ++u) {
-          const int64_t pair = u / blocks, c0 = (u % blocks) * 4;
-          kern.shrink_pairs(p, pairs.data() + pair, 1, c0, std::min(r, c0 + 4));
-        }
-      });
-    }
+  if (grouped) {
+    at::parallel_for(0, n_pairs, 16, [&](int64_t lo, int64_t hi) {
+      kern.shrink_pairs(p, by_expert.data() + lo, hi - lo, 0, r);
+    });
+  } else if (!per_token) {
+    const int64_t blocks = (r + 3) / 4;
+    at::parallel_for(0, n_pairs * blocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int32_t pair = static_cast<int32_t>(u / blocks);
+        const int64_t c0 = (u % blocks) * 4;
+        kern.shrink_pairs(p, &pair, 1, c0, std::min(r, c0 + 4));
+      }
+    });
   }
   clock.lap(2);
 
@@ -223,6 +250,21 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   // memory again: one block of all tokens instead reads it once, and the prefetch of the next token's y segment
   // hides the latency that made walking all tokens per tile slow (fp32, T = 512, E = 64, r = 8, d_out = 16384:
   // expand 20 → 8.9 ms).
+  if (expand_grouped) {
+    int64_t delta_bytes = kDeltaBytes;
+#ifdef GKF_PHASE_TIMING
+    if (const char* v = std::getenv("GKF_DELTA_KB")) delta_bytes = std::atoll(v) << 10;
+#endif
+    const int64_t chunk = std::max<int64_t>(64, std::min<int64_t>(4096, delta_bytes / (4 * t) / 64 * 64));
+    const int64_t n_chunks = (d_out + chunk - 1) / chunk;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> delta(t * chunk);
+      for (int64_t c = lo; c < hi; ++c)
+        kern.expand_pairs(p, by_expert.data(), n_pairs, c * chunk, std::min(d_out, (c + 1) * chunk), delta.data());
+    });
+    clock.lap(4);
+    return;
+  }
   const int64_t tok_block = e * r * d_out * esz > kExpandAllTokensBytes ? t : 32;
   const int64_t n_tiles = (d_out + kTile - 1) / kTile;
   const int64_t n_blocks = (t + tok_block - 1) / tok_block;

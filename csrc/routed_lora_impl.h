@@ -246,6 +246,80 @@ static void expand_t(const Problem& p, int64_t i0, int64_t i1, int64_t c0, int64
   }
 }
 
+// delta[i, 0..w) += Σ_c coef[c] · rows[c][0..w) for one (token, slot) pair: 4 vectors of delta in registers across
+// the r rows of the expert's Bᵀ chunk (which stays in L1 for all the pairs of that expert).
+template <class O, typename TB>
+static void axpy_delta(float* delta, const TB* b, int64_t ld, int64_t r, const float* coef, int64_t w) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  int64_t q = 0;
+  for (; q + 4 * W <= w; q += 4 * W) {
+    V a0 = O::load(delta + q), a1 = O::load(delta + q + W), a2 = O::load(delta + q + 2 * W);
+    V a3 = O::load(delta + q + 3 * W);
+    for (int64_t c = 0; c < r; ++c) {
+      const V cf = O::set1(coef[c]);
+      const TB* row = b + c * ld + q;
+      a0 = O::fma(cf, O::load(row), a0);
+      a1 = O::fma(cf, O::load(row + W), a1);
+      a2 = O::fma(cf, O::load(row + 2 * W), a2);
+      a3 = O::fma(cf, O::load(row + 3 * W), a3);
+    }
+    O::store(delta + q, a0);
+    O::store(delta + q + W, a1);
+    O::store(delta + q + 2 * W, a2);
+    O::store(delta + q + 3 * W, a3);
+  }
+  for (; q < w; q += W) {
+    const int64_t n = w - q < W ? w - q : W;
+    V a0 = n == W ? O::load(delta + q) : load_part<O>(delta + q, n);
+    for (int64_t c = 0; c < r; ++c)
+      a0 = O::fma(O::set1(coef[c]), n == W ? O::load(b + c * ld + q) : load_part<O>(b + c * ld + q, n), a0);
+    if (n == W) {
+      O::store(delta + q, a0);
+    } else {
+      store_part<O>(delta + q, a0, n);
+    }
+  }
+}
+
+// Expand grouped by expert for the columns [c0, c1) of y: the (token, slot) pairs sorted by expert, each expert's Bᵀ
+// chunk read once for all its pairs, the sums in delta (T × (c1 - c0) float32), then y = y + delta (one rounding).
+template <class O, typename T>
+static void expand_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pairs, int64_t c0, int64_t c1,
+                           float* delta) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  T* y = static_cast<T*>(p.y);
+  const T* b = static_cast<const T*>(p.b);
+  const int64_t w = c1 - c0, k = p.k, r = p.r;
+  std::memset(delta, 0, sizeof(float) * p.t * w);
+  int64_t next = 0;  // first pair of the next expert
+  for (int64_t u = 0; u < n_pairs; ++u) {
+    const int64_t pair = pairs[u];
+    const int32_t ex = p.idx[pair];
+    if (u == next) {
+      // A new expert: prefetch the next one's Bᵀ chunk (r rows of w columns, `ld_b` apart: short strided runs the
+      // hardware prefetcher does not follow).
+      while (next < n_pairs && p.idx[pairs[next]] == ex) ++next;
+      if (next < n_pairs) {
+        const char* nb = reinterpret_cast<const char*>(b + static_cast<int64_t>(p.idx[pairs[next]]) * r * p.ld_b + c0);
+        for (int64_t c = 0; c < r; ++c)
+          for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64)
+            __builtin_prefetch(nb + c * p.ld_b * static_cast<int64_t>(sizeof(T)) + off, 0, 2);
+      }
+    }
+    const T* rows = b + static_cast<int64_t>(ex) * r * p.ld_b + c0;
+    axpy_delta<O, T>(delta + (pair / k) * w, rows, p.ld_b, r, p.g + pair * r, w);
+  }
+  for (int64_t i = 0; i < p.t; ++i) {
+    T* yi = y + i * p.d_out + c0;
+    const float* di = delta + i * w;
+    int64_t q = 0;
+    for (; q + W <= w; q += W) O::store(yi + q, O::add(O::load(di + q), O::load(yi + q)));
+    if (q < w) store_part<O>(yi + q, O::add(load_part<O>(di + q, w - q), load_part<O>(yi + q, w - q)), w - q);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ dtype dispatch
 
 template <class O>
@@ -278,8 +352,15 @@ struct KernelsOf {
       case DType::kF16: return expand_t<O, F16>(p, i0, i1, c0, c1, tile);
     }
   }
+  static void expand_pairs(const Problem& p, const int32_t* pairs, int64_t n, int64_t c0, int64_t c1, float* delta) {
+    switch (p.dtype) {
+      case DType::kF32: return expand_pairs_t<O, float>(p, pairs, n, c0, c1, delta);
+      case DType::kBF16: return expand_pairs_t<O, Bf16>(p, pairs, n, c0, c1, delta);
+      case DType::kF16: return expand_pairs_t<O, F16>(p, pairs, n, c0, c1, delta);
+    }
+  }
   static const Kernels& table() {
-    static const Kernels k{&scores, &route, &shrink_pairs, &expand};
+    static const Kernels k{&scores, &route, &shrink_pairs, &expand, &expand_pairs};
     return k;
   }
 };

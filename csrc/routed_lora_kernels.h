@@ -49,6 +49,9 @@ struct Kernels {
   // y[i, c0:c1) = y + Σ_{slots j, rows c} g[i, j·r + c] · b_t[idx[i, j], c, c0:c1) for tokens [i0, i1), in tiles of
   // `tile` columns (tile-major: each tile of every token, then the next tile); the sum in float32, one rounding.
   void (*expand)(const Problem& p, int64_t i0, int64_t i1, int64_t c0, int64_t c1, int64_t tile);
+  // The same for all tokens and the columns [c0, c1), grouped by expert: pairs[0..n) are all (token, slot) pairs
+  // sorted by expert; delta is scratch of T × (c1 - c0) float32.
+  void (*expand_pairs)(const Problem& p, const int32_t* pairs, int64_t n, int64_t c0, int64_t c1, float* delta);
 };
 
 const Kernels& kernels_scalar();

@@ -99,10 +99,11 @@ def test_large_library(isa, dtype, t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_large_b_walks_all_tokens_per_tile(isa, dtype):
-    """Bᵀ over 4 MB switches the expand to one block of all tokens."""
-    case = make_case(33, 64, 16, 64, 2100, seed=11)  # 64·16·2100 elements: 8.6 MB in float32, 4.3 MB in 16 bits
-    check(case, dtype, 3, 1.0, "output", f"large B {isa} {dtype}")
+@pytest.mark.parametrize("t", [33, 50])
+def test_large_b(isa, dtype, t):
+    """Bᵀ over 4 MB: the expand walks all tokens per tile (T·k < 2E), or runs grouped by expert (T·k >= 2E)."""
+    case = make_case(t, 64, 16, 64, 2100, seed=11)  # 64·16·2100 elements: 8.6 MB in float32, 4.3 MB in 16 bits
+    check(case, dtype, 3, 1.0, "output", f"large B T={t} {isa} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
