@@ -5,14 +5,22 @@
 // inside a region lives in a namespace of its own per ISA.
 #pragma once
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(GKF_EMULATED_INTRINSICS)
+// Checking the vector kernels on a CPU without them: the including build supplies the intrinsics (e.g. SIMDe), and
+// the regions compile for the host.
+#define GKF_HAVE_X86_TARGETS 1
+#define GKF_TARGET_AVX2_BEGIN
+#define GKF_TARGET_AVX512_BEGIN
+#define GKF_TARGET_END
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GKF_HAVE_X86_TARGETS 1
 #include <immintrin.h>
 #else
 #define GKF_HAVE_X86_TARGETS 0
 #endif
 
-#if GKF_HAVE_X86_TARGETS && defined(__clang__)
+#if defined(GKF_EMULATED_INTRINSICS)
+#elif GKF_HAVE_X86_TARGETS && defined(__clang__)
 #define GKF_TARGET_AVX2_BEGIN \
   _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c\"))), apply_to = function)")
 #define GKF_TARGET_AVX512_BEGIN                                                                                    \

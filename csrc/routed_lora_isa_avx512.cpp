@@ -29,6 +29,12 @@ namespace {
 #include "routed_lora_impl.h"
 }  // namespace
 
+static inline __m512bh load_bh(const Bf16* p) {
+  __m512bh v;
+  std::memcpy(&v, p, 64);  // a plain unaligned vector load
+  return v;
+}
+
 // out[q] = Σ x[i] · rows[q][i] (n <= 4) for bfloat16 x and rows: 32 products per vdpbf16ps, 4 rows × 2 accumulators;
 // the last d % 64 elements through the converting kernel.
 void VecAvx512::dot_rows_bf16(const Bf16* x, const Bf16* const* rows, int n, int64_t d, float* out) {
@@ -36,11 +42,10 @@ void VecAvx512::dot_rows_bf16(const Bf16* x, const Bf16* const* rows, int n, int
   for (int q = 0; q < 4; ++q) acc0[q] = acc1[q] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 64 <= d; i += 64) {
-    const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + i);
-    const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + i + 32);
+    const __m512bh x0 = load_bh(x + i), x1 = load_bh(x + i + 32);
     for (int q = 0; q < n; ++q) {
-      acc0[q] = _mm512_dpbf16_ps(acc0[q], x0, (__m512bh)_mm512_loadu_si512(rows[q] + i));
-      acc1[q] = _mm512_dpbf16_ps(acc1[q], x1, (__m512bh)_mm512_loadu_si512(rows[q] + i + 32));
+      acc0[q] = _mm512_dpbf16_ps(acc0[q], x0, load_bh(rows[q] + i));
+      acc1[q] = _mm512_dpbf16_ps(acc1[q], x1, load_bh(rows[q] + i + 32));
     }
   }
   float rest[4] = {0.f, 0.f, 0.f, 0.f};
