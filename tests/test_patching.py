@@ -242,10 +242,10 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
 def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monkeypatch):
     """A CPU fp32 model runs the compiled kernel; the torch regimes (what runs with autograd) give the same logits,
     and gradients flow through them."""
-    from genknowsub_fast.backends import cpu_kernel, extension
+    from genknowsub_fast.backends import cpu_kernel
+    from tests.extension_required import require_op
 
-    if not extension.has_op("routed_lora_delta_"):
-        pytest.skip(f"compiled extension not loaded: {extension.status()[1]}")
+    require_op("routed_lora_delta_")
     model = phi3_setup.fresh()
     gkf.patch_model(model, LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general), top_k=2)
     assert all(layer.runner.active_backend == "cpu" for layer in patched_layers(model).values())
