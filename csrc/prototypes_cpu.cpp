@@ -752,9 +752,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> arrow_prototypes_ba
   int bad_pair = -1;
   const int bad = work == at::kDouble ? solve_all<double, double>(problems, &bad_pair)
                                       : solve_all<float, float>(problems, &bad_pair);
-  // The Python side turns this message into a ValueError: keep its form "<A|B|A and B> contain(s) NaN or Inf".
-  TORCH_CHECK(bad == kOk, "arrow_prototypes: ", bad == kBadA ? "A contains" : bad == kBadB ? "B contains" : "A and B contain",
-              " NaN or Inf (pair ", bad_pair, ")");
+  // backends/prototype_ext.py turns this message into a ValueError: keep its form "<A|B|A and B> (pair i) contain(s)
+  // NaN or Inf".
+  TORCH_CHECK(bad == kOk, "arrow_prototypes: ", bad == kBadA ? "A" : bad == kBadB ? "B" : "A and B", " (pair ",
+              bad_pair, ") ", bad == kBadA || bad == kBadB ? "contains" : "contain", " NaN or Inf");
   for (size_t i = 0; i < m; ++i) protos[i] = out_w[i].to(a_list[i].scalar_type());
   return {protos, zeros};
 }

@@ -15,7 +15,7 @@ import torch
 from . import build_rule, extension
 from .packing import PackedExperts
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP: list = []
 
 
@@ -47,7 +47,7 @@ def available() -> bool:
 def takes(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether the op can take x and y: CPU tensors of one dtype among float32 / bfloat16 / float16, and no autograd
     through them (the op has no backward; with gradients on, the torch regimes run)."""
-    if x.device.type != "cpu" or y.device.type != "cpu" or x.dtype not in DTYPES or y.dtype != x.dtype:
+    if x.device.type != "cpu" or y.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
 
@@ -63,14 +63,6 @@ def isa(request: str = "") -> str:
         return torch.ops.genknowsub_fast_C.cpu_isa(request)
     except RuntimeError as exc:
         raise ValueError(str(exc).splitlines()[0]) from None
-
-
-def _float32_prototypes(packed: PackedExperts) -> torch.Tensor:
-    p = packed.prototypes
-    if p.dtype == torch.float32 and p.is_contiguous():
-        return p
-    # A layout that stores the prototypes in the model dtype: routing then sees them rounded to that dtype.
-    return p.to(torch.float32).contiguous()
 
 
 def add_delta_(
@@ -93,12 +85,11 @@ def add_delta_(
         raise ValueError("the CPU kernel writes y in place and needs it contiguous")
     if scores is not None and (scores.dtype != torch.float32 or not scores.is_contiguous()):
         scores = scores.to(torch.float32).contiguous()
-    a = packed.a if packed.a.is_contiguous() else packed.a.contiguous()
     kernel(
-        y, x.contiguous(), _float32_prototypes(packed), a, packed.b_t, top_k, float(temperature),
-        packed.mixing == "weights", scores,
+        y, x if x.is_contiguous() else x.contiguous(), packed.prototypes, packed.a, packed.b_t, top_k,
+        float(temperature), packed.mixing == "weights", scores,
     )  # fmt: skip
     return y
 
 
-__all__ = ["available", "takes", "add_delta_", "isa", "op", "DTYPES"]
+__all__ = ["available", "takes", "add_delta_", "isa", "op", "KERNEL_DTYPES"]

@@ -1,4 +1,4 @@
-"""backends/cpu_kernel.py: the wrapper of the compiled CPU op, its ISA switch, and the torch backend's use of it."""
+"""backends/cpu_kernel.py: the wrapper of the compiled CPU op, its ISA switch, and the prepared runner's use of it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from genknowsub_fast import reference
-from genknowsub_fast.backends import build_rule, cpu_kernel, torch_ops
+import genknowsub_fast as gkf
+from genknowsub_fast import ModuleExperts, reference
+from genknowsub_fast.backends import build_rule, cpu_kernel
 from genknowsub_fast.backends.packing import pack_experts
 from tests.extension_required import require_op
 from tests.routing_cases import make_case
@@ -92,31 +93,23 @@ def test_takes_cpu_tensors_of_one_supported_dtype_without_autograd():
         assert cpu_kernel.takes(xg, y)
 
 
-def test_torch_backend_runs_fused_only_without_autograd():
-    case = make_case(5, 4, 2, 16, 8, seed=1).to(torch.float32)
-    packed = pack_experts(case.a, case.b, case.scaling.float(), case.prototypes)
-    x = case.x.clone().requires_grad_(True)
-    y = torch.zeros(5, 8)
-    assert not torch_ops.fused_kernel_applies(y, x, packed)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_runner_runs_the_kernel_in_every_kernel_dtype_and_torch_under_autograd(dtype):
+    case = make_case(33, 6, 4, 24, 40, seed=5)
+    experts = ModuleExperts(case.a.float(), case.b.float(), case.scaling.float(), case.prototypes.float(), case.ranks)
+    runner = gkf.prepare(experts, top_k=3, device="cpu", dtype=dtype)
+    assert runner.active_backend == "cpu"
+    x, base = case.x.to(dtype), torch.randn(33, 40).to(dtype)
     with torch.no_grad():
-        assert torch_ops.fused_kernel_applies(y, x, packed)
-        bf = packed.to(dtype=torch.bfloat16)
-        assert torch_ops.fused_kernel_applies(y.bfloat16(), x.bfloat16(), bf)
-    assert not torch_ops.fused_kernel_applies(y.double(), x.double(), packed.to(dtype=torch.float64))
-    # autograd still flows, through the torch regimes
-    out = torch_ops.add_routed_delta_(torch.zeros(5, 8), x, packed, 2, 1.0)
-    out.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_fused_regime_adds_into_y():
-    case = make_case(33, 6, 4, 24, 40, seed=5).to(torch.float32)
-    packed = pack_experts(case.a, case.b, case.scaling.float(), case.prototypes)
-    base = torch.randn(33, 40)
-    with torch.no_grad():
-        y = torch_ops.add_routed_delta_(base.clone(), case.x, packed, 3, 1.0, regime="fused")
-    ref64 = base.double() + reference.routed_lora(
-        case.x.double(), case.a.double(), case.b.double(), case.scaling.double(), case.prototypes.double(), 3, 1.0
-    )
-    ref32 = base + reference.routed_lora(case.x, case.a, case.b, case.scaling.float(), case.prototypes, 3, 1.0)
-    assert_close_to_reference(y, ref64, ref32, torch.float32, "fused regime into y")
+        y = runner.add_delta_(base.clone(), x)
+    packed = runner.packed
+    b, ones = packed.b_t.transpose(1, 2), torch.ones(6, dtype=torch.float64)
+    w, idx = reference.route(x.float(), packed.prototypes, 3, 1.0)
+    ref64 = base.double() + reference.expand_with_routing(x.double(), packed.a.double(), b.double(), ones, w, idx)
+    ref_lo = base + reference.expand_with_routing(x, packed.a, b.contiguous(), ones.to(dtype), w, idx)
+    assert_close_to_reference(y, ref64, ref_lo, dtype, f"runner.add_delta_ {dtype}")
+    # with autograd on, the call goes to the torch regimes and gradients flow
+    xg = case.x.float().clone().requires_grad_(True)
+    runner32 = gkf.prepare(experts, top_k=3, device="cpu", dtype=torch.float32)
+    runner32(xg).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
