@@ -6,7 +6,7 @@ Three timings, interleaved over the repeats (medians, ms):
   the call, i.e. the previous cost;
 - call: ``ops.arrow_prototypes`` as it is now (on the CPU with the extension, the NaN/Inf check happens in its pass).
 
-    python benchmarks/cpu_prototypes_call.py --rank 4 8
+    python benchmarks/cpu_prototypes_call.py --rank 4 8 [--threads 1] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -71,9 +71,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rank", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--experts", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for r in args.rank:
-        res = call_costs(args.experts, r)
+        res = call_costs(args.experts, r, repeats=args.repeats)
         print(f"E={args.experts} r={r} 3072->9216: " + "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
 
 
