@@ -54,6 +54,22 @@ constexpr int64_t kGroupedMinABytes = int64_t(1) << 20;
 constexpr int64_t kExpandAllTokensBytes = int64_t(4) << 20;
 constexpr int64_t kDeltaBytes = int64_t(256) << 10;
 constexpr int64_t kTile = 64;
+// Calls with less work than this many multiply-adds (every Phi-3-mini module at T = 1, up to E = 256, r = 16) run on the
+// calling thread alone. Decode-sized calls take 17-30 µs on one thread (qkv, E = 10, r = 4, T = 1), while a parallel
+// region that has to wake a worker cost up to 30-60 ms per call right after an MKL GEMM on a loaded 2-core machine
+// (the base F.linear + op: 59-96 ms against 29-40 ms for F.linear alone; OMP_WAIT_POLICY=passive or one thread
+// removed the difference).
+constexpr int64_t kSerialMaxFma = int64_t(1) << 22;
+
+// at::parallel_for, or one call on this thread for small work.
+template <class F>
+void run(bool serial, int64_t n, int64_t grain, const F& f) {
+  if (serial) {
+    if (n > 0) f(0, n);
+  } else {
+    at::parallel_for(0, n, grain, f);
+  }
+}
 
 #ifdef GKF_PHASE_TIMING
 // Timing build only: GKF_FORCE_SHRINK=token|grouped|pairs and GKF_FORCE_EXPAND=tiles|grouped override the schedule.
@@ -157,6 +173,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
             prototypes.data_ptr<float>(), a.data_ptr(), b_t.data_ptr(), temperature, idx.data(), w.data(),
             h.data(), g.data()};
   PhaseClock clock;
+  const bool serial = t * ((scores.has_value() ? 0 : e * d_in) + kr * (d_in + d_out)) <= kSerialMaxFma;
 
   // 1. routing scores (T, E), signed: given, one float32 GEMM, a pass over tokens × experts, or (small E) inside the
   // route pass below.
@@ -175,7 +192,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
     float* out = s_t.data_ptr<float>();
     constexpr int64_t kChunk = 32;
     const int64_t chunks = (e + kChunk - 1) / kChunk;
-    at::parallel_for(0, t * chunks, 1, [&](int64_t lo, int64_t hi) {
+    run(serial, t * chunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
         const int64_t i = u / chunks, e0 = (u % chunks) * kChunk, e1 = std::min(e, e0 + kChunk);
         kern.scores(p, i, i + 1, e0, e1, out + i * e + e0, e);
@@ -201,7 +218,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   }
   if (const int f = forced("GKF_FORCE_EXPAND", "tiles", "grouped"); f >= 0) expand_grouped = f == 1;
 #endif
-  at::parallel_for(0, t, 4, [&](int64_t lo, int64_t hi) { kern.route(p, s, lo, hi, per_token); });
+  run(serial, t, 4, [&](int64_t lo, int64_t hi) { kern.route(p, s, lo, hi, per_token); });
   const int64_t n_pairs = t * k;
   std::vector<int32_t> by_expert;  // the (token, slot) pairs sorted by expert (a counting sort)
   if (grouped || expand_grouped) {
@@ -213,12 +230,12 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   }
   clock.lap(1);
   if (grouped) {
-    at::parallel_for(0, n_pairs, 16, [&](int64_t lo, int64_t hi) {
+    run(serial, n_pairs, 16, [&](int64_t lo, int64_t hi) {
       kern.shrink_pairs(p, by_expert.data() + lo, hi - lo, 0, r);
     });
   } else if (!per_token) {
     const int64_t blocks = (r + 3) / 4;
-    at::parallel_for(0, n_pairs * blocks, 1, [&](int64_t lo, int64_t hi) {
+    run(serial, n_pairs * blocks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
         const int32_t pair = static_cast<int32_t>(u / blocks);
         const int64_t c0 = (u % blocks) * 4;
@@ -263,7 +280,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
 #endif
     const int64_t chunk = std::max<int64_t>(64, std::min<int64_t>(4096, delta_bytes / (4 * t) / 64 * 64));
     const int64_t n_chunks = (d_out + chunk - 1) / chunk;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    run(serial, n_chunks, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> delta(t * chunk);
       for (int64_t c = lo; c < hi; ++c)
         kern.expand_pairs(p, by_expert.data(), n_pairs, c * chunk, std::min(d_out, (c + 1) * chunk), delta.data());
@@ -276,7 +293,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   const int64_t n_blocks = (t + tok_block - 1) / tok_block;
   const int64_t n_groups = n_blocks >= 2 * threads ? 1 : std::min(n_tiles, 4 * threads);
   const int64_t tiles_per_group = (n_tiles + n_groups - 1) / n_groups;
-  at::parallel_for(0, n_blocks * n_groups, 1, [&](int64_t lo, int64_t hi) {
+  run(serial, n_blocks * n_groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t blk = task / n_groups, grp = task % n_groups;
       const int64_t c0 = std::min(d_out, grp * tiles_per_group * kTile);
