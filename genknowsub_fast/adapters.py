@@ -154,8 +154,8 @@ def read_adapter(
             if not ignore_modules_to_save:
                 raise ValueError(
                     f"adapter {path!r} also saves the whole module {saved!r} (modules_to_save={modules_to_save}); "
-                    "Arrow routes LoRA factors only: pass ignore_modules_to_save=True to leave such modules out "
-                    "(the model then keeps its own weights there)"
+                    "Arrow routes LoRA factors only: pass ignore_modules_to_save=True (command line: "
+                    "--ignore-modules-to-save) to leave such modules out (the model then keeps its own weights there)"
                 )
             if saved not in adapter.ignored_modules:
                 adapter.ignored_modules.append(saved)

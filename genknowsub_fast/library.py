@@ -209,7 +209,9 @@ class LoraLibrary:
             checks.check_names(task_names, "expert names")
             checks.check_names([_dir_name(p) for p in general_adapters], "general adapter names", allow_empty=True)
         except ValueError as exc:
-            raise ValueError(f"{exc}; pass names=[...] to name task experts whose directories share a name") from None
+            raise ValueError(
+                f"{exc}; pass names=[...] (command line: --names) to name task experts whose directories share a name"
+            ) from None
         if progress is None:
             progress = sys.stderr.isatty()
         paths = task_adapters + general_adapters
