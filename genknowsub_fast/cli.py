@@ -43,7 +43,6 @@ def _run_build(args: argparse.Namespace) -> int:
         gks=args.gks,
         prototypes=args.prototypes,
         names=args.names,
-        progress=True,
         **adapter_options(args),
     )
     lib.save(args.output)

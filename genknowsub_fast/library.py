@@ -217,10 +217,11 @@ class LoraLibrary:
         paths = task_adapters + general_adapters
         from tqdm.auto import tqdm
 
-        read = [
-            read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save)
-            for p in tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress)
-        ]
+        # The bar is closed (and cleared) before an error propagates, so the error starts on a line of its own.
+        with tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress, leave=False) as bar:
+            read = [
+                read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save) for p in bar
+            ]
         tasks, general = read[: len(task_adapters)], read[len(task_adapters) :]
         for adapter, n in zip(tasks, task_names, strict=True):
             adapter.name = n
