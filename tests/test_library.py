@@ -343,6 +343,29 @@ def test_library_file_follows_the_umask(phi3_setup, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no temporary left
 
 
+def test_failed_save_leaves_the_old_file(phi3_setup, tmp_path, monkeypatch):
+    """The file is written under a temporary name and renamed: a write that fails half-way leaves the old file whole
+    and no temporary behind."""
+    import genknowsub_fast.library as library_module
+
+    lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
+    path = tmp_path / "lib.safetensors"
+    lib.save(path)
+    before = path.read_bytes()
+    save_file = library_module.save_file
+
+    def half_write(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(library_module, "save_file", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        lib.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["lib.safetensors"]
+
+
 def test_save_to_a_missing_directory_or_a_directory_is_a_value_error(phi3_setup, tmp_path):
     lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
     with pytest.raises(ValueError, match="does not exist"):

@@ -105,8 +105,7 @@ def plot_similarity(
     mats = [stats.mean_similarity_matrix(kind).numpy() for _, stats in panels]
     off_diag = ~np.eye(e, dtype=bool)
     vmax = max((float(m[off_diag].max()) for m in mats if e > 1), default=1.0) or 1.0
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = None
     for i_ax, (ax, (label, stats), mat) in enumerate(zip(axes[0], panels, mats)):
         im = ax.imshow(np.ma.masked_array(mat, mask=~off_diag), vmin=0.0, vmax=vmax, cmap=cmap)
