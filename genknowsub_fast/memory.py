@@ -42,7 +42,9 @@ def available_bytes() -> int | None:
 
 def human_bytes(n: float) -> str:
     """``n`` bytes as a short human-readable size (``"15.3 GB"``, ``"312 MB"``)."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 __all__ = ["available_bytes", "human_bytes"]

@@ -11,7 +11,7 @@ is built. Text from ``--text-file`` becomes token ids by a byte-level mapping (e
 how the library's prototypes split the hidden states of a random model, which helps compare libraries (e.g. with and
 without GenKnowSub) but is not the routing of the real base model on real text; the output says so. For that, patch
 your own model and use :func:`genknowsub_fast.record_routing` and :mod:`genknowsub_fast.analytics.plots` (README,
-"Routing analytics").
+"Plotting the routing of your own model").
 
 Every argument is checked before any work: numbers while parsing, paths and the library next, then the model's cost.
 """
@@ -29,8 +29,8 @@ _NO_MODEL = "none"
 _HONEST_NOTE = (
     "note: routing of a randomly initialised model on {inputs}: it shows how the library's prototypes split a random "
     "model's hidden states (useful to compare libraries, e.g. with and without GenKnowSub), not how your base model "
-    "routes real text; for that, patch your own model and use genknowsub_fast.record_routing (README, 'Routing "
-    "analytics')"
+    "routes real text; for that, patch your own model and use genknowsub_fast.record_routing (README, 'Plotting the "
+    "routing of your own model')"
 )
 
 
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if size is None:
             raise ValueError(
                 "--model auto: no synthetic Phi-3 size fits this library's modules; routing can be measured on your "
-                "own model with genknowsub_fast.record_routing (README, 'Routing analytics')"
+                "own model with genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
             )
     elif args.model != _NO_MODEL:
         size = args.model
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         if fits is None:
             print(
                 "\nrouting not measured: no synthetic Phi-3 fits this library; measure it on your own model with "
-                "genknowsub_fast.record_routing (README, 'Routing analytics')"
+                "genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
             )
         else:
             print(

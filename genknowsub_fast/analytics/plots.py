@@ -7,8 +7,8 @@
 - :func:`write_demo_plots`: all three for the demo's library and patched model.
 
 Each routing plot takes a ``title_note`` (what was routed, e.g. ``"my eval set"``), shown on its own line under the
-title. matplotlib is imported only when a plot is drawn. README, "Routing analytics", shows how to plot the routing of
-your own model.
+title. matplotlib is imported only when a plot is drawn. README, "Plotting the routing of your own model", shows
+how to plot the routing of your own model.
 """
 
 from __future__ import annotations
