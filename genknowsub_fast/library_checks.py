@@ -8,6 +8,7 @@ giving wrong or NaN logits later. Each check costs O(size of the tensors) plus r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -71,13 +72,13 @@ def check_metadata(meta: object, where: str) -> dict:
     routing = meta.get("routing") or {}
     if not isinstance(routing, dict) or set(routing) - {"top_k", "temperature"}:
         raise ValueError(f"{where}: metadata routing must be an object with top_k and/or temperature, got {routing!r}")
-    if routing:
-        from .runner import check_routing_args
-
-        try:
-            check_routing_args(routing.get("top_k", 1), routing.get("temperature", 1.0), len(meta["expert_names"]))
-        except ValueError as exc:
-            raise ValueError(f"{where}: metadata routing: {exc}") from None
+    e = len(meta["expert_names"])
+    top_k, temperature = routing.get("top_k", 1), routing.get("temperature", 1.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ValueError(f"{where}: metadata routing top_k must be an integer in [1, {e}], got {top_k!r}")
+    ok = not isinstance(temperature, bool) and isinstance(temperature, (int, float))
+    if not (ok and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{where}: metadata routing temperature must be a finite number > 0, got {temperature!r}")
     return meta
 
 
