@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
+from .library_checks import all_finite
+
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector", "lora_E")
 
@@ -163,7 +165,7 @@ def read_adapter(
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"adapter {path!r}: tensor {key!r} is {what}; LoRA factors are floating-point")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"adapter {path!r}: tensor {key!r} contains NaN or Inf")
         target = adapter.a if m["factor"] == "A" else adapter.b
         target[m["path"]] = tensor

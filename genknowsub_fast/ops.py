@@ -13,6 +13,7 @@ import torch
 from .backends import prototype_ext, torch_ops, torch_prototypes
 from .backends.packing import check_factors
 from .experts import ModuleExperts
+from .library_checks import all_finite
 from .runner import BACKENDS, RoutedLinear, check_routing_args, resolve_backend, triton_status
 
 PROTOTYPE_METHODS = ("exact", "power", "svd")
@@ -23,7 +24,7 @@ def _check_finite(experts: ModuleExperts) -> None:
     a library's experts were checked when it was built or loaded)."""
     named = (("A", experts.a), ("B", experts.b), ("scaling", experts.scaling), ("prototypes", experts.prototypes))
     for name, t in named:
-        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -78,7 +79,7 @@ def arrow_route(
         raise ValueError(f"x has d_in={x.shape[-1]} but prototypes have d_in={prototypes.shape[-1]}")
     if not x.is_floating_point() or not prototypes.is_floating_point():
         raise ValueError(f"x and prototypes must be floating-point, got {x.dtype} and {prototypes.dtype}")
-    if not bool(torch.isfinite(prototypes).all()):
+    if not all_finite(prototypes):
         raise ValueError("prototypes contain NaN or Inf")
     top_k, temperature = check_routing_args(top_k, temperature, prototypes.shape[0])
     return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes, top_k, temperature)
