@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..library_checks import all_finite
 from . import extension, torch_prototypes
 
 # The CUDA kernel's per-thread accumulators and shared memory are sized for r <= 64 (csrc/prototypes_cuda.h).
@@ -59,7 +60,7 @@ def check_finite(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> None
     """ValueError naming the first factor (A or B, and its position) that holds NaN or Inf."""
     for i, (a, b) in enumerate(zip(a_list, b_list)):
         for name, t in (("A", a), ("B", b)):
-            if t.numel() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"{name} (pair {i}) contains NaN or Inf")
 
 
