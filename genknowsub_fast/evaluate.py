@@ -127,8 +127,6 @@ def tokenize_options(tokenizer, examples: Sequence[Mapping], template: str) -> l
             if len(seq) < 2:
                 raise ValueError(f"example {i} choice {j}: the formatted option is {len(seq)} token(s); need >= 2")
             start = max(1, _common_prefix(seq, head_ids[i]))
-            if start >= len(seq):
-                raise ValueError(f"example {i} choice {j}: the option adds no token after the context")
             opts.append(OptionTokens(seq, start, len(choice), len(choice.encode("utf-8"))))
         out.append(opts)
     return out
@@ -161,11 +159,16 @@ def _prepare(model, tokenizer, examples, template, reduction) -> list[list[Optio
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a HF causal LM), got {type(model).__name__}")
     check_examples(examples)
-    plans = tokenize_options(tokenizer, examples, template)
     if reduction in ("per_char_continuation", "per_byte_continuation"):
         for i, ex in enumerate(examples):
             if any(not c for c in ex["choices"]):
                 raise ValueError(f"example {i}: an empty choice string cannot be length-normalised ({reduction})")
+    plans = tokenize_options(tokenizer, examples, template)
+    if reduction != "mean":
+        for i, opts in enumerate(plans):
+            for j, o in enumerate(opts):
+                if o.continuation_start >= len(o.ids):
+                    raise ValueError(f"example {i} choice {j}: no continuation token to score ({reduction})")
     return plans
 
 
