@@ -14,6 +14,7 @@ import inspect
 
 import torch
 
+
 def _lcp(seqs: list[list[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs) - 1  # every sequence keeps >= 1 token after the prefix
@@ -77,8 +78,12 @@ def next_token_nlls(
     bar = tqdm(total=len(groups), desc="scoring", unit="example", disable=not progress)
     with torch.inference_mode():
         for batch in batches:
-            for g, nlls in zip(batch, _run_batch(model, [groups[g] for g in batch], [prefix[g] for g in batch],
-                                                 pad, batch_size, device, cache_kw)):
+            for g, nlls in zip(
+                batch,
+                _run_batch(
+                    model, [groups[g] for g in batch], [prefix[g] for g in batch], pad, batch_size, device, cache_kw
+                ),
+            ):
                 out[g] = nlls
             bar.update(len(batch))
     bar.close()

@@ -203,8 +203,9 @@ def score_choices(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     plans = _prepare(model, tokenizer, examples, template, reduction)
-    nlls = next_token_nlls(model, [[o.ids for o in opts] for opts in plans], _pad_id(tokenizer), batch_size,
-                           _show_progress(progress))
+    nlls = next_token_nlls(
+        model, [[o.ids for o in opts] for opts in plans], _pad_id(tokenizer), batch_size, _show_progress(progress)
+    )
     return [[reduce_nll(n, o, reduction) for n, o in zip(ns, opts)] for ns, opts in zip(nlls, plans)]
 
 

@@ -182,9 +182,11 @@ def _save(peft_model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], pat
 # A small closed vocabulary for synthetic text: the tokenizer below is trained on it and the multiple-choice examples
 # are drawn from it, so every word tokenizes into a few known pieces.
 WORDS = (
-    "the a cat dog bird fish whale sat ran swam flew on in under over park mat river tree house stone which animal "
-    "is largest smallest blue red green big small true false yes no question answer because it they water land"
-).split()
+    "the", "a", "cat", "dog", "bird", "fish", "whale", "sat", "ran", "swam", "flew", "on", "in", "under", "over",
+    "park", "mat", "river", "tree", "house", "stone", "which", "animal", "is", "largest", "smallest", "blue", "red",
+    "green", "big", "small", "true", "false", "yes", "no", "question", "answer", "because", "it", "they", "water",
+    "land",
+)
 CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>")
 
 
@@ -210,7 +212,9 @@ def make_tokenizer(vocab_size: int = 128, add_bos: bool = True, seed: int = 0):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
     tok.train_from_iterator(corpus, trainer)
     if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     if tok.get_vocab_size() > vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size={vocab_size}")
     return PreTrainedTokenizerFast(

@@ -72,8 +72,9 @@ def test_the_prefix_runs_once_per_example(phi3_setup, library, tokenizer):
     examples = make_choice_examples(6, num_choices=4, seed=5)
     model = _patched(phi3_setup, library)
     fed = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(int(kw["input_ids"].ne(0).sum())),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: fed.append(int(kw["input_ids"].ne(0).sum())), with_kwargs=True
+    )
     try:
         score_choices(model, tokenizer, examples, batch_size=64)
         ours = sum(fed)
