@@ -1,4 +1,4 @@
-"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info`` (and ``inspect`` when analytics are installed)."""
+"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``eval`` (and ``inspect`` with analytics)."""
 
 from __future__ import annotations
 
@@ -91,10 +91,23 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from .evaluate_cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate_cli import run
+
+    return run(args)
+
+
 for _name, _add, _run, _help in (
     ("demo", _add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
     ("build", _add_build, _run_build, "build a library file from PEFT adapter directories"),
     ("info", _add_info, _run_info, "describe a library file"),
+    ("eval", _add_eval, _run_eval, "zero-shot multiple-choice accuracy of a model patched with a library (JSONL)"),
 ):
     _add.run = _run
     subcommand(_name, _help)(_add)
