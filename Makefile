@@ -6,14 +6,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench results clean
 
+LM_EVAL_HOOK := genknowsub_fast/integrations/site/genknowsub_fast_lm_eval.pth \
+	genknowsub_fast/integrations/site/genknowsub_fast_lm_eval_hook.py
+
 # torch is pinned and installed first: an unpinned torch (or a range a newer torch satisfies) would pull a multi-GB
 # CUDA build. The package is then installed editable without build isolation, so setup.py can build the C++
 # extension against that torch.
-$(STAMP): pyproject.toml setup.py
+# The eval extra (lm-eval) adds about 50 packages and 620 MB (pyarrow, scipy, pandas, scikit-learn, ...).
+$(STAMP): pyproject.toml setup.py $(LM_EVAL_HOOK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet "setuptools>=68" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,eval]"
+	# Editable installs copy no data files: put lm-eval's startup hook (see pyproject.toml) into the venv here.
+	cp $(LM_EVAL_HOOK) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $(STAMP)
 
 demo: $(STAMP)

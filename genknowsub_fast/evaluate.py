@@ -60,6 +60,7 @@ __all__ = [
     "tokenize_options",
 ]
 
+
 @dataclass
 class OptionTokens:
     """One formatted option: its token ids, where its continuation starts, and the choice's length."""

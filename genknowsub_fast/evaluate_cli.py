@@ -141,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     patch_model(model, library, top_k=top_k, temperature=args.temperature)
     start = time.perf_counter()
     scores = score_choices(
-        model, tokenizer, examples, template=args.template, reduction=args.reduction, batch_size=args.batch_size,
+        model,
+        tokenizer,
+        examples,
+        template=args.template,
+        reduction=args.reduction,
+        batch_size=args.batch_size,
         progress=True,
     )
     seconds = time.perf_counter() - start

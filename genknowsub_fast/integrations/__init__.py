@@ -1,0 +1,1 @@
+"""Integrations with other frameworks (lm-eval). Nothing in the core imports these modules."""
