@@ -143,6 +143,8 @@ def _prepare(model, tokenizer, examples, template, reduction) -> list[list[Optio
             for j, o in enumerate(opts):
                 if o.continuation_start >= len(o.ids):
                     raise ValueError(f"example {i} choice {j}: no continuation token to score ({reduction})")
+    if model.training:
+        raise ValueError("the model is in training mode (dropout would perturb the scores); call model.eval() first")
     return plans
 
 

@@ -187,6 +187,12 @@ def test_bad_input_raises_before_any_work(tokenizer, examples, kwargs, match):
         score_choices(_NoWork(), tokenizer, examples, **kwargs)
 
 
+def test_a_model_in_training_mode_is_refused(phi3_setup, tokenizer):
+    model = copy.deepcopy(phi3_setup.base).train()
+    with pytest.raises(ValueError, match="training mode"):
+        score_choices(model, tokenizer, make_choice_examples(1))
+
+
 def test_patched_and_unpatched_scores_differ(phi3_setup, library, tokenizer):
     """The experts are in the loop: patching changes the scores (a check that the test model is not inert)."""
     ex = make_choice_examples(3, seed=6)
