@@ -130,15 +130,16 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import genknowsub_fast as gkf
+
     from .evaluate import accuracy, predictions, score_choices
-    from .patching import patch_model
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model).to(device=device, dtype=dtype).eval()
     except (OSError, KeyError) as exc:  # transformers' "not a model / tokenizer directory" errors
         raise ValueError(f"cannot load {args.model!r}: {' '.join(str(exc).split())[:300]}") from None
-    patch_model(model, library, top_k=top_k, temperature=args.temperature)
+    gkf.patch_model(model, library, top_k=top_k, temperature=args.temperature)
     start = time.perf_counter()
     scores = score_choices(
         model,

@@ -201,3 +201,16 @@ def test_patched_and_unpatched_scores_differ(phi3_setup, library, tokenizer):
     plain = score_choices(base, tokenizer, ex)
     patched = score_choices(gkf.patch_model(base, library, top_k=2), tokenizer, ex)
     assert max(abs(a - b) for ra, rb in zip(plain, patched) for a, b in zip(ra, rb)) > 1e-4
+
+
+def test_sdpa_attention_with_the_padded_prefix_cache(phi3_setup, library, tokenizer):
+    """The masks over the padded prefix cache also hold with PyTorch's SDPA attention (the HF default)."""
+    model = _patched(phi3_setup, library)
+    model.set_attn_implementation("sdpa")
+    examples = _examples()
+    ours = score_choices(model, tokenizer, examples, reduction="sum_continuation", batch_size=6)
+    naive = score_choices_naive(model, tokenizer, examples, reduction="sum_continuation")
+    model64 = _patched(phi3_setup, library, torch.float64)
+    ref64 = score_choices_naive(model64, tokenizer, examples, reduction="sum_continuation")
+    flat = [torch.tensor([v for row in s for v in row], dtype=torch.float64) for s in (ours, naive, ref64)]
+    assert_close_to_reference(flat[0], flat[2], flat[1], torch.float32, "sdpa")

@@ -35,15 +35,14 @@ class GenKnowSubLM(HFLM):
         backend: str = "auto",
         **kwargs,
     ) -> None:
-        from ..library import LoraLibrary
-        from ..patching import patch_model
+        import genknowsub_fast as gkf
 
         # Checked before the model is loaded.
         if library is None:
             raise ValueError("model 'genknowsub' needs library=FILE in --model_args (a genknowsub-fast library)")
         if not os.path.isfile(str(library)):
             raise ValueError(f"library {library!r} does not exist")
-        lib = LoraLibrary.load(str(library))
+        lib = gkf.LoraLibrary.load(str(library))
         k = int(top_k) if top_k is not None else int(lib.routing.get("top_k", 3))
         t = float(temperature) if temperature is not None else float(lib.routing.get("temperature", 1.0))
         if not 1 <= k <= lib.num_experts:
@@ -51,7 +50,7 @@ class GenKnowSubLM(HFLM):
         if not t > 0:
             raise ValueError(f"temperature must be > 0, got {t}")
         super().__init__(pretrained=pretrained, **kwargs)
-        patch_model(self.model, lib, top_k=k, temperature=t, mixing=mixing, backend=backend)
+        gkf.patch_model(self.model, lib, top_k=k, temperature=t, mixing=mixing, backend=backend)
         self.library_path, self.top_k, self.temperature = str(library), k, t
 
     def get_model_info(self) -> dict:
