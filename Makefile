@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench results clean
+.PHONY: demo test lint bench results eval-compare clean
 
 LM_EVAL_HOOK := genknowsub_fast/integrations/site/genknowsub_fast_lm_eval.pth \
 	genknowsub_fast/integrations/site/genknowsub_fast_lm_eval_hook.py
@@ -36,6 +36,10 @@ bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
 	$(PY) benchmarks/write_results.py benchmarks/results/latest.json --readme README.md
+
+# score_choices vs lm-eval vs the naive loop on one local task: README eval-table and RESULTS.md eval-compare block.
+eval-compare: $(STAMP)
+	GKF_BENCH_THREADS=$${GKF_BENCH_THREADS:-1} $(PY) benchmarks/eval_compare.py --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

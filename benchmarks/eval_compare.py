@@ -1,7 +1,11 @@
 """One small local multiple-choice task scored three ways, with time and accuracy: `score_choices`, lm-eval through
 the `genknowsub` model, and the naive per-option loop (the original code's).
 
-    python benchmarks/eval_compare.py [--examples 64] [--rounds 3] [--readme README.md] [-o benchmarks/RESULTS.md]
+    GKF_BENCH_THREADS=1 python benchmarks/eval_compare.py [--examples 64] [--rounds 5] [--readme README.md]
+
+(``make eval-compare``). One torch thread by default in ``make``: on the shared 2-core machine at load average ~10,
+the 64-example `score_choices` run took a median 21.7 s with two threads and 1.1 s with one (OpenMP workers waiting
+for a core), which says nothing about the scorers.
 
 Model: a random Phi-3 (hidden 256, 2 layers, vocab 512) patched with a GenKnowSub library of 6 synthetic task
 experts (rank 8, 3 general adapters subtracted), top-k 3; task: random 4-choice examples over a closed word list,
@@ -145,8 +149,8 @@ def table(m: dict) -> str:
     ]
     lines = [
         f"{m['examples']} examples × 4 options ({m['options']} sequences), random Phi-3 (hidden 256, 2 layers) patched "
-        f"with 6 GKS experts (r=8, top-k 3), CPU, torch {torch.__version__}, {m['threads']} threads; median (range) of "
-        f"{m['rounds']} interleaved rounds after a warm-up, measured by `python benchmarks/eval_compare.py`. "
+        f"with 6 GKS experts (r=8, top-k 3), CPU, torch {torch.__version__}, {m['threads']} torch thread(s); median "
+        f"(range) of {m['rounds']} interleaved rounds after a warm-up, measured by `{m['command']}`. "
         f"Largest |score_choices − naive| NLL: {m['max_abs_diff']:.1e}.",
         "",
         "| scorer | time | speed-up vs naive | accuracy (mean NLL, the paper's) | accuracy (sum of continuation, "
@@ -169,14 +173,18 @@ def table(m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--readme", help="also fill this README's eval-table block")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("GKF_BENCH_THREADS", min(2, os.cpu_count() or 1))))
-    text = table(measure(args.examples, args.rounds, args.batch_size, args.seed))
+    m = measure(args.examples, args.rounds, args.batch_size, args.seed)
+    threads = os.environ.get("GKF_BENCH_THREADS")
+    env = [f"GKF_BENCH_THREADS={threads}"] if threads else []
+    m["command"] = " ".join([*env, "python", "benchmarks/eval_compare.py", *(argv or sys.argv[1:])])
+    text = table(m)
     print(text)
     section = f"## Zero-shot evaluation: score_choices vs lm-eval vs the naive loop\n\n{text}\n"
     replace_block(args.output, EVAL_BEGIN, EVAL_END, section, append=True)

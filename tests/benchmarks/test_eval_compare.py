@@ -14,6 +14,7 @@ def test_table_from_measurements():
         "threads": 2,
         "rounds": 3,
         "lm_eval_version": "0.4.13",
+        "command": "python benchmarks/eval_compare.py",
     }
     text = table(m)
     assert "| naive per-option loop (the original code's) | 5.00 s (4.00–6.00) | 1.00× | 0.250 | 0.500 |" in text
