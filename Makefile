@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench results eval-compare clean
 
-LM_EVAL_HOOK := genknowsub_fast/integrations/site/genknowsub_fast_lm_eval.pth \
-	genknowsub_fast/integrations/site/genknowsub_fast_lm_eval_hook.py
+LM_EVAL_HOOK := site_hooks/genknowsub_fast_lm_eval.pth \
+	site_hooks/genknowsub_fast_lm_eval_hook.py
 
 # torch is pinned and installed first: an unpinned torch (or a range a newer torch satisfies) would pull a multi-GB
 # CUDA build. The package is then installed editable without build isolation, so setup.py can build the C++

@@ -8,9 +8,10 @@ Every ``HFLM`` argument is accepted; the others are ``library`` (a file written 
 every token with Arrow.
 
 How ``lm_eval`` finds the name: the package declares it as an entry point in the ``lm_eval.models`` group, which
-lm-eval reads itself from the release after 0.4.13. lm-eval 0.4.13 reads no entry points, so the package also
-installs a startup hook (``genknowsub_fast_lm_eval.pth``, see ``integrations/site/``) that registers the entry point
-when lm-eval imports ``lm_eval.models``. Importing this module registers the name as well.
+lm-eval's development branch reads itself (merged after 0.4.13, not yet released). lm-eval 0.4.13 reads no entry
+points, so the package also installs a start-up hook (``genknowsub_fast_lm_eval.pth``; ``site_hooks/`` in the
+repository) that registers the entry point when lm-eval imports ``lm_eval.models``. Importing this module registers
+the name as well.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_the_wheel_installs_the_entry_point_and_the_hook(tmp_path):
     """A built wheel carries the `lm_eval.models` entry point and puts the hook at the top of site-packages."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("genknowsub_fast", "triton_kernels", "csrc"):
+    for name in ("genknowsub_fast", "triton_kernels", "csrc", "site_hooks"):
         subprocess.run(["cp", "-r", str(ROOT / name), str(src / name)], check=True)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         subprocess.run(["cp", str(ROOT / name), str(src / name)], check=True)

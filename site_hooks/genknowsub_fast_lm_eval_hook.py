@@ -6,8 +6,8 @@ module is imported at interpreter start-up (one import, no third-party imports) 
 ``lm_eval.models`` entry points as lazy placeholders ("module:Class" strings, loaded on first use). An lm-eval that
 discovers entry points itself (it then has ``lm_eval.api.registry.load_plugins``) is left alone.
 
-This file is installed at the top level of site-packages, next to the ``.pth`` file; the package keeps it under
-``genknowsub_fast/integrations/site/``.
+This file is installed at the top level of site-packages, next to the ``.pth`` file (pyproject.toml's data-files);
+in the repository both live in ``site_hooks/``, outside the package, so that they are not also package data.
 """
 
 import sys
