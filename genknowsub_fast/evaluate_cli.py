@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``eval`` subcommand's arguments; its argparse errors are one line on stderr, exit code 2."""
+    """The ``eval`` subcommand's arguments (numbers are checked while parsing)."""
+    from .cli_args import positive_float, positive_int
     from .eval_formats import REDUCTIONS, TEMPLATES
 
     p.add_argument("--model", required=True, metavar="DIR", help="HF causal LM directory (save_pretrained)")
@@ -30,18 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"option format: {', '.join(TEMPLATES)}, or a string with {{context}} and {{choice}} (default: plain)",
     )
     p.add_argument("--reduction", default="mean", help=f"{', '.join(REDUCTIONS)} (default: mean, the paper's)")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the library's, else 3)")
-    p.add_argument("--temperature", type=float, default=None, help="routing softmax temperature")
-    p.add_argument("--batch-size", type=int, default=16, help="options per forward pass (default: 16)")
+    p.add_argument("--top-k", type=positive_int, help="experts per token (default: the library's, else 3)")
+    p.add_argument("--temperature", type=positive_float, help="routing softmax temperature")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="options per forward pass (default: 16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="float32", help=f"{', '.join(_DTYPES)} (default: float32)")
     p.add_argument("--out", metavar="FILE.json", help="write the accuracy and per-example scores here")
-
-    def one_line_error(message: str):
-        print(f"{p.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = one_line_error  # argparse's default prints the usage first: keep errors to one line
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -74,32 +68,19 @@ def _check_dir(path: str, what: str, needs: tuple[str, ...]) -> None:
         raise ValueError(f"{what} {path!r} has none of {', '.join(needs)}")
 
 
-def _check_out(path: str) -> None:
-    if os.path.isdir(path):
-        raise ValueError(f"--out {path!r} is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"--out {path!r}: directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"--out {path!r} is not writable")
-
-
 def _check_args(args: argparse.Namespace):
     """Everything checked before the model loads; returns (examples, library, dtype, device, top_k)."""
     import torch
 
     from .eval_formats import REDUCTIONS, resolve_template
     from .library import LoraLibrary
+    from .paths import check_output_file
 
     resolve_template(args.template)
     if args.reduction not in REDUCTIONS:
         raise ValueError(f"--reduction {args.reduction!r}: expected one of {', '.join(REDUCTIONS)}")
     if args.dtype not in _DTYPES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(_DTYPES)}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.temperature is not None and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -115,7 +96,7 @@ def _check_args(args: argparse.Namespace):
     if not os.path.isfile(args.data):
         raise ValueError(f"--data {args.data!r} does not exist")
     if args.out:
-        _check_out(args.out)
+        check_output_file(args.out, "--out")
     examples = read_jsonl(args.data)
     library = LoraLibrary.load(args.library)
     top_k = args.top_k if args.top_k is not None else int(library.routing.get("top_k", 3))
@@ -133,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     import genknowsub_fast as gkf
 
     from .evaluate import accuracy, predictions, score_choices
+    from .paths import write_atomically
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
@@ -174,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "examples": rows,
         }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1)
+
+        write_atomically(args.out, write)
         print(f"wrote {args.out}")
     return 0
