@@ -57,10 +57,10 @@ def align_pairs_by_expert(idx: torch.Tensor, num_experts: int, block_m: int) -> 
     return sorted_pairs, block_expert
 
 
-@triton.jit(do_not_specialize=["N_PAIRS", "E", "R"])
+@triton.jit(do_not_specialize=["N_PAIRS", "R"])
 def _grouped_shrink_kernel(
     x_ptr,
-    rs_ptr,
+    a_ptr,
     pairs_ptr,
     bexp_ptr,
     wts_ptr,
@@ -68,8 +68,7 @@ def _grouped_shrink_kernel(
     N_PAIRS,
     D_IN,
     stride_x,
-    stride_w,
-    E,
+    stride_a,
     R,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -87,7 +86,7 @@ def _grouped_shrink_kernel(
     s = tl.arange(0, BLOCK_R)
     s_mask = s < R
     x_rows = x_ptr + tok[:, None] * stride_x
-    a_cols = rs_ptr + (E + e * R + s).to(tl.int64)[None, :] * stride_w
+    a_cols = a_ptr + (e * R + s).to(tl.int64)[None, :] * stride_a
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, D_IN, BLOCK_K):
         k_offs = k0 + tl.arange(0, BLOCK_K)
@@ -157,15 +156,15 @@ def _grouped_expand_kernel(
 
 def grouped_shrink(
     x: torch.Tensor,
-    route_shrink_rows: torch.Tensor,
+    a: torch.Tensor,
     w: torch.Tensor,
     sorted_pairs: torch.Tensor,
     block_expert: torch.Tensor,
-    num_experts: int,
     rank: int,
     plan: GroupedPlan,
 ) -> torch.Tensor:
-    """``hw`` (T·k, r) float32 with ``hw[t·k + j] = w[t, j] · A_{idx[t, j]} x_t`` (pairs from align_pairs_by_expert)."""
+    """``hw`` (T·k, r) float32 with ``hw[t·k + j] = w[t, j] · A_{idx[t, j]} x_t``; ``a`` is (E·r, d_in), pairs from
+    align_pairs_by_expert."""
     t, d_in = x.shape
     top_k = w.shape[1]
     hw = torch.empty(t * top_k, rank, device=x.device, dtype=torch.float32)
@@ -175,7 +174,7 @@ def grouped_shrink(
         _grouped_shrink_kernel,
         (block_expert.shape[0],),
         x,
-        route_shrink_rows,
+        a,
         sorted_pairs,
         block_expert,
         w,
@@ -183,8 +182,7 @@ def grouped_shrink(
         t * top_k,
         d_in,
         x.stride(0),
-        route_shrink_rows.stride(0),
-        num_experts,
+        a.stride(0),
         rank,
         TOP_K=top_k,
         BLOCK_M=plan.block_m,
