@@ -28,10 +28,13 @@ from .routing import mix, slot, sum_splits, topk_softmax
 
 
 @triton.jit
-def _partial_dot(x_rows, t_mask, w_ptr, rows, rmask, stride_w, k_start, k_end, acc, BLOCK_K: tl.constexpr):
-    """acc += x[:, k_start:k_end] · W[rows, k_start:k_end]ᵀ, with x cast to W's dtype (exact for float32 W)."""
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
+def _partial_dot(
+    x_rows, t_mask, w_ptr, rows, rmask, stride_w, k_start, k_len, k_end, acc, BLOCK_K: tl.constexpr
+):
+    """acc += x[:, k_start:k_end] · W[rows, k_start:k_end]ᵀ (k_len >= k_end - k_start), x cast to W's dtype (exact
+    for float32 W). The loop runs over the scalar argument k_len, not over program-dependent bounds."""
+    for dk in range(0, k_len, BLOCK_K):
+        k_offs = k_start + dk + tl.arange(0, BLOCK_K)
         k_mask = k_offs < k_end
         xt = tl.load(x_rows + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(
@@ -74,10 +77,14 @@ def _decode_shrink_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     if pid_c < N_P_BLOCKS:
         rows = pid_c * BLOCK_C + c
-        acc = _partial_dot(x_rows, t_mask, p_ptr, rows.to(tl.int64), rows < E, stride_p, k_start, k_end, acc, BLOCK_K)
+        acc = _partial_dot(
+            x_rows, t_mask, p_ptr, rows.to(tl.int64), rows < E, stride_p, k_start, K_PER_SPLIT, k_end, acc, BLOCK_K
+        )
     else:
         rows = (pid_c - N_P_BLOCKS) * BLOCK_C + c
-        acc = _partial_dot(x_rows, t_mask, a_ptr, rows.to(tl.int64), rows < ER, stride_a, k_start, k_end, acc, BLOCK_K)
+        acc = _partial_dot(
+            x_rows, t_mask, a_ptr, rows.to(tl.int64), rows < ER, stride_a, k_start, K_PER_SPLIT, k_end, acc, BLOCK_K
+        )
     ws_rows = ws_ptr + (pid_k * T + t_offs).to(tl.int64)[:, None] * WS_COLS
     tl.store(ws_rows + (pid_c * BLOCK_C + c)[None, :], acc, mask=t_mask[:, None])
 

@@ -22,8 +22,8 @@ Regimes:
   sorted by expert (``grouped.py``), a grouped shrink GEMM and a grouped expand GEMM with atomics into y.
 
 Routing scores are float32 in every regime (x·p with p float32, x converted exactly): in the decode kernels
-directly (FMA dot; the bytes of P are few), in the route pass as ``PIECES`` 16-bit pieces of P stacked in the compute
-dtype, so a tensor-core dot with float32 accumulation gives the float32 sum (``pieces.py``).
+directly (FMA dot; the bytes of P are few), in the route pass against ``PIECES`` 16-bit pieces of P in the compute
+dtype, so tensor-core dots with float32 accumulation give the float32 sum (``pieces.py``).
 
 Block sizes:
 
@@ -58,6 +58,9 @@ GROUPED_BLOCK_N = 128
 # accumulators and BLOCK_K = 16 in the fused dense epilogue; with 2048 none.
 FP32_ACC_ELEMS_MAX = 2048
 MIN_DOT = 16  # smallest tl.dot block dimension that compiles for NVIDIA GPUs
+# K tile of the 16-bit route pass, and the block in which pieces.py interleaves the prototype pieces along K: 64
+# 16-bit values are 128 bytes per row and stage.
+PIECE_BLOCK_K = 64
 
 # Decode shrink: column blocks of DECODE_BLOCK_C outputs (prototype or A rows), K tiles of DECODE_BLOCK_K. 32 bf16 are
 # 64 bytes, two 32-byte sectors per row and step; a split covers at least one tile.
@@ -80,6 +83,11 @@ _SMEM_DEFAULT = 99 * 1024
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pow2_floor(n: int) -> int:
+    """Largest power of two <= n (1 for n < 1)."""
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -251,7 +259,7 @@ def decode_plan(
     k_per_split = cdiv(cdiv(d_in, k_splits), bk) * bk
     k_splits = cdiv(d_in, k_per_split)
     width = max(0 if has_scores else block_e, block_kk * block_r)
-    split_chunk = max(1, min(next_pow2(k_splits), DECODE_TILE_MAX // (block_t * width)))
+    split_chunk = max(1, min(next_pow2(k_splits), _pow2_floor(DECODE_TILE_MAX // (block_t * width))))
     block_n = max(MIN_DOT, min(DECODE_BLOCK_N_MAX, ACC_ELEMS_MAX // (block_t * block_r)))
     return DecodePlan(
         k_splits=k_splits,
@@ -310,14 +318,14 @@ def choose_plan(
     block_r = next_pow2(rank)
     block_ea = max(next_pow2(num_experts), -(-MIN_DOT // block_r))
     block_kk = next_pow2(top_k)
-    block_k = 16 if dtype == torch.float32 else 64
+    block_k = 16 if dtype == torch.float32 else PIECE_BLOCK_K
     pieces = pieces_for(dtype)
     mode = MODE_DENSE if regime == "dense" else MODE_ROUTE
     n_a = block_ea * block_r if mode == MODE_DENSE else 0
-    # The pieces' accumulators are combined into one (BLOCK_T, BLOCK_E) score block; in mode DENSE the epilogue's
+    # The pieces accumulate into one (BLOCK_T, BLOCK_E) block; in mode DENSE the epilogue's
     # masked pick of the selected experts holds a second (BLOCK_T, E·r) tile next to the accumulator, so the A part
     # counts twice (at BLOCK_T = 64 this spilled 16-96 bytes on sm_80/sm_90 in the earlier table).
-    block_t = _block_rows(num_tokens, pieces * block_e + 2 * n_a, acc_max)
+    block_t = _block_rows(num_tokens, block_e + 2 * n_a, acc_max)
     n_tblocks = max(1, cdiv(num_tokens, block_t))
     if split is None:
         split = 1
@@ -325,7 +333,6 @@ def choose_plan(
             split = max(1, min(cdiv(num_sms, n_tblocks), cdiv(d_in, 4 * block_k)))
     if split < 1:
         raise ValueError(f"split count must be >= 1, got {split}")
-    nw = block_e + n_a
     route = RoutePlan(
         mode=mode,
         block_t=block_t,
@@ -336,9 +343,11 @@ def choose_plan(
         block_kk=block_kk,
         pieces=pieces,
         split_k=split,
-        split_chunk=max(1, min(next_pow2(split), acc_max // (block_t * nw))),
+        # The finalising program's (chunk, BLOCK_T, width) tile of partial sums at half the accumulator budget: the
+        # full budget spilled 8 bytes on sm_90 (E=64, BLOCK_T=32, mode ROUTE).
+        split_chunk=max(1, min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * max(block_e, n_a))))),
         num_warps=NUM_WARPS,
-        num_stages=_stages((block_t + pieces * block_e + n_a) * block_k * elt, capability),
+        num_stages=_stages((block_t + block_e + n_a) * block_k * elt, capability),
     )
     if regime == "dense":
         # The fused base GEMM is a plain Triton GEMM: it removes the y round trip (base write, expand read + write:
@@ -347,8 +356,9 @@ def choose_plan(
         fuse = bool(fuse_base)
         block_kc = min(block_ea * block_r, block_k)
         if fuse:
-            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64 (16-bit) or 16.
-            bt, bn, warps = 128, 128, 8
+            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64; float32 (FMA dots,
+            # operand fragments in registers) at a quarter of that, as in the rest of the table.
+            bt, bn, warps = (64, 64, NUM_WARPS) if dtype == torch.float32 else (128, 128, 8)
             kb = block_k
             stages = _stages((bt + bn) * kb * elt, capability)
         else:

@@ -2,9 +2,9 @@
 
 Per block of BLOCK_T tokens the kernel accumulates, in float32 for any input dtype,
 
-- the routing scores ``x·p_e`` from PIECES dots against the compute-dtype pieces of the float32 prototypes
-  (``pieces.py``; float32 layers dot against the float32 prototypes directly), combined as
-  ``(S_0 + 2^-m S_1 + 2^-2m S_2)·2^exp``;
+- the routing scores ``x·p_e``: for 16-bit layers a GEMM loop over the compute-dtype pieces ``q_0 + q_1 + q_2 = s·p``
+  of the float32 prototypes, interleaved along K (``pieces.py``), into one accumulator, times 1/s at the end; float32
+  layers dot against the float32 prototypes directly;
 - in mode DENSE also ``S_a = x A_allᵀ`` (BLOCK_T, BLOCK_EA·BLOCK_R): every expert's shrink, from the same x tiles.
 
 Then, in the epilogue: top-k of ``|scores|`` (ties to the lower index), softmax of ``top/temperature`` over the k,
@@ -29,7 +29,6 @@ import triton.language as tl
 
 from .dispatch import MODE_DENSE, MODE_ROUTE, RoutePlan
 from .launch import launch
-from .pieces import piece_shift
 from .routing import mix, slot, sum_splits, topk_softmax
 
 _DENSE: tl.constexpr = tl.constexpr(MODE_DENSE)
@@ -46,10 +45,9 @@ def _accumulate(
     E,
     R,
     k_start,
+    k_len,
     k_end,
     inv_scale,
-    c1,
-    c2,
     MODE: tl.constexpr,
     PIECES: tl.constexpr,
     HAS_SCORES: tl.constexpr,
@@ -59,40 +57,39 @@ def _accumulate(
     NA: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """(scores (BLOCK_T, BLOCK_E), S_a (BLOCK_T, NA)) over d_in range [k_start, k_end), float32."""
+    """(scores (BLOCK_T, BLOCK_E), S_a (BLOCK_T, NA)) over d_in range [k_start, k_end), float32.
+
+    The pieces are interleaved along K in blocks of BLOCK_K (``pieces.py``), so the score loop is a plain GEMM loop
+    over PIECES·k_len columns with one tile per step, into one (BLOCK_T, BLOCK_E) accumulator (holding the pieces in
+    separate accumulators, or side by side in one tile, spilled 68-600 bytes on sm_90). Every product is exact, so
+    the accumulator holds a float32 sum of x·q_j terms: x·(s·p). The A part follows in its own loop.
+    """
     e_offs = tl.arange(0, BLOCK_E)
     p_cols = p_ptr + e_offs.to(tl.int64)[None, :] * stride_p
     p_mask = e_offs[None, :] < E
-    piece = E.to(tl.int64) * stride_p  # rows of one piece
     c = tl.arange(0, NA)
     ce = c // BLOCK_R
     cs = c % BLOCK_R
     a_cols = a_ptr + (ce * R + cs).to(tl.int64)[None, :] * stride_a
     a_mask = (ce[None, :] < E) & (cs[None, :] < R)
-    acc0 = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    acc_p = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_T, NA), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k_offs < k_end
-        xt = tl.load(x_rows + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        if not HAS_SCORES:
-            pm = k_mask[:, None] & p_mask
-            p0 = tl.load(p_cols + k_offs[:, None], mask=pm, other=0.0)
-            acc0 = tl.dot(xt.to(p0.dtype), p0, acc0, input_precision="ieee")
-            if PIECES > 1:
-                p1 = tl.load(p_cols + piece + k_offs[:, None], mask=pm, other=0.0)
-                acc1 = tl.dot(xt, p1, acc1, input_precision="ieee")
-                p2 = tl.load(p_cols + 2 * piece + k_offs[:, None], mask=pm, other=0.0)
-                acc2 = tl.dot(xt, p2, acc2, input_precision="ieee")
-        if MODE == _DENSE:
+    kb = tl.arange(0, BLOCK_K)
+    if not HAS_SCORES:
+        for step in range(0, PIECES * k_len, BLOCK_K):
+            k_offs = k_start + (step // (PIECES * BLOCK_K)) * BLOCK_K + kb
+            k_mask = k_offs < k_end
+            xt = tl.load(x_rows + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+            pt = tl.load(p_cols + (k_start * PIECES + step + kb)[:, None], mask=k_mask[:, None] & p_mask, other=0.0)
+            acc_p = tl.dot(xt.to(pt.dtype), pt, acc_p, input_precision="ieee")
+    if MODE == _DENSE:
+        for dk in range(0, k_len, BLOCK_K):
+            k_offs = k_start + dk + kb
+            k_mask = k_offs < k_end
+            xt = tl.load(x_rows + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_cols + k_offs[:, None], mask=k_mask[:, None] & a_mask, other=0.0)
             acc_a = tl.dot(xt, at, acc_a, input_precision="ieee")
-    scores = acc0
-    if PIECES > 1:
-        scores = acc0 + acc1 * c1 + acc2 * c2
-    return scores * inv_scale, acc_a
+    return acc_p * inv_scale, acc_a
 
 
 @triton.jit(do_not_specialize=["T", "E", "R", "K_PER_SPLIT", "K_SPLITS"])
@@ -116,8 +113,6 @@ def _route_shrink_kernel(
     K_SPLITS,
     inv_temp,
     inv_scale,
-    c1,
-    c2,
     TOP_K: tl.constexpr,
     MODE: tl.constexpr,
     MIX_WEIGHTS: tl.constexpr,
@@ -144,18 +139,22 @@ def _route_shrink_kernel(
     a_cols = tl.zeros((BLOCK_T, NA), dtype=tl.int32) + tl.arange(0, NA)[None, :]
     if PHASE == 2:
         scores = sum_splits(ws_ptr, t_offs, e_cols, t_mask[:, None], T, K_SPLITS, NW, SPLIT_CHUNK)
-        acc_a = sum_splits(ws_ptr, t_offs, BLOCK_E + a_cols, t_mask[:, None], T, K_SPLITS, NW, SPLIT_CHUNK)
+        if MODE == _DENSE:
+            acc_a = sum_splits(ws_ptr, t_offs, BLOCK_E + a_cols, t_mask[:, None], T, K_SPLITS, NW, SPLIT_CHUNK)
+        else:
+            acc_a = tl.zeros((BLOCK_T, NA), dtype=tl.float32)
     else:
         k_start = pid_k * K_PER_SPLIT
         k_end = tl.minimum(k_start + K_PER_SPLIT, D_IN)
         scores, acc_a = _accumulate(
-            x_ptr + t64[:, None] * stride_x, t_mask, p_ptr, a_ptr, stride_p, stride_a, E, R, k_start, k_end,
-            inv_scale, c1, c2, MODE, PIECES, HAS_SCORES, BLOCK_T, BLOCK_K, BLOCK_E, NA, BLOCK_R,
+            x_ptr + t64[:, None] * stride_x, t_mask, p_ptr, a_ptr, stride_p, stride_a, E, R, k_start, K_PER_SPLIT,
+            k_end, inv_scale, MODE, PIECES, HAS_SCORES, BLOCK_T, BLOCK_K, BLOCK_E, NA, BLOCK_R,
         )  # fmt: skip
     if PHASE == 1:
         ws_rows = ws_ptr + (pid_k * T + t_offs).to(tl.int64)[:, None] * NW
         tl.store(ws_rows + e_cols, scores, mask=t_mask[:, None])
-        tl.store(ws_rows + BLOCK_E + a_cols, acc_a, mask=t_mask[:, None])
+        if MODE == _DENSE:
+            tl.store(ws_rows + BLOCK_E + a_cols, acc_a, mask=t_mask[:, None])
     else:
         if HAS_SCORES:
             emask = t_mask[:, None] & (e_cols < E)
@@ -212,10 +211,9 @@ def route_shrink(
     n_tblocks = triton.cdiv(t, plan.block_t)
     nw = plan.block_e + (plan.block_ea * plan.block_r if plan.mode == MODE_DENSE else 16)
     ws = torch.empty(split_k * t * nw if split_k > 1 else 1, device=x.device, dtype=torch.float32)
-    m = piece_shift(x.dtype) if plan.pieces > 1 else 0
     args = (x, p_route, a, scores if scores is not None else w, g, idx, w, ws, t, d_in, x.stride(0))
     args += (p_route.stride(0), a.stride(0), num_experts, rank, k_per_split, split_k, 1.0 / float(temperature))
-    args += (float(inv_scale), 2.0**-m, 2.0 ** (-2 * m))
+    args += (float(inv_scale),)
     common = dict(
         TOP_K=top_k,
         MODE=plan.mode,

@@ -7,6 +7,7 @@ use tiny odd shapes and float32/float16 only.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -52,8 +53,35 @@ class Problem:
         return self.a.shape[1]
 
     def packed(self, dtype: torch.dtype, mixing: str = "output", device: torch.device = DEVICE) -> PackedExperts:
-        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better)."""
-        return pack_experts(self.a, self.b, self.scaling, self.prototypes, mixing=mixing, dtype=dtype, device=device)
+        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better), with
+        float32 prototypes (the layout every backend routes with)."""
+        packed = pack_experts(self.a, self.b, self.scaling, self.prototypes, mixing=mixing, dtype=dtype, device=device)
+        if packed.prototypes.dtype == torch.float32:
+            return packed
+        # A packing that stores the prototypes in the compute dtype: hand the Triton backend the float32 ones.
+        fields = dict(a=packed.a, b_t=packed.b_t, num_experts=packed.num_experts, rank=packed.rank, mixing=mixing)
+        return types.SimpleNamespace(prototypes=self.prototypes.to(device=device, dtype=torch.float32), **fields)
+
+    def layer(self, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output", **overrides):
+        """``triton_ops.prepare`` of these experts; ``overrides``: regime / split / fuse_base."""
+        from genknowsub_fast.backends import triton_ops
+
+        return triton_ops.prepare(self.packed(dtype, mixing), top_k, temperature, **overrides)
+
+    def cast(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """x, weight and bias in ``dtype`` on DEVICE."""
+        return {n: getattr(self, n).to(device=DEVICE, dtype=dtype) for n in ("x", "weight", "bias")}
+
+    def reference(self, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output", base: bool = True):
+        """(float64 reference, same-dtype reference) of ``x Wᵀ + bias + delta`` (the delta alone without ``base``)."""
+
+        def run(dt):
+            c = lambda t: t.to(dt)  # noqa: E731
+            w, b = (c(self.weight), c(self.bias)) if base else (None, None)
+            args = (c(self.x), c(self.a), c(self.b), c(self.scaling), c(self.prototypes), top_k, temperature, mixing)
+            return reference.routed_lora(*args, w, b)
+
+        return run(torch.float64), run(dtype)
 
 
 def make_problem(

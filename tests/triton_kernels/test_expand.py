@@ -1,4 +1,5 @@
-"""Expand kernels (gathered, dense, grouped) with the routing passed in, against reference.expand_with_routing."""
+"""Expand kernels (dense, with and without the fused base GEMM, and grouped) with the routing passed in, against
+reference.expand_with_routing."""
 
 from __future__ import annotations
 
@@ -25,31 +26,32 @@ def _triton():
     require_triton()
 
 
-def _expand(prob, dtype, idx, w, mixing, regime, accumulate, y0=None, fp32_accumulate=None):
+def _expand(prob, dtype, idx, w, mixing, regime, accumulate, y0=None, fp32_accumulate=None, fuse=False):
     """Run the regime's expand for the given routing; returns y (T, d_out)."""
-    from genknowsub_fast.triton_kernels.expand import expand_
+    from genknowsub_fast.triton_kernels.expand import expand_dense_
     from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert, grouped_expand_, grouped_shrink
 
-    packed = prob.packed(dtype, mixing)
+    layer = prob.layer(dtype, idx.shape[1], 1.0, mixing)
     t, k = idx.shape
     e, r = prob.num_experts, prob.rank
     x = prob.x.to(device=DEVICE, dtype=dtype)
-    plan = choose_plan(t, e, r, k, x.shape[1], packed.d_out, dtype, None, None, regime)
-    y = torch.full((t, packed.d_out), float("nan"), device=DEVICE, dtype=dtype) if y0 is None else y0.clone()
+    plan = choose_plan(t, e, r, k, x.shape[1], layer.d_out, dtype, None, None, False, regime, None, fuse)
+    y = torch.full((t, layer.d_out), float("nan"), device=DEVICE, dtype=dtype) if y0 is None else y0.clone()
     idx32 = idx.to(device=DEVICE, dtype=torch.int32)
     w32 = w.to(device=DEVICE, dtype=torch.float32)
     if regime == "grouped":
-        gp = plan.expand.grouped
+        gp = plan.grouped
         if fp32_accumulate is not None:
             gp = dataclasses.replace(gp, fp32_accumulate=fp32_accumulate)
         pairs, bexp = align_pairs_by_expert(idx32, e, gp.block_m)
-        hw = grouped_shrink(x, packed.route_shrink, w32, pairs, bexp, e, r, gp)
+        hw = grouped_shrink(x, layer.a, w32, pairs, bexp, r, gp)
         if not accumulate:
             y.zero_()
-        return grouped_expand_(y, hw, w32, pairs, bexp, packed.b_t, r, mixing == "weights", gp)
+        return grouped_expand_(y, hw, w32, pairs, bexp, layer.b_t, r, mixing == "weights", gp)
     # Coefficients as the route pass would hand them over: float32, computed here from the given routing.
     g = shrink_coefficients(prob.x, prob.a, w, idx, mixing).to(device=DEVICE, dtype=torch.float32)
-    return expand_(y, g, idx32, packed.b_t, e, r, plan.expand, accumulate)
+    c = prob.cast(dtype)
+    return expand_dense_(y, g, idx32, layer.b_t, plan.expand, accumulate, x, c["weight"], c["bias"])
 
 
 # (T, E, r, d_in, d_out, k)
@@ -64,7 +66,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-E{}-r{}-din{}-dout{}-k{}".format(*s))
-@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
 @pytest.mark.parametrize("mixing", ["output", "weights"])
 def test_expand_matches_reference(dtype, shape, regime, mixing):
     t, e, r, d_in, d_out, k = shape
@@ -79,7 +81,7 @@ def test_expand_matches_reference(dtype, shape, regime, mixing):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
+@pytest.mark.parametrize("regime", ["dense", "grouped"])
 def test_expand_accumulates_into_y(dtype, regime):
     """With accumulate the delta is added to what y holds (the base output), not written over it."""
     prob = make_problem(9, 4, 2, 19, 41, seed=4, margin=False)
@@ -91,6 +93,20 @@ def test_expand_accumulates_into_y(dtype, regime):
         prob.x.to(dtype), prob.a.to(dtype), prob.b.to(dtype), prob.scaling.to(dtype), w.to(dtype), idx, "output"
     )
     check(y, base64 + delta64, base64.to(dtype) + same, dtype, f"{regime} accumulate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_base_gemm(dtype):
+    """The dense expand with the base GEMM in the kernel writes x Wᵀ + bias + delta (y's contents are ignored)."""
+    prob = make_problem(40, 4, 3, 70, 45, seed=6, margin=False)
+    idx, w = random_routing(40, 4, 2, seed=4)
+    y = _expand(prob, dtype, idx, w, "output", "dense", True, fuse=True)
+    cast = [t.to(dtype) for t in (prob.x, prob.a, prob.b, prob.scaling)]
+    base64 = prob.x @ prob.weight.T + prob.bias
+    base_same = prob.x.to(dtype) @ prob.weight.to(dtype).T + prob.bias.to(dtype)
+    delta64 = reference.expand_with_routing(prob.x, prob.a, prob.b, prob.scaling, w, idx, "output")
+    same = reference.expand_with_routing(*cast, w.to(dtype), idx, "output")
+    check(y, base64 + delta64, base_same + same, dtype, "fused base GEMM + dense expand")
 
 
 def test_grouped_fp32_accumulate_path():
