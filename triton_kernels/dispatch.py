@@ -5,7 +5,7 @@ argument tuple, so a layer pays for it once per token count (``TritonLayer`` als
 
 No GPU was available while this table was written, so no threshold below rests on a GPU timing. Each one is derived
 from operation counts or hardware limits, stated next to it; ``benchmarks/gpu_model.py`` turns the plans into
-predicted times, and ``benchmarks/test_bench_triton.py`` measures them (``bash benchmarks/gpu_check.sh``).
+predicted times, and ``benchmarks/bench_gpu.py`` measures them (``bash benchmarks/gpu_check.sh``).
 
 Regimes:
 
