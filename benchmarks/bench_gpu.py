@@ -186,12 +186,12 @@ def op_cases(quick: bool):
     return [(m, lib, t) for m in modules for lib in LIBRARIES for t in tokens]
 
 
-def bench_ops(quick: bool, rounds: int, progress) -> tuple[list[dict], int]:
-    """Rows of every op case and the number of failed output checks."""
+def bench_ops(quick: bool, rounds: int, progress, rows: list[dict]) -> int:
+    """Append the rows of every op case to ``rows``; returns the number of failed output checks."""
     from benchmarks import gpu_model
 
     dev = gpu_model.DEVICES["h200" if "H200" in torch.cuda.get_device_name() else "h100"]
-    rows, failed = [], 0
+    failed = 0
     for module, lib, t in op_cases(quick):
         d_in, d_out = PHI3_MINI_SHAPES[module]
         e, r = LIBRARIES[lib]
@@ -219,7 +219,7 @@ def bench_ops(quick: bool, rounds: int, progress) -> tuple[list[dict], int]:
             rows.append(_row(group, impl, per_call, **info))
         progress(f"{group}: " + ", ".join(f"{k} {statistics.median(v) * 1e6:.1f} µs" for k, v in times.items()))
         del layers, eager, graphs
-    return rows, failed
+    return failed
 
 
 def bench_model(rounds: int, progress) -> list[dict]:
@@ -281,9 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
-    rows, failed = bench_ops(args.quick, args.rounds, progress)
-    if not args.no_model:
-        rows += bench_model(max(3, args.rounds // 5), progress)
+    rows: list[dict] = []
+    failed, interrupted = 0, False
+    try:  # a stage timeout sends SIGINT: keep and write what was measured
+        failed = bench_ops(args.quick, args.rounds, progress, rows)
+        if not args.no_model:
+            rows += bench_model(max(3, args.rounds // 3), progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted: writing the rows measured so far")
     import triton
 
     data = {
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
         json.dump(data, f, indent=1)
     progress(f"wrote {args.json} ({len(rows)} rows); output checks failed: {failed}")
-    return 1 if failed else 0
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":

@@ -114,19 +114,23 @@ def _record(
 
 
 def record_table_launches(
-    arch: int, dtypes: tuple[torch.dtype, ...] = DTYPES, extra: bool = False
+    arch: int,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    extra: bool = False,
+    extra_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> list[launch_mod.Launch]:
     """Every launch the dispatch table makes for the problem set on ``arch``, recorded on meta tensors.
 
-    With ``extra`` the launches of :data:`EXTRA_PROBLEMS` follow; each launch's ``tag`` says "table" (a configuration
-    the dispatch table picks) or "edge" (a forced regime).
+    With ``extra`` the launches of :data:`EXTRA_PROBLEMS` follow, in ``extra_dtypes`` (default: ``dtypes``); each
+    launch's ``tag`` says "table" (a configuration the dispatch table picks) or "edge" (a forced regime).
     """
     launches = []
-    for d_in, d_out in PHI3_MINI.values():
+    for i, (d_in, d_out) in enumerate(PHI3_MINI.values()):
         for e, r in EXPERT_SETS:
             for t in TOKENS:
                 for dtype in dtypes:
-                    for mix_weights in (False, True):
+                    # "weights" mixing changes only the epilogue: compiled for the first projection.
+                    for mix_weights in (False, True) if i == 0 else (False,):
                         launches.extend(_record(arch, d_in, d_out, e, r, TOP_K, t, dtype, mix_weights))
     for d_in, d_out, e, r, k, t, fuse, scores in VARIANT_PROBLEMS:
         for dtype in dtypes:
@@ -135,7 +139,7 @@ def record_table_launches(
         ln.tag = "table"
     if extra:
         for d_in, d_out, e, r, k, t, regime in EXTRA_PROBLEMS:
-            for dtype in dtypes:
+            for dtype in extra_dtypes or dtypes:
                 for mix_weights in (False, True):
                     rec = _record(arch, d_in, d_out, e, r, k, t, dtype, mix_weights, regime)
                     for ln in rec:
@@ -248,7 +252,12 @@ _PTXAS_EDGE = False
 
 
 def compile_table(
-    archs: list[int], jobs: int, dtypes: tuple[torch.dtype, ...] = DTYPES, kernel_filter: str = "", extra: bool = False
+    archs: list[int],
+    jobs: int,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    kernel_filter: str = "",
+    extra: bool = False,
+    extra_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> list[CompileResult]:
     """Compile every unique configuration of the table (and with ``extra`` of EXTRA_PROBLEMS) for each arch.
 
@@ -258,7 +267,8 @@ def compile_table(
     global _WORKER_LAUNCHES
     results = []
     for arch in archs:
-        launches = [ln for ln in record_table_launches(arch, dtypes, extra) if kernel_filter in ln.name]
+        launches = record_table_launches(arch, dtypes, extra, extra_dtypes)
+        launches = [ln for ln in launches if kernel_filter in ln.name]
         _WORKER_LAUNCHES = unique_configs(launches, arch)
         payloads = [(arch, i) for i in range(len(_WORKER_LAUNCHES))]
         if jobs > 1:
@@ -286,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], help="only these dtypes")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--extra", action="store_true", help="also EXTRA_PROBLEMS (edge shapes, forced regimes)")
+    parser.add_argument("--extra-dtype", nargs="+", choices=["float16", "bfloat16", "float32"],
+                        help="dtypes of the EXTRA_PROBLEMS (default: those of --dtype)")  # fmt: skip
     parser.add_argument("--ptxas-edge", action="store_true", help="registers/spills of forced-regime configs too")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -294,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
     global _PTXAS_EDGE
     _PTXAS_EDGE = args.ptxas_edge
-    results = compile_table(args.arch, args.jobs, dtypes, args.kernel, args.extra)
+    extra_dtypes = tuple(getattr(torch, d) for d in args.extra_dtype) if args.extra_dtype else None
+    results = compile_table(args.arch, args.jobs, dtypes, args.kernel, args.extra, extra_dtypes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)

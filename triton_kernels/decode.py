@@ -44,7 +44,7 @@ def _partial_dot(
     return acc
 
 
-@triton.jit(do_not_specialize=["T", "E", "ER", "K_PER_SPLIT"])
+@triton.jit(do_not_specialize=["T", "E", "ER", "K_PER_SPLIT", "N_P_BLOCKS", "WS_COLS"])
 def _decode_shrink_kernel(
     x_ptr,
     p_ptr,
@@ -58,8 +58,8 @@ def _decode_shrink_kernel(
     E,
     ER,
     K_PER_SPLIT,
-    N_P_BLOCKS: tl.constexpr,
-    WS_COLS: tl.constexpr,
+    N_P_BLOCKS,
+    WS_COLS,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -89,7 +89,7 @@ def _decode_shrink_kernel(
     tl.store(ws_rows + (pid_c * BLOCK_C + c)[None, :], acc, mask=t_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["T", "E", "R", "K_SPLITS"])
+@triton.jit(do_not_specialize=["T", "E", "R", "K_SPLITS", "A_COL0", "WS_COLS"])
 def _decode_expand_kernel(
     ws_ptr,
     scores_ptr,
@@ -103,8 +103,8 @@ def _decode_expand_kernel(
     R,
     K_SPLITS,
     inv_temp,
-    A_COL0: tl.constexpr,
-    WS_COLS: tl.constexpr,
+    A_COL0,
+    WS_COLS,
     TOP_K: tl.constexpr,
     MIX_WEIGHTS: tl.constexpr,
     HAS_SCORES: tl.constexpr,
@@ -198,8 +198,8 @@ def decode_delta_(
         e,
         e * r,
         plan.k_per_split,
-        N_P_BLOCKS=plan.n_p_blocks,
-        WS_COLS=plan.ws_cols,
+        plan.n_p_blocks,
+        plan.ws_cols,
         BLOCK_T=plan.shrink_block_t,
         BLOCK_K=plan.shrink_block_k,
         BLOCK_C=plan.block_c,
@@ -221,8 +221,8 @@ def decode_delta_(
         r,
         plan.k_splits,
         1.0 / float(temperature),
-        A_COL0=plan.n_p_blocks * plan.block_c,
-        WS_COLS=plan.ws_cols,
+        plan.n_p_blocks * plan.block_c,
+        plan.ws_cols,
         TOP_K=top_k,
         MIX_WEIGHTS=mix_weights,
         HAS_SCORES=scores is not None,

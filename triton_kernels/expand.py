@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import DenseExpandPlan
+from .dispatch import DenseExpandPlan, cdiv
 from .launch import launch
 
 
@@ -118,7 +118,7 @@ def expand_dense_(
     fuse = plan.fuse_base and weight is not None
     if plan.fuse_base and not fuse:
         raise ValueError("a fused-base plan needs the base weight")
-    grid = (triton.cdiv(t, plan.block_t), triton.cdiv(d_out, plan.block_n))
+    grid = (cdiv(t, plan.block_t), cdiv(d_out, plan.block_n))
     launch(
         _expand_dense_kernel,
         grid,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import GroupedPlan
+from .dispatch import GroupedPlan, cdiv
 from .launch import launch
 
 
@@ -38,7 +38,7 @@ def align_pairs_by_expert(idx: torch.Tensor, num_experts: int, block_m: int) -> 
     t, k = idx.shape
     n = t * k
     dev = idx.device
-    num_blocks = min(n, triton.cdiv(n, block_m) + min(num_experts, n))
+    num_blocks = min(n, cdiv(n, block_m) + min(num_experts, n))
     flat = idx.reshape(-1).to(torch.int64)
     # scatter_add_ rather than bincount: bincount on CUDA reads the max back to size its output (a host sync).
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
@@ -211,7 +211,7 @@ def grouped_expand_(
         return y
     top_k = w.shape[1]
     out = torch.zeros(t, d_out, device=y.device, dtype=torch.float32) if plan.fp32_accumulate else y
-    grid = (block_expert.shape[0], triton.cdiv(d_out, plan.block_n))
+    grid = (block_expert.shape[0], cdiv(d_out, plan.block_n))
     launch(
         _grouped_expand_kernel,
         grid,

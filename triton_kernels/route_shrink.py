@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import MODE_DENSE, MODE_ROUTE, RoutePlan
+from .dispatch import MODE_DENSE, MODE_ROUTE, RoutePlan, cdiv
 from .launch import launch
 from .routing import mix, slot, sum_splits, topk_softmax
 
@@ -206,9 +206,9 @@ def route_shrink(
     w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)
     if t == 0:
         return g, idx, w
-    k_per_split = triton.cdiv(triton.cdiv(d_in, plan.split_k), plan.block_k) * plan.block_k
-    split_k = triton.cdiv(d_in, k_per_split)
-    n_tblocks = triton.cdiv(t, plan.block_t)
+    k_per_split = cdiv(cdiv(d_in, plan.split_k), plan.block_k) * plan.block_k
+    split_k = cdiv(d_in, k_per_split)
+    n_tblocks = cdiv(t, plan.block_t)
     nw = plan.block_e + (plan.block_ea * plan.block_r if plan.mode == MODE_DENSE else 16)
     ws = torch.empty(split_k * t * nw if split_k > 1 else 1, device=x.device, dtype=torch.float32)
     args = (x, p_route, a, scores if scores is not None else w, g, idx, w, ws, t, d_in, x.stride(0))

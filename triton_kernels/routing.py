@@ -64,7 +64,7 @@ def slot(values, j, BLOCK_KK: tl.constexpr):
 
 
 @triton.jit
-def sum_splits(ws_ptr, t_offs, cols, cmask, T, K_SPLITS, WS_COLS: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+def sum_splits(ws_ptr, t_offs, cols, cmask, T, K_SPLITS, WS_COLS, SPLIT_CHUNK: tl.constexpr):
     """Σ of the K_SPLITS partial rows of ws (splits, T, WS_COLS) at tokens t_offs and columns cols (BLOCK_T, W).
 
     SPLIT_CHUNK splits are loaded per (SPLIT_CHUNK, BLOCK_T, W) tile: all of them at once when they fit.
