@@ -91,24 +91,6 @@ def base_gemm(t: int, d_in: int, d_out: int, elt: int = 2) -> KernelCost:
     return KernelCost("cublas_gemm", (1,), (d_out * d_in + t * d_in + t * d_out) * elt, 2.0 * t * d_in * d_out, 1)
 
 
-def align_op_count(t: int, e: int, k: int, block_m: int) -> int:
-    """Device ops ``grouped.align_pairs_by_expert`` dispatches (each one kernel launch on CUDA), counted on the CPU."""
-    from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Count.n += not func.is_view  # views launch nothing
-            return func(*args, **(kwargs or {}))
-
-    idx = torch.randint(0, e, (t, k), dtype=torch.int32)
-    with _Count():
-        align_pairs_by_expert(idx, e, block_m)
-    return _Count.n
-
-
 def kernel_costs(
     t: int, d_in: int, d_out: int, e: int, r: int, k: int, dev: Device, fuse_base: bool | None = None
 ) -> list[KernelCost]:
@@ -165,6 +147,12 @@ def kernel_costs(
                                         flops + 2.0 * t * d_in * d_out, 1))  # fmt: skip
             else:
                 costs.append(KernelCost(ln.name, ln.grid, b + 2 * y_b + t * k * (r + 1) * 4, flops, 2))
+        elif ln.name == "_align_kernel":
+            # One program: two passes over the T·k experts in CHUNK pieces and one over the blocks, each step a
+            # dependent load round.
+            n, blocks = t * k, ln.args[5]
+            rounds = 2 * _cdiv(n, c["CHUNK"]) + _cdiv(blocks, c["BLOCK_B"])
+            costs.append(KernelCost(ln.name, ln.grid, n * 4 * 3 + blocks * (c["BLOCK_M"] + 1) * 4, 0.0, rounds))
         elif ln.name == "_grouped_shrink_kernel":
             g = plan.grouped
             costs.append(KernelCost(ln.name, ln.grid, x_b + e * r * d_in * elt + t * k * (r + 1) * 4,
@@ -176,11 +164,6 @@ def kernel_costs(
                                     2.0 * ln.grid[0] * g.block_m * g.block_r * d_out, 2))  # fmt: skip
         else:
             raise ValueError(f"no cost model for {ln.name}")
-    if plan.grouped is not None:
-        # Each alignment op is a small kernel: a launch gap and one round, next to nothing to stream.
-        n_ops = align_op_count(t, e, k, plan.grouped.block_m)
-        at = [c.name for c in costs].index("_grouped_shrink_kernel")
-        costs.insert(at, KernelCost("align_pairs_by_expert", (n_ops,), t * k * 16, 0.0, n_ops, launches=n_ops))
     return [c.price(dev) for c in costs]
 
 

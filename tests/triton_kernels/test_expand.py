@@ -144,3 +144,6 @@ def test_align_pairs_by_expert():
     counts = torch.bincount(flat, minlength=e)
     assert int((bexp >= 0).sum()) == int(((counts + bm - 1) // bm).sum()), "one run of blocks per expert"
     assert torch.all(bexp[: int((bexp >= 0).sum())] >= 0), "used blocks come first"
+    for ex in range(e):
+        mine = pairs[valid][flat[pairs[valid]] == ex]
+        assert torch.all(mine[1:] > mine[:-1]), "pairs keep their order within an expert"
