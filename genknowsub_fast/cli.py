@@ -1,25 +1,10 @@
-"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info`` (and ``inspect`` when analytics are installed)."""
+"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
-
-# Subcommands register here: name → (add_arguments(parser), run(args) -> exit code).
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def subcommand(name: str, help_text: str):
-    """Register ``fn`` (taking the parsed args) as ``genknowsub-fast NAME``; the decorated function adds arguments."""
-
-    def deco(add_args):
-        add_args.help_text = help_text
-        SUBCOMMANDS[name] = (add_args, add_args.run)
-        return add_args
-
-    return deco
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -91,31 +76,37 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-for _name, _add, _run, _help in (
-    ("demo", _add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
-    ("build", _add_build, _run_build, "build a library file from PEFT adapter directories"),
-    ("info", _add_info, _run_info, "describe a library file"),
-):
-    _add.run = _run
-    subcommand(_name, _help)(_add)
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    from .analytics.cli import add_arguments
+
+    add_arguments(p)
 
 
-def _load_plugins() -> None:
-    """Subcommands that live in optional modules (analytics) register themselves on import."""
-    try:
-        importlib.import_module(f"{__package__}.analytics_cli")
-    except ModuleNotFoundError as exc:  # only "the module is not there"; a broken import must surface
-        if exc.name != f"{__package__}.analytics_cli":
-            raise
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .analytics.cli import run
+
+    return run(args)
+
+
+# name → (add_arguments(parser), run(args) -> exit code, help)
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "demo": (_add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
+    "build": (_add_build, _run_build, "build a library file from PEFT adapter directories"),
+    "info": (_add_info, _run_info, "describe a library file"),
+    "inspect": (
+        _add_inspect,
+        _run_inspect,
+        "prototype similarity, ΔW spectra and routing statistics of a library (+ PNG plots)",
+    ),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``genknowsub-fast``; returns the exit code (2 on bad input, with a one-line error)."""
-    _load_plugins()
     parser = argparse.ArgumentParser(prog="genknowsub-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=add_args.help_text))
+    for name, (add_args, _, help_text) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     try:
         return SUBCOMMANDS[args.command][1](args)
@@ -125,7 +116,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Plugins register into the importable genknowsub_fast.cli, not into this __main__ copy: run that one's main.
-    from genknowsub_fast.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

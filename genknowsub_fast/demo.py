@@ -21,7 +21,7 @@ import torch
 
 from . import reference
 from .library import LoraLibrary
-from .patching import patch_model, patched, patched_modules
+from .patching import patch_model, patched, patched_layers
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -52,37 +52,29 @@ def decode_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> flo
 
 
 def _capture_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list]:
-    """Forward pre-hooks that keep the last input of every patched module."""
+    """Forward pre-hooks that keep the last input of every patched module, by library module path."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name, module in patched_modules(model).items():
-        path = module.__dict__["_gkf_patch"].name
+    for layer in patched_layers(model).values():
 
-        def hook(_m, args, _path=path):
+        def hook(_m, args, _path=layer.name):
             seen[_path] = args[0].detach()
 
-        handles.append(module.register_forward_pre_hook(hook))
-        del name
+        handles.append(layer.module.register_forward_pre_hook(hook))
     return seen, handles
 
 
 def reference_error(lib: LoraLibrary, inputs: dict[str, torch.Tensor], model, top_k: int, temp: float) -> float:
     """Largest |patched layer delta − float64 reference delta| over the patched modules, relative to the delta."""
-    from .backends.packing import PackedExperts
-    from .ops import routed_linear
-
     worst = 0.0
-    for name, module in patched_modules(model).items():
-        st = module.__dict__["_gkf_patch"]
-        x = inputs[st.name].reshape(-1, inputs[st.name].shape[-1])
-        m = lib.modules[st.name]
-        packed = PackedExperts(module._gkf_route_shrink, module._gkf_b_t, st.num_experts, st.rank, st.mixing)
-        ours = routed_linear(x, packed, top_k, temp, None, None, st.backend)
+    for layer in patched_layers(model).values():
+        x = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
+        m = lib.modules[layer.name]
+        ours = layer.runner(x)
         ref = reference.routed_lora(
             x.double(), m.a.double(), m.b.double(), m.scaling.double(), m.prototypes.double(), top_k, temp
         )
         worst = max(worst, float((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-        del name
     return worst
 
 
@@ -186,7 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _demo_plots(lib: LoraLibrary, model, out: str, ad) -> None:
     try:
-        from .plots import write_demo_plots
+        from .analytics.plots import write_demo_plots
     except ImportError as exc:
         print(f"      (plots skipped: {exc})")
         return

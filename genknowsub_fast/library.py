@@ -1,7 +1,8 @@
 """LoraLibrary: a set of task LoRA experts per target module, after GenKnowSub, with their Arrow prototypes.
 
 Built from PEFT adapter directories (:meth:`LoraLibrary.from_adapters`) or from a PEFT model made by
-``peft.create_arrow_model`` (:meth:`LoraLibrary.from_peft_model`); saved as one safetensors file.
+``peft.create_arrow_model`` (:meth:`LoraLibrary.from_peft_model`, implemented in ``integrations.peft``); saved as one
+safetensors file (format in docs/design.md). The library knows neither models' patching nor analytics.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import gks as gks_math
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
+from .experts import ModuleExperts
+from .gks import GKS_MODES
 
 FORMAT_VERSION = 1
-GKS_MODES = ("param", "delta")
 _META_KEY = "genknowsub_fast"
 _CLASS_SUFFIX = re.compile(r"(For[A-Za-z]+|LMHeadModel|Model)$")
 
@@ -32,36 +34,6 @@ def model_family(class_name: str | None) -> str | None:
     if not class_name:
         return None
     return _CLASS_SUFFIX.sub("", class_name).lower() or None
-
-
-@dataclass
-class ModuleExperts:
-    """The experts of one target module: A (E, r_max, d_in), B (E, d_out, r_max), scaling (E,), prototypes
-    (E, d_in) and ranks (E,). Mixed ranks are zero-padded to r_max."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: torch.Tensor
-    prototypes: torch.Tensor
-    ranks: torch.Tensor
-
-    @property
-    def d_in(self) -> int:
-        return int(self.a.shape[2])
-
-    @property
-    def d_out(self) -> int:
-        return int(self.b.shape[1])
-
-    def to(self, device=None, dtype=None) -> ModuleExperts:
-        """A copy with float tensors on ``device`` / in ``dtype`` (scaling stays float32, ranks int64)."""
-        return ModuleExperts(
-            self.a.to(device=device, dtype=dtype),
-            self.b.to(device=device, dtype=dtype),
-            self.scaling.to(device=device),
-            self.prototypes.to(device=device, dtype=dtype),
-            self.ranks.to(device=device),
-        )
 
 
 def _pad_stack(mats: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
@@ -160,13 +132,6 @@ class LoraLibrary:
             self.routing,
         )
 
-    def stats(self, top: int | None = 8):
-        """Prototype |cos| matrices and top-``top`` ΔW singular values per module: see
-        :func:`genknowsub_fast.analytics.library_stats`."""
-        from .analytics import library_stats
-
-        return library_stats(self, top)
-
     # ------------------------------------------------------------------------------------------------- building
     @classmethod
     def from_adapters(
@@ -221,62 +186,63 @@ class LoraLibrary:
         if names is not None:
             for adapter, n in zip(tasks, names, strict=True):
                 adapter.name = n
-        return cls._from_loaded(tasks, general, gks if general else None, prototypes, dtype, device, rng_seed)
+        return cls.from_loaded(tasks, general, gks if general else None, prototypes, dtype, device, rng_seed)
 
     @classmethod
-    def _from_loaded(
+    def from_loaded(
         cls,
-        tasks: list[LoraAdapter],
-        general: list[LoraAdapter],
-        gks: str | None,
-        prototypes: str,
-        dtype: torch.dtype | None,
-        device,
-        rng_seed: int | None,
+        tasks: Sequence[LoraAdapter],
+        general: Sequence[LoraAdapter] = (),
+        gks: str | None = "param",
+        prototypes: str = "exact",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        rng_seed: int | None = None,
         routing: dict | None = None,
         already_subtracted: set[str] | None = None,
+        general_weights: Sequence[float] | None = None,
     ) -> LoraLibrary:
+        """Build a library from adapters already in memory (:class:`~genknowsub_fast.adapters.LoraAdapter`).
+
+        ``gks`` is None (nothing subtracted) or one of :data:`~genknowsub_fast.gks.GKS_MODES`; ``already_subtracted``
+        names module paths whose task factors already had GenKnowSub applied (a PEFT model that ran once).
+        ``general_weights``: one coefficient per general adapter (default: the mean, 1/G each).
+        """
+        tasks, general = list(tasks), list(general)
+        if gks is not None and gks not in GKS_MODES:
+            raise ValueError(f"gks must be None or one of {GKS_MODES}, got {gks!r}")
+        if gks is not None and not general:
+            raise ValueError(f"gks={gks!r} subtracts general knowledge, but no general adapters were given")
+        weights = gks_math.check_weights(
+            gks_math.mean_weights(len(general)) if general_weights is None else general_weights, len(general)
+        )
         base_class = _check_compatible(tasks, general)
-        paths = tasks[0].module_paths
+        done = already_subtracted or set()
         modules: dict[str, ModuleExperts] = {}
-        for path in paths:
-            if gks == "param" and path not in (already_subtracted or set()):
-                _check_equal_ranks(path, tasks + general)
+        for path in tasks[0].module_paths:
             work = torch.promote_types(tasks[0].a[path].dtype, torch.float32)
-            a_list = [t.a[path].to(work) for t in tasks]
-            b_list = [t.b[path].to(work) for t in tasks]
-            s_list = [t.scaling[path] for t in tasks]
-            if gks == "param" and path not in (already_subtracted or set()):
-                mean_a = torch.stack([g.a[path].to(work) for g in general]).mean(0)
-                mean_b = torch.stack([g.b[path].to(work) for g in general]).mean(0)
-                a_list = [a - mean_a for a in a_list]
-                b_list = [b - mean_b for b in b_list]
+            task_f = [(t.a[path].to(work), t.b[path].to(work)) for t in tasks]
+            gen_f = [(g.a[path].to(work), g.b[path].to(work)) for g in general]
+            scalings = [t.scaling[path] for t in tasks]
+            if gks == "param" and path not in done:
+                _check_equal_ranks(path, tasks + general)
+                task_f = gks_math.subtract_param(task_f, gen_f, weights)
             elif gks == "delta":
-                n = len(general)
-                a_g = [g.a[path].to(work) for g in general]
-                b_g = [-(g.scaling[path] / n) * g.b[path].to(work) for g in general]
-                a_list = [torch.cat([a] + a_g, dim=0) for a in a_list]
-                b_list = [torch.cat([s * b] + b_g, dim=1) for b, s in zip(b_list, s_list, strict=True)]
-                s_list = [1.0] * len(tasks)
-            ranks = [a.shape[0] for a in a_list]
+                gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
+                task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
+                sub = gks_math.subtract_delta(task_s, gen_s, weights)
+                task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
+            ranks = [a.shape[0] for a, _ in task_f]
             r_max = max(ranks)
             modules[path] = ModuleExperts(
-                a=_pad_stack(a_list, 0, r_max),
-                b=_pad_stack(b_list, 1, r_max),
-                scaling=torch.tensor(s_list, dtype=torch.float32),
+                a=_pad_stack([a for a, _ in task_f], 0, r_max),
+                b=_pad_stack([b for _, b in task_f], 1, r_max),
+                scaling=torch.tensor(scalings, dtype=torch.float32),
                 prototypes=torch.empty(0),
                 ranks=torch.tensor(ranks, dtype=torch.int64),
             )
         _fill_prototypes(modules, prototypes, rng_seed, [t.name for t in tasks])
-        lib = cls(
-            modules,
-            [t.name for t in tasks],
-            gks,
-            [g.name for g in general],
-            base_class,
-            prototypes,
-            routing,
-        )
+        lib = cls(modules, [t.name for t in tasks], gks, [g.name for g in general], base_class, prototypes, routing)
         if dtype is not None or device is not None:
             lib = lib.to(device=device, dtype=dtype)
         return lib
@@ -285,55 +251,15 @@ class LoraLibrary:
     def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "exact") -> LoraLibrary:
         """Build a library from a model made by ``peft.create_arrow_model`` (task_i / gks_i adapters + ArrowConfig).
 
-        GenKnowSub is applied here when the ArrowConfig asks for it and PEFT has not yet applied it (PEFT subtracts
-        lazily, in place, on a layer's first forward); layers PEFT already subtracted are taken as they are. The
-        ArrowConfig's ``top_k`` and ``router_temperature`` become the library's default routing.
+        See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
         """
-        arrow = None
-        tasks: dict[str, LoraAdapter] = {}
-        general: dict[str, LoraAdapter] = {}
-        done: set[str] = set()
-        for name, module in model.named_modules():
-            arrow_dict = getattr(module, "lora_arrow", None)
-            if not arrow_dict or "arrow_router" not in arrow_dict:
-                continue
-            arrow = arrow_dict["arrow_router"]
-            path = name.removeprefix("base_model.model.")
-            if arrow.use_gks and arrow.gks_done:
-                done.add(path)
-            for group, names in ((tasks, arrow.task_adapter_names), (general, arrow.gks_adapter_names or [])):
-                for n in names:
-                    if n not in module.lora_A:
-                        raise ValueError(f"PEFT Arrow layer {name!r} has no adapter {n!r}")
-                    ad = group.setdefault(n, LoraAdapter(name=n))
-                    ad.a[path] = module.lora_A[n].weight.detach()
-                    ad.b[path] = module.lora_B[n].weight.detach()
-                    ad.scaling[path] = float(module.scaling[n])
-        if arrow is None:
-            raise ValueError("model has no PEFT Arrow layers (expected a model made by peft.create_arrow_model)")
-        for ad in list(tasks.values()) + list(general.values()):
-            for path, a in ad.a.items():
-                if not torch.isfinite(a).all() or not torch.isfinite(ad.b[path]).all():
-                    raise ValueError(f"adapter {ad.name!r}, module {path!r}: weights contain NaN or Inf")
-        gks = "param" if arrow.use_gks else None
-        base = getattr(model, "get_base_model", lambda: model)()
-        lib = cls._from_loaded(
-            [tasks[n] for n in arrow.task_adapter_names],
-            [general[n] for n in (arrow.gks_adapter_names or [])] if gks else [],
-            gks,
-            prototypes,
-            None,
-            None,
-            arrow.rng_seed,
-            routing={"top_k": int(arrow.top_k), "temperature": float(arrow.temperature)},
-            already_subtracted=done,
-        )
-        lib.base_model_class = lib.base_model_class or type(base).__name__
-        return lib
+        from .integrations.peft import library_from_peft_model
+
+        return library_from_peft_model(model, prototypes=prototypes)
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the library to one safetensors file (format in DESIGN.md)."""
+        """Write the library to one safetensors file (format in docs/design.md)."""
         tensors = {}
         for p, m in self.modules.items():
             tensors[f"{p}/A"] = m.a.contiguous()

@@ -11,6 +11,7 @@ import torch
 from genknowsub_fast import LoraLibrary, reference
 from genknowsub_fast.adapters import read_adapter
 from genknowsub_fast.synthetic import make_phi3, write_adapters
+from tests.tolerances import FP32_PRODUCT, PROTOTYPE_MIN_COS
 
 QKV = "model.layers.0.self_attn.qkv_proj"
 
@@ -39,7 +40,7 @@ def test_exact_prototypes_match_svd(phi3_setup):
     lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
     for m in lib.modules.values():
         ref = reference.prototypes_svd(m.a.double(), m.b.double())
-        assert float((m.prototypes.double() * ref).sum(1).abs().min()) >= 0.99999
+        assert float((m.prototypes.double() * ref).sum(1).abs().min()) >= PROTOTYPE_MIN_COS
 
 
 def test_power_prototypes_are_close_on_decaying_spectra(phi3_setup):
@@ -73,7 +74,7 @@ def test_delta_gks_with_mixed_ranks_matches_reference(mixed_rank_adapters):
     assert m.ranks.tolist() == [2 + 6, 4 + 6, 3 + 6] and m.a.shape[1] == 10
     assert m.scaling.tolist() == [1.0, 1.0, 1.0]
     for i, (a, b, _) in enumerate(ref):
-        torch.testing.assert_close((m.b[i] @ m.a[i]).double(), b @ a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((m.b[i] @ m.a[i]).double(), b @ a, **FP32_PRODUCT)
         r = m.ranks[i]
         assert torch.all(m.a[i, r:] == 0) and torch.all(m.b[i, :, r:] == 0)
 

@@ -21,7 +21,7 @@ from genknowsub_fast.triton_kernels.pieces import split_prototypes
 
 from .packing import PackedExperts
 
-__all__ = ["SUPPORTED_DTYPES", "TritonLayer", "prepare", "routed_linear", "status"]
+__all__ = ["SUPPORTED_DTYPES", "TritonLayer", "prepare", "status"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -168,17 +168,3 @@ def prepare(
         raise ValueError(f"unknown regime {regime!r}; expected one of {linear.REGIMES}")
     return TritonLayer(packed, top_k, temperature, regime, split, fuse_base)
 
-
-def routed_linear(
-    x2: torch.Tensor,
-    packed: PackedExperts,
-    top_k: int,
-    temperature: float,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """One call without keeping the prepared layer: ``prepare(packed, top_k, temperature)(x2, weight, bias)``.
-
-    Prepares on every call (splits the prototypes into pieces): for repeated calls keep the :class:`TritonLayer`.
-    """
-    return prepare(packed, top_k, temperature)(x2, weight, bias)

@@ -7,7 +7,6 @@ use tiny odd shapes and float32/float16 only.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import pytest
@@ -53,14 +52,9 @@ class Problem:
         return self.a.shape[1]
 
     def packed(self, dtype: torch.dtype, mixing: str = "output", device: torch.device = DEVICE) -> PackedExperts:
-        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better), with
-        float32 prototypes (the layout every backend routes with)."""
-        packed = pack_experts(self.a, self.b, self.scaling, self.prototypes, mixing=mixing, dtype=dtype, device=device)
-        if packed.prototypes.dtype == torch.float32:
-            return packed
-        # A packing that stores the prototypes in the compute dtype: hand the Triton backend the float32 ones.
-        fields = dict(a=packed.a, b_t=packed.b_t, num_experts=packed.num_experts, rank=packed.rank, mixing=mixing)
-        return types.SimpleNamespace(prototypes=self.prototypes.to(device=device, dtype=torch.float32), **fields)
+        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better; the
+        prototypes stay float32)."""
+        return pack_experts(self.a, self.b, self.scaling, self.prototypes, mixing=mixing, dtype=dtype, device=device)
 
     def layer(self, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output", **overrides):
         """``triton_ops.prepare`` of these experts; ``overrides``: regime / split / fuse_base."""

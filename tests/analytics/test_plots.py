@@ -5,11 +5,8 @@ import sys
 import pytest
 import torch
 
-from genknowsub_fast import LoraLibrary, patch_model
-from genknowsub_fast.analytics import compare_gks, record_routing
-
-plots = pytest.importorskip("genknowsub_fast.plots")
-pytest.importorskip("matplotlib")
+from genknowsub_fast import LoraLibrary, patch_model, patched_layers
+from genknowsub_fast.analytics import compare_gks, library_stats, plots, record_routing
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +24,7 @@ def lib(phi3_setup):
 def test_similarity_plots(phi3_setup, lib, tmp_path):
     cmp = compare_gks(phi3_setup.task, phi3_setup.general)
     both = plots.plot_similarity(cmp.after, tmp_path / "both.png", cmp.before)
-    after = plots.plot_similarity(lib.stats(), tmp_path / "sub" / "after.png", kind="qkv_proj")
+    after = plots.plot_similarity(library_stats(lib), tmp_path / "sub" / "after.png", kind="qkv_proj")
     assert _is_png(both) and _is_png(after)
 
 
@@ -48,7 +45,7 @@ def test_write_demo_plots(phi3_setup, lib, tmp_path):
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == ["expert_usage.png", "prototype_similarity.png", "routing_entropy.png", "routing_gks.png"]
     assert all(_is_png(p) for p in paths)
-    assert all(m.__dict__["_gkf_patch"].recorder is None for m in model.modules() if "_gkf_patch" in m.__dict__)
+    assert all(layer.recorder is None for layer in patched_layers(model).values())
 
 
 def test_missing_matplotlib_names_the_plot_extra(monkeypatch):

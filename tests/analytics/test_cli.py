@@ -7,8 +7,6 @@ import pytest
 from genknowsub_fast import LoraLibrary
 from genknowsub_fast.cli import main
 
-pytest.importorskip("matplotlib")
-
 
 @pytest.fixture(scope="module")
 def lib_path(phi3_setup, tmp_path_factory):

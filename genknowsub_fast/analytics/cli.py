@@ -1,6 +1,6 @@
 """``genknowsub-fast inspect LIB.safetensors``: expert similarity, ΔW spectra and routing of a library.
 
-Registered as a subcommand of :mod:`genknowsub_fast.cli` when this module is importable.
+Registered as a subcommand by :mod:`genknowsub_fast.cli` (``add_arguments`` and ``run``).
 
 What runs the routing: no model hub is reachable here, so ``--model`` builds a *randomly initialised* Phi-3 of one of
 :data:`genknowsub_fast.synthetic.PHI3_SIZES` (``auto``: the size whose hidden size and layer count fit the library)
@@ -17,13 +17,12 @@ import json
 import os
 import warnings
 
-from .cli import subcommand
-
 _NO_MODEL = "none"
 
 
-def _add_inspect(p: argparse.ArgumentParser) -> None:
-    from .synthetic import PHI3_SIZES
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``genknowsub-fast inspect``."""
+    from ..synthetic import PHI3_SIZES
 
     p.add_argument("library", help="library file written by `build` or LoraLibrary.save")
     p.add_argument(
@@ -44,8 +43,8 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 
 def _pick_size(lib) -> str | None:
     """The synthetic Phi-3 size whose hidden size and module paths fit the library, or None."""
-    from .analytics import layer_index
-    from .synthetic import PHI3_SIZES
+    from ..synthetic import PHI3_SIZES
+    from .common import layer_index
 
     layers = [layer_index(p) for p in lib.modules]
     n_layers = max((x for x in layers if x is not None), default=-1) + 1
@@ -75,11 +74,13 @@ def _token_ids(args, vocab: int):
     return ids[None], f"{ids.numel()} bytes of {os.path.basename(args.text_file)} (byte mod {vocab}; no tokenizer)"
 
 
-def _run_inspect(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``genknowsub-fast inspect``; returns the exit code."""
     import torch
 
-    from .analytics import compare_gks, library_stats, record_routing
-    from .library import LoraLibrary
+    from ..library import LoraLibrary
+    from .routing import record_routing
+    from .stats import compare_gks, library_stats
 
     lib = LoraLibrary.load(args.library)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -111,8 +112,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.model == "auto" and size is None:
         print("\nno synthetic Phi-3 size matches this library's modules: routing not measured (use --model SIZE)")
     elif size != _NO_MODEL:
-        from .patching import patch_model
-        from .synthetic import make_phi3
+        from ..patching import patch_model
+        from ..synthetic import make_phi3
 
         model = make_phi3(size, seed=args.seed)
         ids, what = _token_ids(args, model.config.vocab_size)
@@ -174,9 +175,3 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _mean_attr(stats, attr: str) -> float:
     vals = [getattr(m, attr) for m in stats.modules.values() if m.tokens]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-_add_inspect.run = _run_inspect
-subcommand("inspect", "prototype similarity, ΔW spectra and routing statistics of a library (+ PNG plots)")(
-    _add_inspect
-)

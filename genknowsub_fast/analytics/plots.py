@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .analytics import GksComparison, LibraryStats, RoutingStats, compare_gks, record_routing
+from ..patching import patch_model, patched_layers, unpatch_model
+from .routing import RoutingStats, record_routing
+from .stats import GksComparison, LibraryStats, compare_gks, library_stats
 
 __all__ = [
     "plot_expert_usage",
@@ -246,7 +248,7 @@ def write_demo_plots(
         cmp = compare_gks(task_dirs, general_dirs, gks=lib.gks or "param")
         paths.append(plot_similarity(cmp.after, os.path.join(out_dir, "prototype_similarity.png"), cmp.before))
     else:
-        paths.append(plot_similarity(lib.stats(), os.path.join(out_dir, "prototype_similarity.png")))
+        paths.append(plot_similarity(library_stats(lib), os.path.join(out_dir, "prototype_similarity.png")))
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab:
         gen = torch.Generator().manual_seed(seed)
@@ -266,11 +268,9 @@ def write_demo_plots(
 def routing_without_gks(model: torch.nn.Module, before_library, ids: torch.Tensor) -> RoutingStats:
     """Routing of ``ids`` through a copy of the patched ``model`` re-patched with ``before_library`` (same top-k and
     temperature); ``model`` itself is not touched."""
-    from .patching import _STATE, patch_model, patched_modules, unpatch_model
-
-    st = next(iter(patched_modules(model).values())).__dict__[_STATE]
+    layer = next(iter(patched_layers(model).values()))
     other = unpatch_model(copy.deepcopy(model))
-    patch_model(other, before_library, top_k=st.top_k, temperature=st.temperature, mixing=st.mixing)
+    patch_model(other, before_library, **layer.options)
     with torch.no_grad(), record_routing(other, before_library.expert_names) as stats:
         other(ids)
     return stats
