@@ -130,14 +130,15 @@ def _launches(t, e, r, scores=False, fuse=None):
 
 
 def test_launches_per_call():
-    """Decode: 2 kernels; dense: route + expand; grouped: route + grouped shrink + grouped expand (plus the torch
-    alignment ops); the route pass adds its finalising program when split over d_in."""
+    """Decode: 2 kernels; dense: route + expand; grouped: route + alignment + grouped shrink + grouped expand; the
+    route pass adds its finalising program when split over d_in."""
     assert _launches(1, 10, 4) == ["_decode_shrink_kernel", "_decode_expand_kernel"]
     assert _launches(16, 64, 8, scores=True) == ["_decode_shrink_kernel", "_decode_expand_kernel"]
     assert _launches(16384, 10, 4) == ["_route_shrink_kernel", "_expand_dense_kernel"]
     assert _launches(16384, 10, 4, fuse=True) == ["_route_shrink_kernel", "_expand_dense_kernel"]
     assert _launches(64, 10, 4) == ["_route_shrink_kernel"] * 2 + ["_expand_dense_kernel"]
-    assert _launches(16384, 64, 8) == ["_route_shrink_kernel", "_grouped_shrink_kernel", "_grouped_expand_kernel"]
+    grouped = ["_route_shrink_kernel", "_align_kernel", "_grouped_shrink_kernel", "_grouped_expand_kernel"]
+    assert _launches(16384, 64, 8) == grouped
 
 
 def test_overrides_and_bad_input():
