@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the Triton backend and the CUDA prototype kernel, as one prepared run for a machine with one NVIDIA
-# GPU (H100/H200) and no network. The stage timeouts add up to under 5 minutes (10 + 15 + 100 + 20 + 110 + 30 + 5 s),
+# GPU (H100/H200) and no network. The stage timeouts add up to under 5 minutes (10 + 15 + 110 + 20 + 100 + 30 + 5 s),
 # so a caller with a 7-minute limit always gets the outputs back:
 #
 #   bash benchmarks/gpu_check.sh            # from anywhere; it works in the repository root
@@ -38,7 +38,7 @@ status=0
 
 # 0. Preflight -------------------------------------------------------------------------------------------------------
 say "preflight"
-if ! "$PY" - 2>&1 <<'EOF' | tee -a "$LOG"; then
+if ! timeout 60 "$PY" - 2>&1 <<'EOF' | tee -a "$LOG"; then
 import importlib
 import sys
 
@@ -98,16 +98,16 @@ run_pytest() {  # name, stage timeout (s), junit file, pytest arguments...
 # 2. Triton tests on the GPU (the extension stays off here: the end-to-end test builds its library on the torch
 # path, so no test waits for a compile) ----------------------------------------------------------------------------
 xdist=()
-"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-GENKNOWSUB_FAST_EXTENSION=off run_pytest "Triton tests on the GPU" 100 "$OUT_DIR/gpu_tests.xml" "${xdist[@]}" -v \
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 12)
+GENKNOWSUB_FAST_EXTENSION=off run_pytest "Triton tests on the GPU" 110 "$OUT_DIR/gpu_tests.xml" "${xdist[@]}" -v \
     tests/triton_kernels --ignore=tests/triton_kernels/test_aot.py
 
 # 3. Benchmarks and the cost model's predictions ------------------------------------------------------------------------
 say "cost model predictions (benchmarks/gpu_model.py)"
 dev=$("$PY" -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name() else 'h100')")
 "$PY" -m benchmarks.gpu_model --device "$dev" >"$OUT_DIR/gpu_model.txt" 2>&1 || status=1
-say "benchmarks (python -m benchmarks.bench_gpu, stage timeout 110 s)"
-GENKNOWSUB_FAST_EXTENSION=off timeout -s INT -k 20 110 "$PY" -m benchmarks.bench_gpu --rounds 9 \
+say "benchmarks (python -m benchmarks.bench_gpu, stage timeout 100 s)"
+GENKNOWSUB_FAST_EXTENSION=off timeout -s INT -k 20 100 "$PY" -m benchmarks.bench_gpu --rounds 9 \
     --json "$OUT_DIR/bench_gpu.json" 2>&1 | tee -a "$LOG" | tail -4
 rc=${PIPESTATUS[0]}
 say "benchmarks: exit code $rc"
