@@ -21,7 +21,8 @@ Method:
   script exit 1 after writing the JSON.
 
 Model level: a random Phi-3-mini (32 layers, bf16) with 10 task + 3 general rank-8 adapters and GenKnowSub, patched
-copy vs base, prefill of 512 tokens and greedy decode of 32 tokens, alternated per round.
+copy vs base, prefill of 512 tokens and greedy decode of 32 tokens, alternated per round (each decode round starts
+from a 16-token prompt in a fresh KV cache, inside the timing for both; reported per generated token).
 """
 
 from __future__ import annotations
