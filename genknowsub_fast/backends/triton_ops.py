@@ -107,6 +107,8 @@ class TritonLayer:
         self, x2: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x2 Wᵀ + bias + delta`` (T, d_out), or the delta alone when ``weight`` is None."""
+        if weight is None and bias is not None:
+            raise ValueError("bias given without weight: a delta-only call takes neither")
         if torch.compiler.is_compiling():
             return self._op(x2, weight, bias, None)
         x2 = self._check(x2)

@@ -107,6 +107,31 @@ def test_custom_op_matches_direct_call_and_passes_opcheck():
     torch.library.opcheck(torch.ops.genknowsub_fast.routed_linear.default, args, test_utils=tests)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_through_the_prepared_runner(dtype):
+    """The public path: ``ops.routed_lora(..., backend="triton")`` and a runner's ``add_delta_`` with its own
+    ``route_scores`` (as tensor parallelism passes them) both give the reference result."""
+    import genknowsub_fast as gkf
+
+    prob = make_problem(6, 4, 3, 29, 35, seed=5)
+    c = prob.cast(dtype)
+    cast = {n: getattr(prob, n).to(device=DEVICE, dtype=dtype) for n in ("a", "b", "scaling", "prototypes")}
+    y = gkf.ops.routed_lora(c["x"].view(2, 3, -1), **cast, top_k=2, temperature=0.9, weight=c["weight"],
+                            bias=c["bias"], backend="triton")  # fmt: skip
+    assert y.shape == (2, 3, 35)
+    check(y.reshape(6, 35), *prob.reference(dtype, 2, 0.9), dtype, "ops.routed_lora through the runner")
+    from genknowsub_fast.experts import ModuleExperts
+
+    experts = ModuleExperts(prob.a, prob.b, prob.scaling, prob.prototypes, torch.full((4,), 3))
+    runner = gkf.ops.prepare(experts, top_k=2, temperature=0.9, backend="triton", device=DEVICE, dtype=dtype)
+    base = c["x"] @ c["weight"].T + c["bias"]
+    out = runner.add_delta_(base, c["x"], runner.route_scores(c["x"]))
+    assert runner.active_backend == "triton"
+    check(out, *prob.reference(dtype, 2, 0.9), dtype, "runner.add_delta_ with route_scores")
+    with pytest.raises(ValueError, match="bias"):
+        runner(c["x"], None, c["bias"])
+
+
 def test_status_reports_how_it_runs():
     ok, why = triton_ops.status()
     assert ok and why
