@@ -70,8 +70,9 @@ DECODE_BLOCK_K = 32
 # shrink columns). Their bytes per CTA are capped at WS_READ_MAX: at the 64 bytes per clock an SM reads from L2
 # (gpu_model.py) 32 KiB take about 0.3 µs, under one dependent DRAM round trip. This bounds the split count at T = 16.
 WS_READ_MAX = 32 * 1024
-# Largest 3-D tile (splits × tokens × columns) the decode expand loads at once.
-DECODE_TILE_MAX = 4096
+# Largest 3-D tile (splits × tokens × columns) the decode expand loads at once: at 4096 the expand with "weights"
+# mixing spilled 8 bytes on sm_90 (T = 16, E = 64, r = 8).
+DECODE_TILE_MAX = 2048
 # Gathered expand: (BLOCK_T, BLOCK_R, BLOCK_N) float32 product tile per selected expert.
 DECODE_BLOCK_N_MAX = 128
 
@@ -354,7 +355,9 @@ def choose_plan(
         # 4·T·d_out bytes) but must match cuBLAS to gain. Nothing was measured yet, so the table keeps cuBLAS
         # (gpu_model.py prints both predictions; the benchmarks time both, impls "ours" and "ours_fused").
         fuse = bool(fuse_base)
-        block_kc = min(block_ea * block_r, block_k)
+        # A full K tile even when E·r is narrower (the padding columns are masked): with BLOCK_KC = 32 < BLOCK_K the
+        # bf16 expand at BLOCK_T = 32 spilled 4 bytes on sm_90 under Triton 3.6.0; with 64 none does.
+        block_kc = block_k
         if fuse:
             # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64; float32 (FMA dots,
             # operand fragments in registers) at a quarter of that, as in the rest of the table.
