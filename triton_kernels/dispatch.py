@@ -359,11 +359,17 @@ def choose_plan(
         # bf16 expand at BLOCK_T = 32 spilled 4 bytes on sm_90 under Triton 3.6.0; with 64 none does.
         block_kc = block_k
         if fuse:
-            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64; float32 (FMA dots,
-            # operand fragments in registers) at a quarter of that, as in the rest of the table.
-            bt, bn, warps = (64, 64, NUM_WARPS) if dtype == torch.float32 else (128, 128, 8)
+            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64, two stages (three
+            # took 240 KiB of shared memory on sm_90, over its 227 KiB); sm_80's mma keeps more fragments in registers
+            # (128 × 128 spilled 152 bytes there), so 128 × 64; float32 (FMA dots) at 64 × 64, as in the rest of the
+            # table.
+            if dtype == torch.float32:
+                bt, bn, warps = 64, 64, NUM_WARPS
+            else:
+                bt, warps = 128, 8
+                bn = 128 if capability is None or tuple(capability) >= (9, 0) else 64
             kb = block_k
-            stages = _stages((bt + bn) * kb * elt, capability)
+            stages = 2
         else:
             bn = 64
             bt, warps, kb = _block_rows(num_tokens, bn, acc_max), NUM_WARPS, block_k
