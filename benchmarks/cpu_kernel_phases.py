@@ -3,7 +3,7 @@
 
 Run in its own process (the timing build registers the same op namespace as the normal extension):
 
-    python benchmarks/cpu_kernel_phases.py --dtype bfloat16 --shape qkv --experts 256 --rank 16 --tokens 512
+    python benchmarks/cpu_kernel_phases.py --dtype bfloat16 --module qkv_proj --library E256_r16 --tokens 512
 
 The build goes to ``$GENKNOWSUB_FAST_CACHE/phases`` (default ``~/.cache/genknowsub_fast/phases``).
 """
@@ -21,8 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpu_kernel_ratios import SHAPES, make_layer  # noqa: E402
+from benchmarks.cpu_ops import CPU_LIBRARIES, make_experts  # noqa: E402
+from benchmarks.phi3_shapes import PHI3_MINI_SHAPES  # noqa: E402
 from genknowsub_fast.backends import build_rule  # noqa: E402
+from genknowsub_fast.backends.packing import pack_experts  # noqa: E402
 
 PHASES = ("scores", "route", "shrink", "coefficients", "expand")
 SOURCES = ("cpu_isa.cpp", "routed_lora_cpu.cpp", "routed_lora_isa_scalar.cpp", "routed_lora_isa_avx2.cpp",
@@ -48,13 +50,15 @@ def load_timing_build() -> None:
     )
 
 
-def phase_ms(shape: str, dtype: torch.dtype, experts: int, rank: int, tokens: int, calls: int = 5) -> dict[str, float]:
+def phase_ms(module: str, dtype: torch.dtype, library: str, tokens: int, calls: int = 5) -> dict[str, float]:
     """Mean ms per call of each phase (and the whole call) over ``calls`` calls, after one warm-up call."""
-    layer = make_layer(shape, dtype, experts, rank)
-    x = torch.randn(tokens, layer.d_in).to(dtype)
-    y = torch.zeros(tokens, layer.d_out, dtype=dtype)
+    d_in, d_out = PHI3_MINI_SHAPES[module]
+    ex, _ = make_experts(d_in, d_out, *CPU_LIBRARIES[library])
+    packed = pack_experts(ex.a, ex.b, ex.scaling, ex.prototypes, dtype=dtype)
+    x = torch.randn(tokens, d_in).to(dtype)
+    y = torch.zeros(tokens, d_out, dtype=dtype)
     op = torch.ops.genknowsub_fast_C
-    args = (layer.prototypes, layer.a, layer.b_t, 3, 1.0, False, None)
+    args = (packed.prototypes, packed.a, packed.b_t, 3, 1.0, False, None)
     op.routed_lora_delta_(y, x, *args)
     op.routed_lora_phase_ns()
     t0 = time.perf_counter()
@@ -69,10 +73,9 @@ def phase_ms(shape: str, dtype: torch.dtype, experts: int, rank: int, tokens: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qkv")
+    parser.add_argument("--module", choices=list(PHI3_MINI_SHAPES), default="qkv_proj")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--library", choices=list(CPU_LIBRARIES), default="E256_r16")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--isa", default="auto")
@@ -82,7 +85,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_timing_build()
     print("isa", torch.ops.genknowsub_fast_C.cpu_isa(args.isa))
-    res = phase_ms(args.shape, getattr(torch, args.dtype), args.experts, args.rank, args.tokens, args.calls)
+    res = phase_ms(args.module, getattr(torch, args.dtype), args.library, args.tokens, args.calls)
     print(" ".join(f"{k}={v:.3f}ms" for k, v in res.items()))
 
 

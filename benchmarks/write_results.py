@@ -1,10 +1,16 @@
-"""Write benchmarks/RESULTS.md from a pytest-benchmark JSON file.
+"""Write a benchmark report (RESULTS.md) from the JSON of a benchmark run, and the README's speed table.
 
-Usage: python benchmarks/write_results.py benchmarks/results/latest.json [-o benchmarks/RESULTS.md]
+    python benchmarks/write_results.py benchmarks/results/latest.json [-o benchmarks/RESULTS.md] [--readme README.md]
 
-Every benchmark group is one case measured in one run; each implementation's median is reported with its ratio to the
-group's "base" and "peft" implementations (the ``impl`` extra_info of each benchmark), next to the device, CPU
-threads, torch and triton versions recorded at write time and the command that produced the JSON.
+Two layouts are read:
+- the interleaved CPU JSON of ``benchmarks/bench_cpu.py`` (``"format": "interleaved"``, what ``make bench`` writes):
+  per case, every implementation's seconds per call in each round; the tables and the README block come from
+  ``benchmarks/results_cpu.py`` (ratios per round, their median and spread, targets);
+- the rows of ``benchmarks/bench_gpu.py`` (pytest-benchmark layout: one median per group and implementation), for
+  ``RESULTS_gpu.md``: each implementation's median with its ratio to the group's "base" and "peft" rows, next to the
+  device and versions the run recorded.
+
+The ``<!-- eval-compare -->`` block of the output (written by ``benchmarks/eval_compare.py``) survives a rewrite.
 """
 
 from __future__ import annotations
@@ -13,19 +19,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 from collections import defaultdict
+from pathlib import Path
 
-# Targets of DESIGN.md / the issues, keyed by a substring of the group name: (impl, reference impl, max ratio).
+if __package__ in (None, ""):  # run as a script: make the repository root importable for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import results_cpu  # noqa: E402
+
+# GPU targets (benchmarks/bench_gpu.py, bf16), keyed by a prefix and a substring of the group name:
+# (impl, reference impl, max ratio). "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base tokens/s" is
+# ≤ 1/0.90 of its time. The CPU targets are results_cpu.CPU_TARGETS.
 TARGETS = [
-    ("op ", "E10_r4", ("ours", "base", 1.05)),
-    ("op ", "E64_r8", ("ours", "base", 1.10)),
-    ("model prefill", "", ("ours", "base", 1.10)),
-    ("model decode", "", ("ours", "base", 1.10)),
-    # Prototypes (issue 4): ≥ 20× faster than PEFT's power-iteration loop, ≥ 3× faster than the torch.linalg composite.
-    ("prototypes ", "", ("ours", "peft", 0.05)),
-    ("prototypes ", "", ("ours", "torch", 1 / 3)),
-    # GPU (benchmarks/bench_gpu.py, bf16): "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base
-    # tokens/s" is ≤ 1/0.90 of its time.
     ("gpu op ", " T=256 ", ("ours", "base", 1.05)),
     ("gpu op ", " T=4096 ", ("ours", "base", 1.05)),
     ("gpu op ", " T=4096 ", ("ours", "peft", 0.05)),
@@ -107,29 +113,6 @@ def _verdicts(group: str, impl: str, impls: dict[str, float]) -> str:
     return "; ".join(out)
 
 
-def summary(data: dict) -> str:
-    """A short markdown table for the README: per case, ours against base and PEFT, and the target verdicts."""
-    groups, _ = _groups(data)
-    v = _versions()
-    lines = [
-        f"Measured by `make bench` on {v['device']}, torch {v.get('torch', 'n/a')}, {v.get('threads')} threads "
-        f"(run started {data.get('datetime', 'n/a')}); medians of one run, full table in `benchmarks/RESULTS.md`.",
-        "",
-        "| case | ours × base | ours × PEFT | target |",
-        "|---|---:|---:|---|",
-    ]
-    for group in sorted(groups):
-        impls = groups[group]
-        ours = next((i for i in ("ours", "ours_graph") if i in impls), None)
-        if ours is None:
-            continue
-        base = base_of(ours, impls)
-        vs_base = f"{impls[ours] / impls[base]:.2f}" if base in impls else ""
-        vs_peft = f"{impls[ours] / impls['peft']:.3f}" if "peft" in impls else ""
-        lines.append(f"| {group} | {vs_base} | {vs_peft} | {_verdicts(group, ours, impls)} |")
-    return "\n".join(lines)
-
-
 README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
 # RESULTS.md block written by benchmarks/eval_compare.py; main() keeps it when it rewrites the file.
 EVAL_BEGIN, EVAL_END = "<!-- eval-compare -->", "<!-- /eval-compare -->"
@@ -172,8 +155,21 @@ def update_readme(path: str, table: str) -> None:
     replace_block(path, README_BEGIN, README_END, table)
 
 
-def render(data: dict, command: str) -> str:
-    """The markdown report for one pytest-benchmark JSON document."""
+def is_interleaved(data: dict) -> bool:
+    """Whether ``data`` is bench_cpu.py's interleaved JSON (else bench_gpu.py's rows)."""
+    return data.get("format") == "interleaved"
+
+
+def render(data: dict, command: str | None = None) -> str:
+    """The markdown report of one benchmark JSON document (``command``: the one to show for the rows layout; the
+    interleaved JSON records its own)."""
+    if is_interleaved(data):
+        return results_cpu.render(data)
+    return render_rows(data, command or "n/a")
+
+
+def render_rows(data: dict, command: str) -> str:
+    """The markdown report of a JSON in the rows layout (bench_gpu.py)."""
     groups, devices = _groups(data)
     extras = _extras(data)
     gpu_cols = any("predicted_ratio" in i or "output_check" in i for i in extras.values())
@@ -183,12 +179,12 @@ def render(data: dict, command: str) -> str:
     lines = [
         "# Benchmark results",
         "",
-        "Written by `benchmarks/write_results.py` from one pytest-benchmark run; every ratio compares medians measured",
-        "in that same run. Do not edit by hand: rerun `make bench`.",
+        "Written by `benchmarks/write_results.py` from one benchmark run; every ratio compares medians measured in",
+        "that same run. Do not edit by hand: rerun the benchmark.",
         "",
         f"- device: {v['device']}",
         *([f"- device recorded by the benchmarks: {', '.join(sorted(devices))}"] if devices else []),
-        f"- host CPU (pytest-benchmark): {machine.get('cpu', {}).get('brand_raw', 'n/a')}",
+        f"- host CPU: {machine.get('cpu', {}).get('brand_raw', 'n/a')}",
         f"- torch {v.get('torch', 'n/a')}, triton {v['triton']}, python {v['python']}",
         f"- torch threads: {v.get('threads')}",
         f"- run started: {data.get('datetime', 'n/a')}",
@@ -204,7 +200,7 @@ def render(data: dict, command: str) -> str:
             vs_base = f"{med / impls[base]:.3f}" if base in impls else ""
             vs_peft = f"{med / impls['peft']:.3f}" if "peft" in impls else ""
             verdict = _verdicts(group, impl, impls)
-            line = f"| {group} | {impl} | {_fmt(med)} | {vs_base} | {vs_peft} | {verdict} |"
+            line = f"| {group} | {impl} | {results_cpu.fmt_time(med)} | {vs_base} | {vs_peft} | {verdict} |"
             if gpu_cols:
                 info = extras.get((group, impl), {})
                 line += f" {info.get('predicted_ratio', '')} | {info.get('output_check', '')} |"
@@ -213,32 +209,25 @@ def render(data: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.3f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} µs"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("json", help="bench_cpu.py's interleaved JSON, or bench_gpu.py's rows")
     parser.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
-    parser.add_argument(
-        "--command", default="pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json"
-    )
-    parser.add_argument("--readme", help="also fill this README's speed-table block with a summary")
+    parser.add_argument("--command", help="the command to show for a rows JSON (the interleaved JSON records its own)")
+    parser.add_argument("--readme", help="also fill this README's speed-table block (interleaved JSON only)")
     args = parser.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
+    if args.readme and not is_interleaved(data):
+        raise ValueError(f"{args.json}: the README speed table comes from bench_cpu.py's interleaved JSON only")
     text = render(data, args.command)
     kept = kept_block(args.output)  # eval_compare.py's section survives a rerun of the benchmarks
     with open(args.output, "w") as f:
         f.write(text + (f"\n{kept}\n" if kept else ""))
-    print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
+    n = len(data["cases"]) if is_interleaved(data) else len(data["benchmarks"])
+    print(f"wrote {args.output} ({n} cases)")
     if args.readme:
-        update_readme(args.readme, summary(data))
+        update_readme(args.readme, results_cpu.summary(data))
         print(f"updated the speed table of {args.readme}")
     return 0
 

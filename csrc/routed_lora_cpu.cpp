@@ -122,6 +122,15 @@ DType dtype_of(at::ScalarType s) {
   }
 }
 
+// Tokens of x (..., d_in): the product of its leading sizes. x and y may carry any leading shape (a model's
+// (batch, T, d)) so that the caller passes them as they come, without Python view calls (a reshape of x and a view
+// of y back cost about 22k instructions a call from Python, a third of what a patched hidden-256 layer added at T = 1).
+int64_t rows_of(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) n *= t.size(i);
+  return n;
+}
+
 void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
                 const at::Tensor& b_t, int64_t top_k, double temperature, const std::optional<at::Tensor>& scores) {
   const char* op = "routed_lora_delta_";
@@ -132,27 +141,29 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prot
                   b_t.scalar_type() == x.scalar_type(),
               op, ": y, a and b_t must have x's dtype ", x.scalar_type());
   TORCH_CHECK(prototypes.scalar_type() == at::kFloat, op, ": prototypes must be float32");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && prototypes.dim() == 2 && a.dim() == 3 && b_t.dim() == 3, op,
-              ": expected x (T, d_in), y (T, d_out), prototypes (E, d_in), a (E, r, d_in), b_t (E, r, d_out)");
+  TORCH_CHECK(x.dim() >= 1 && y.dim() == x.dim() && prototypes.dim() == 2 && a.dim() == 3 && b_t.dim() == 3, op,
+              ": expected x (..., d_in), y (..., d_out), prototypes (E, d_in), a (E, r, d_in), b_t (E, r, d_out)");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && prototypes.is_contiguous() && a.is_contiguous(), op,
               ": x, y, prototypes and a must be contiguous");
   const int64_t e = a.size(0), r = a.size(1), d_in = a.size(2);
   TORCH_CHECK(e >= 1 && r >= 1, op, ": a needs E >= 1 experts of rank >= 1, got ", a.sizes());
-  TORCH_CHECK(x.size(1) == d_in && prototypes.size(0) == e && prototypes.size(1) == d_in, op, ": x ", x.sizes(),
+  TORCH_CHECK(x.size(-1) == d_in && prototypes.size(0) == e && prototypes.size(1) == d_in, op, ": x ", x.sizes(),
               ", prototypes ", prototypes.sizes(), " and a ", a.sizes(), " do not match");
-  TORCH_CHECK(b_t.size(0) == e && b_t.size(1) == r && y.size(0) == x.size(0) && y.size(1) == b_t.size(2), op,
-              ": b_t ", b_t.sizes(), " and y ", y.sizes(), " do not match a ", a.sizes(), " and x ", x.sizes());
+  TORCH_CHECK(b_t.size(0) == e && b_t.size(1) == r && y.size(-1) == b_t.size(2) &&
+                  x.sizes().slice(0, x.dim() - 1) == y.sizes().slice(0, y.dim() - 1),
+              op, ": b_t ", b_t.sizes(), " and y ", y.sizes(), " do not match a ", a.sizes(), " and x ", x.sizes());
   // b_t may have a padded row stride (packing.py pads it on the CPU); rows must be unit-stride.
   TORCH_CHECK(b_t.stride(2) == 1 && b_t.stride(1) >= b_t.size(2) && b_t.stride(0) == r * b_t.stride(1), op,
               ": b_t rows must be unit-stride with one row stride, got strides ", b_t.strides());
   TORCH_CHECK(top_k >= 1 && top_k <= e, op, ": top_k must be in [1, ", e, "], got ", top_k);
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
-  TORCH_CHECK(x.size(0) * top_k < std::numeric_limits<int32_t>::max(), op, ": too many tokens");
+  const int64_t t = rows_of(x);
+  TORCH_CHECK(t * top_k < std::numeric_limits<int32_t>::max(), op, ": too many tokens");
   if (scores.has_value()) {
     const at::Tensor& s = *scores;
     TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
-                    s.size(0) == x.size(0) && s.size(1) == e,
-                op, ": scores must be a contiguous float32 CPU tensor of shape (", x.size(0), ", ", e, "), got ",
+                    s.size(0) == t && s.size(1) == e,
+                op, ": scores must be a contiguous float32 CPU tensor of shape (", t, ", ", e, "), got ",
                 s.sizes(), " ", s.scalar_type());
   }
 }
@@ -163,7 +174,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
                         const at::Tensor& b_t, int64_t top_k, double temperature, bool weights_mixing,
                         const std::optional<at::Tensor>& scores) {
   check_args(y, x, prototypes, a, b_t, top_k, temperature, scores);
-  const int64_t t = x.size(0), d_in = x.size(1), e = a.size(0), r = a.size(1), d_out = b_t.size(2), k = top_k;
+  const int64_t t = rows_of(x), d_in = x.size(-1), e = a.size(0), r = a.size(1), d_out = b_t.size(2), k = top_k;
   if (t == 0) return;
   const Kernels& kern = kernels_for(gkf_isa::active());
   const int64_t threads = at::get_num_threads(), kr = k * r, esz = x.element_size();
@@ -185,7 +196,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
     // bfloat16 / float16 x converted to float32 exactly, then MKL's sgemm: E = 256, d_in = 3072, T = 512 took 24-37 ms
     // on one thread in the set-up above (16 GFMA/s; the base qkv layer ran 1000-1065 ms there). Float32 throughout,
     // as the routing rules ask; the bfloat16 dot instructions would round x·p's products of float32 prototypes.
-    s_t = at::mm(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat), prototypes.t()).contiguous();
+    s_t = at::mm((x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).view({t, d_in}), prototypes.t()).contiguous();
     s = s_t.data_ptr<float>();
   } else if (e > kScoresInPassMaxE) {
     s_t = at::empty({t, e}, x.options().dtype(at::kFloat));

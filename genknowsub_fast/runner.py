@@ -7,8 +7,9 @@ go through it:
 - the first call on a (device, dtype) packs the experts for it (:mod:`backends.packing`) and picks the backend:
   Triton for CUDA tensors when it can run, otherwise the compiled CPU kernel for CPU calls it takes (float dtypes it
   was built for, no autograd), otherwise the portable torch regimes;
-- later calls on the same (device, dtype) reuse that plan: the per-call work is one identity test on the cached plan,
-  the kernel's own dtype/autograd test and the launch.
+- later calls on the same (device, dtype) reuse that plan: the per-call work is one test of the input against the
+  cached plan, the kernel's own dtype/autograd test and the launch. A CPU-kernel plan keeps the op's overload and its
+  packed arguments, so ``runner(x, W, b)`` is one GEMM on x as it comes (any leading shape) and one op call.
 
 Routing scores are float32 on every backend; ties go to the lower expert index.
 """
@@ -81,6 +82,8 @@ class _Plan:
     backend: str  # "triton", "cpu" (compiled kernel when it takes the call, else torch regimes) or "torch"
     packed: PackedExperts
     triton: object = None  # the Triton backend's prepared layer
+    kernel: object = None  # "cpu": the compiled op's overload, called directly with kernel_args
+    kernel_args: tuple = ()  # (prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None)
 
 
 class RoutedLinear:
@@ -171,19 +174,22 @@ class RoutedLinear:
         backend = resolve_backend(self.backend, device)
         e = self.experts
         packed = pack_experts(e.a, e.b, e.scaling, e.prototypes, self.mixing, e.ranks, dtype=dtype, device=device)
-        triton_layer = None
+        plan = _Plan(device, dtype, backend, packed)
         if backend == "triton":
             from .backends import triton_ops
 
-            triton_layer = triton_ops.prepare(packed, self.top_k, self.temperature)
+            plan.triton = triton_ops.prepare(packed, self.top_k, self.temperature)
         elif device.type == "cpu" and dtype in cpu_kernel.KERNEL_DTYPES and cpu_kernel.available():
-            backend = "cpu"
-        self._plan = _Plan(device, dtype, backend, packed, triton_layer)
+            plan.backend = "cpu"
+            plan.kernel = cpu_kernel.op().default
+            mixing = self.mixing == "weights"
+            plan.kernel_args = (packed.prototypes, packed.a, packed.b_t, self.top_k, self.temperature, mixing, None)
+        self._plan = plan
         return self
 
     def _plan_for(self, x: torch.Tensor) -> _Plan:
         plan = self._plan
-        if plan is None or x.dtype != plan.dtype or x.device != plan.device:
+        if plan is None or x.dtype is not plan.dtype or x.device != plan.device:
             if x.shape[-1] != self.d_in:
                 raise ValueError(f"{self.name or 'routed layer'}: x has d_in={x.shape[-1]}, expected {self.d_in}")
             plan = self.prepare(x.device, x.dtype)._plan
@@ -207,24 +213,29 @@ class RoutedLinear:
         self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``x Wᵀ + bias + delta`` for x (..., d_in), or the delta alone when ``weight`` is None."""
-        plan = self._plan_for(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        plan = self._plan
+        if plan is None or x.dtype is not plan.dtype or x.device != plan.device:
+            plan = self._plan_for(x)
+        if weight is None and bias is not None:
+            raise ValueError("bias given without weight: a delta-only call takes neither")
         if plan.triton is not None:
-            y = plan.triton(x2, weight, bias)
-        else:
-            if weight is not None:
-                y = F.linear(x2, weight, bias)
-            elif bias is not None:
-                raise ValueError("bias given without weight: a delta-only call takes neither")
-            else:
-                y = x2.new_zeros(x2.shape[0], self.d_out)
-            if plan.backend == "cpu" and cpu_kernel.takes(x2, y):
-                cpu_kernel.add_delta_(y, x2, plan.packed, self.top_k, self.temperature)
-            else:
-                y = torch_ops.add_routed_delta_(y, x2, plan.packed, self.top_k, self.temperature)
-        return y.view(*x.shape[:-1], self.d_out)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = plan.triton(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
+            return y.view(*x.shape[:-1], self.d_out)
+        # x and y keep their leading shape: the compiled op takes (..., d) tensors. What a patched hidden-256 Phi-3
+        # qkv_proj (E=6, r=8, k=3, float32, T=1) added per call to F.linear's 100k instructions (callgrind): 72k when
+        # this method reshaped x (8.6k), viewed y back (13.9k), and went through cpu_kernel.add_delta_ (3.7k of
+        # checks), with takes() at 11.4k and the op at 36k; now the op, a cheaper takes() and a few k.
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = F.linear(x, weight, bias) if weight is not None else x.new_zeros(*x.shape[:-1], self.d_out)
+        if plan.kernel is not None and cpu_kernel.takes(x, y):  # no autograd; y in x's dtype (autocast may differ)
+            plan.kernel(y, x, *plan.kernel_args)
+            return y
+        shape = y.shape
+        y = torch_ops.add_routed_delta_(y.view(-1, shape[-1]), x.view(-1, x.shape[-1]), plan.packed, self.top_k,
+                                        self.temperature)  # fmt: skip
+        return y.view(shape)
 
     def route_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Signed routing scores ``x·p_e`` (T, E) in float32 for x (..., d_in)."""

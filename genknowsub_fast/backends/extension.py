@@ -12,7 +12,8 @@ Ops (CPU; the prototype ops also on CUDA when built with CUDA):
 - ``arrow_prototypes(Tensor a, Tensor b) -> (Tensor, Tensor)``
 - ``arrow_prototypes_batched(Tensor[] a, Tensor[] b) -> (Tensor[], Tensor[])``
 - ``routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor prototypes, Tensor a, Tensor b_t, int top_k,
-  float temperature, bool weights_mixing, Tensor? scores=None) -> ()``
+  float temperature, bool weights_mixing, Tensor? scores=None) -> ()``: x (..., d_in) and y (..., d_out) with the same
+  leading shape; scores (T, E) with T the number of rows
 - ``cpu_isa(str request="") -> str``: the instruction set the CPU kernels use ("scalar", "avx2", "avx512"); a name
   (or "auto") forces it. ``GENKNOWSUB_FAST_CPU_ISA`` sets it for the process.
 """

@@ -167,6 +167,32 @@ def test_no_tokens_leaves_y_alone():
     assert run_op(x, protos, a, b_t, 2, 1.0, y=y).shape == (0, 8)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_any_leading_shape_is_rows_of_tokens(dtype):
+    """x (..., d_in) and y (..., d_out) with the same leading shape: the same sums as the (T, d) call, row for row."""
+    case = make_case(12, 5, 3, 20, 10, seed=6)
+    x, protos, a, b_t = op_inputs(case, dtype)
+    flat = run_op(x, protos, a, b_t, 3, 0.8)
+    y = torch.zeros(2, 3, 2, 10, dtype=dtype)
+    torch.ops.genknowsub_fast_C.routed_lora_delta_(y, x.view(2, 3, 2, 20), protos, a, b_t, 3, 0.8, False, None)
+    assert torch.equal(y.view(12, 10), flat)
+    one = torch.zeros(10, dtype=dtype)  # a single token as a 1-D vector: as the (1, d) call (the same schedule)
+    torch.ops.genknowsub_fast_C.routed_lora_delta_(one, x[4], protos, a, b_t, 3, 0.8, False, None)
+    assert torch.equal(one, run_op(x[4:5], protos, a, b_t, 3, 0.8)[0])
+    scores = x.float() @ protos.T
+    y = torch.zeros(3, 4, 10, dtype=dtype)
+    torch.ops.genknowsub_fast_C.routed_lora_delta_(y, x.view(3, 4, 20), protos, a, b_t, 3, 0.8, False, scores)
+    assert torch.equal(y.view(12, 10), run_op(x, protos, a, b_t, 3, 0.8, scores=scores))
+    with pytest.raises(RuntimeError, match="do not match"):  # leading shapes (3, 4) and (4, 3)
+        torch.ops.genknowsub_fast_C.routed_lora_delta_(
+            torch.zeros(4, 3, 10, dtype=dtype), x.view(3, 4, 20), protos, a, b_t, 3, 0.8, False, None
+        )
+    with pytest.raises(RuntimeError, match="expected x"):  # y must have x's number of dimensions
+        torch.ops.genknowsub_fast_C.routed_lora_delta_(
+            torch.zeros(12, 10, dtype=dtype), x.view(3, 4, 20), protos, a, b_t, 3, 0.8, False, None
+        )
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
