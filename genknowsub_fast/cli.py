@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", nargs="+", required=True, metavar="DIR", help="task adapter directories (PEFT format)")
     p.add_argument("--general", nargs="*", default=[], metavar="DIR", help="general-knowledge adapter directories")
-    p.add_argument("--gks", choices=("param", "delta"), default="param", help="GenKnowSub mode (default: param)")
+    p.add_argument(
+        "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
+    )
     p.add_argument("--prototypes", choices=("exact", "power", "svd"), default="exact")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files")
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
@@ -22,7 +24,7 @@ def _run_build(args: argparse.Namespace) -> int:
     lib = LoraLibrary.from_adapters(
         args.task,
         args.general or None,
-        gks=args.gks,
+        gks=args.gks or "auto",
         prototypes=args.prototypes,
         allow_pickle=args.allow_pickle,
         progress=True,
