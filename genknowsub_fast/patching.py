@@ -56,6 +56,9 @@ class PatchedLayer:
     # How to run and how to undo (private).
     _linear: nn.Module | None = field(default=None, repr=False)  # layer holding W: one runner call for W + delta
     _transposed: bool = field(default=False, repr=False)  # _linear stores W as (d_in, d_out) (GPT-2 Conv1D)
+    # A quantised base layer (bitsandbytes 4-bit): the experts run in this dtype (float32) and the delta is added to
+    # the base output in it, rounded once (PEFT's and the original code's arithmetic on such bases).
+    _delta_dtype: torch.dtype | None = field(default=None, repr=False)
     # Otherwise the base output comes from _base_call (a PEFT layer's base layer, or an instance forward the module
     # had), or, when that is None, from the class's forward; then the delta is added.
     _base_call: Callable | None = field(default=None, repr=False)
@@ -118,6 +121,9 @@ class _PatchedForward:
             base = type(layer.module).forward(layer.module, x, *args, **kwargs)
         else:
             base = call(x, *args, **kwargs)
+        dt = layer._delta_dtype
+        if dt is not None:
+            return (base.to(dt) + layer.runner(x.to(dt))).to(base.dtype)
         return base + layer.runner(x).to(base.dtype)
 
     def __getstate__(self):
@@ -132,7 +138,10 @@ class _PeftArrowForward(_PatchedForward):
     and PEFT's own forward otherwise (after ``set_adapter("task_0")``, ``disable_adapter()``, a mixed-batch call), so
     the patched model computes what PEFT computes in every adapter state, and PEFT's training path keeps working.
 
-    The test costs {guard_cost} per call (see README); ``active`` is the integration's ``router_is_active``.
+    ``active`` is the integration's ``router_is_active``: three PEFT properties, measured at 1.7-2.3 µs per call
+    (timeit, loaded 2-core machine), i.e. 8 × 2.3 µs = 0.16 % of an 11.8 ms tiny Phi-3 decode step (8 patched
+    layers, 1 thread); interleaved decode timings with and without it did not tell them apart (median ratio 1.01,
+    quartiles 0.83-1.13).
     """
 
     __slots__ = ("active",)
@@ -186,16 +195,16 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype a target layer computes in: its weight's, or for a quantised weight (bitsandbytes 4-bit) the layer's
-    ``compute_dtype``; ``default`` when neither says."""
-    inner = _inner_layer(module)
-    w = getattr(inner, "weight", None)
+    w = getattr(_inner_layer(module), "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
         return w.dtype
-    compute = getattr(inner, "compute_dtype", None)
-    if isinstance(compute, torch.dtype) and compute.is_floating_point:
-        return compute
     return default
+
+
+def _is_quantised(module: nn.Module) -> bool:
+    """A base layer whose weight is stored as integers (bitsandbytes 4-bit / 8-bit)."""
+    w = getattr(_inner_layer(module), "weight", None)
+    return isinstance(w, torch.Tensor) and not w.is_floating_point()
 
 
 def _find_targets(model: nn.Module, library: LoraLibrary) -> dict[str, tuple[str, nn.Module]]:
@@ -323,9 +332,13 @@ def patch_model(
                     f"module {path!r} is a PEFT LoRA layer with its own active adapters; merge_and_unload() it first"
                 )
             runner = RoutedLinear(experts, top_k, temperature, mixing, backend, name=path)
-            runner.prepare(_module_device(module), _module_dtype(module, library.dtype))
+            # On a quantised base the experts run in float32, as PEFT (its adapters stay float32) and the original
+            # code do, so the delta is not rounded to the model dtype before it is added.
+            quantised = _is_quantised(module)
+            dtype = torch.float32 if quantised else _module_dtype(module, library.dtype)
+            runner.prepare(_module_device(module), dtype)
             inner = _inner_layer(module)
-            layer = PatchedLayer(path, module, runner)
+            layer = PatchedLayer(path, module, runner, _delta_dtype=torch.float32 if quantised else None)
             if type(inner) is nn.Linear or _is_conv1d(inner):
                 layer._linear = inner
                 layer._transposed = _is_conv1d(inner)
