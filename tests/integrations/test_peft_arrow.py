@@ -463,3 +463,19 @@ def test_no_warning_on_converging_adapters(gpt2, tmp_path):
         warnings.simplefilter("error", UserWarning)
         check_against_peft(model, x, logits(gpt2.base, x))
     assert peft_min_cos(model) > 0.999
+
+
+def test_power_library_from_files_is_pefts_bit_for_bit(gpt2):
+    """A library built from the adapter directories with PEFT's power iteration and seed holds PEFT's subtracted
+    factors and prototypes bit for bit (GenKnowSub's default mean is computed as PEFT computes it)."""
+    model = arrow(gpt2.base, gpt2.ts, gpt2.gen, top_k=2, use_gks=True, rng_seed=42)
+    y_peft = logits(model, gpt2.x)
+    lib = LoraLibrary.from_adapters(gpt2.ts, gpt2.gen, prototypes="power", rng_seed=42)
+    for name, mod in arrow_layers(model):
+        m = lib.modules[name.removeprefix("base_model.model.")]
+        router = arrow_router(mod)
+        assert torch.equal(m.prototypes, router.prototypes)
+        for i, n in enumerate(router.task_adapter_names):
+            assert torch.equal(m.a[i], mod.lora_A[n].weight) and torch.equal(m.b[i], mod.lora_B[n].weight)
+    y_ours = logits(gkf.patch_model(copy.deepcopy(gpt2.base), lib, top_k=2), gpt2.x)
+    assert_matches_peft(y_ours, y_peft, gpt2.base_logits, "power library from files")
