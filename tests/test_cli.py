@@ -17,9 +17,12 @@ def test_build_and_info(phi3_setup, tmp_path, capsys):
     assert "model.layers.1.mlp.down_proj" in text and "96 → 64" in text
 
 
-def test_build_delta_without_general_means_no_gks(phi3_setup, tmp_path):
+def test_build_gks_without_general_is_an_error(phi3_setup, tmp_path, capsys):
+    """Asking for GenKnowSub without general adapters is refused (it used to build a library without GKS)."""
     out = tmp_path / "lib.safetensors"
-    assert main(["build", "--task", *phi3_setup.task[:2], "--gks", "delta", "-o", str(out)]) == 0
+    assert main(["build", "--task", *phi3_setup.task[:2], "--gks", "delta", "-o", str(out)]) == 2
+    assert "no general adapters were given" in capsys.readouterr().err
+    assert main(["build", "--task", *phi3_setup.task[:2], "-o", str(out)]) == 0
     assert LoraLibrary.load(out).gks is None
 
 
