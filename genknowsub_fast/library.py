@@ -306,10 +306,13 @@ class LoraLibrary:
         return lib
 
     @classmethod
-    def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "exact") -> LoraLibrary:
+    def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "peft") -> LoraLibrary:
         """Build a library from a model made by ``peft.create_arrow_model`` (task_i / gks_i adapters + ArrowConfig).
 
-        See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
+        ``prototypes="peft"`` (default) takes PEFT's own prototypes, so the library reproduces PEFT's outputs;
+        ``"exact"`` computes exact ones for the same experts. PEFT's lazy GenKnowSub (and prototype) steps run first
+        where they have not, as PEFT's next forward would. See
+        :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
         """
         from .integrations.peft import library_from_peft_model
 

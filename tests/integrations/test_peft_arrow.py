@@ -479,3 +479,27 @@ def test_power_library_from_files_is_pefts_bit_for_bit(gpt2):
             assert torch.equal(m.a[i], mod.lora_A[n].weight) and torch.equal(m.b[i], mod.lora_B[n].weight)
     y_ours = logits(gkf.patch_model(copy.deepcopy(gpt2.base), lib, top_k=2), gpt2.x)
     assert_matches_peft(y_ours, y_peft, gpt2.base_logits, "power library from files")
+
+
+def test_other_peft_layouts_are_named(gpt2, monkeypatch):
+    """If PEFT's Arrow router lacks what is read from it, the error names the installed PEFT version."""
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    from genknowsub_fast.integrations.peft import peft_version
+
+    model = arrow(gpt2.base, gpt2.ts, top_k=2, rng_seed=0)
+    with monkeypatch.context() as m:
+        m.delattr(ArrowLoraLinearLayer, "gen_know_sub")
+        with pytest.raises(ValueError, match=re.escape(f"PEFT {peft_version()}")):
+            gkf.patch_model(model)
+    with monkeypatch.context() as m:
+        m.setattr(ArrowLoraLinearLayer, "build_prototypes", lambda self, a, b: None)
+        with pytest.raises(ValueError, match="no prototypes buffer"):
+            LoraLibrary.from_peft_model(model)
+    assert not gkf.is_patched(model)
+    with pytest.raises(ValueError, match="prototypes must be one of"):
+        LoraLibrary.from_peft_model(model, prototypes="power")
+    with pytest.raises(ValueError, match="prototypes= chooses the prototypes of a PEFT Arrow model"):
+        gkf.patch_model(copy.deepcopy(gpt2.base), LoraLibrary.from_adapters(gpt2.ts), prototypes="exact")
+    with pytest.raises(ValueError, match="library is None"):
+        gkf.patch_model(copy.deepcopy(gpt2.base))
