@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,11 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def measure(rounds: int) -> list[dict]:
+def measure(rounds: int) -> Iterator[dict]:
+    """One row per (shape, experts, T), yielded as soon as it is measured."""
     import genknowsub_fast as gkf
     from genknowsub_fast.backends import torch_ops
 
-    rows = []
     for name, (d_in, d_out) in SHAPES.items():
         for e, r in EXPERTS:
             model = _One(d_in, d_out).to(torch.bfloat16).eval()
@@ -73,21 +74,18 @@ def measure(rounds: int) -> list[dict]:
                 frac = [a / b for a, b in zip(s32, lay, strict=True)]
                 extra = [(a - c) / b for a, b, c in zip(s32, lay, s16, strict=True)]
                 q = statistics.quantiles(frac, n=4)
-                rows.append(
-                    {
-                        "shape": f"{name} {d_in}->{d_out}",
-                        "experts": f"E{e} r{r}",
-                        "T": t,
-                        "layer_us": statistics.median(lay) * 1e6,
-                        "scores_fp32_us": statistics.median(s32) * 1e6,
-                        "scores_bf16_us": statistics.median(s16) * 1e6,
-                        "fp32_scores_share": statistics.median(frac),
-                        "share_q1": q[0],
-                        "share_q3": q[2],
-                        "fp32_over_bf16_extra_share": statistics.median(extra),
-                    }
-                )
-    return rows
+                yield {
+                    "shape": f"{name} {d_in}->{d_out}",
+                    "experts": f"E{e} r{r}",
+                    "T": t,
+                    "layer_us": statistics.median(lay) * 1e6,
+                    "scores_fp32_us": statistics.median(s32) * 1e6,
+                    "scores_bf16_us": statistics.median(s16) * 1e6,
+                    "fp32_scores_share": statistics.median(frac),
+                    "share_q1": q[0],
+                    "share_q3": q[2],
+                    "fp32_over_bf16_extra_share": statistics.median(extra),
+                }
 
 
 def main() -> None:
@@ -104,7 +102,8 @@ def main() -> None:
         print(
             f"| {row['shape']} | {row['experts']} | {row['T']} | {row['layer_us']:.0f} | {row['scores_fp32_us']:.1f} | "
             f"{row['scores_bf16_us']:.1f} | {row['fp32_scores_share']:.3f} "
-            f"({row['share_q1']:.3f}-{row['share_q3']:.3f}) | {row['fp32_over_bf16_extra_share']:.3f} |"
+            f"({row['share_q1']:.3f}-{row['share_q3']:.3f}) | {row['fp32_over_bf16_extra_share']:.3f} |",
+            flush=True,
         )
 
 

@@ -286,7 +286,8 @@ def patch_model(
     patched, a layer whose PEFT adapter state changes (``set_adapter``, ``disable_adapter()``) runs PEFT's own forward.
     The patched model holds a copy of the adapters as they were at patch time: patch again after changing them.
 
-    Every check runs before any module is touched. A model already patched raises ValueError.
+    Every check runs before any module is patched (a PEFT Arrow model first runs PEFT's own pending lazy steps, which
+    its next forward would run anyway). A model already patched raises ValueError.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
