@@ -1,10 +1,25 @@
-"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``."""
+"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``.
+
+Every argument and output path is checked before any work; every error is one line on stderr and exit code 2 (pass
+``--traceback`` before the subcommand to see the full traceback of an unexpected error instead).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+
+from .cli_args import (
+    OneLineParser,
+    adapter_options,
+    add_adapter_options,
+    non_negative_int,
+    one_line,
+    positive_int,
+    warn_one_line,
+)
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -14,20 +29,23 @@ def _add_build(p: argparse.ArgumentParser) -> None:
         "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
     )
     p.add_argument("--prototypes", choices=("exact", "power", "svd"), default="exact")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
+    add_adapter_options(p)
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
 
 
 def _run_build(args: argparse.Namespace) -> int:
     from .library import LoraLibrary
+    from .paths import check_output_file
 
+    check_output_file(args.output, "--output")
     lib = LoraLibrary.from_adapters(
         args.task,
         args.general or None,
         gks=args.gks or "auto",
         prototypes=args.prototypes,
-        allow_pickle=args.allow_pickle,
-        progress=True,
+        names=args.names,
+        **adapter_options(args),
     )
     lib.save(args.output)
     print(f"wrote {args.output}: {lib!r}")
@@ -48,10 +66,12 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"general knowledge subtracted ({lib.gks}): {', '.join(lib.general_names)}")
     if lib.base_model_class:
         print(f"base model class: {lib.base_model_class}")
+    if lib.base_model_name:
+        print(f"base model: {lib.base_model_name}")
     if lib.routing:
         print(f"default routing: {lib.routing}")
     n_params = sum(m.a.numel() + m.b.numel() for m in lib.modules.values())
-    print(f"{len(lib)} modules, {n_params / 1e6:.2f} M adapter parameters")
+    print(f"{len(lib.modules)} modules, {n_params / 1e6:.2f} M adapter parameters")
     width = max(len(p) for p in lib.modules)
     for path, m in lib.modules.items():
         ranks = sorted(set(m.ranks.tolist()))
@@ -61,13 +81,13 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("tiny", "small", "bench", "phi3-mini"), default="small", help="Phi-3 size")
-    p.add_argument("--tasks", type=int, default=6, help="number of task adapters")
-    p.add_argument("--general", type=int, default=3, help="number of general adapters")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=128, help="prompt length of the prefill timing")
-    p.add_argument("--decode", type=int, default=16, help="decode steps timed")
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats (the median is reported)")
+    p.add_argument("--tasks", type=positive_int, default=6, help="number of task adapters")
+    p.add_argument("--general", type=non_negative_int, default=3, help="number of general adapters")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--top-k", type=positive_int, default=3, help="experts per token (at most --tasks)")
+    p.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill timing")
+    p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (the median is reported)")
     p.add_argument("--out", default=None, help="directory for the adapters, library and plots (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -103,18 +123,39 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
 }
 
 
+def _message(exc: Exception) -> str:
+    """The one-line message of an error; a refused pickle names the command line's flag, not the Python argument."""
+    from .adapters import PickledAdapterError
+
+    if isinstance(exc, PickledAdapterError):
+        return (
+            f"adapter {exc.path!r} is a pickled adapter_model.bin; loading pickles can run arbitrary code. Convert it "
+            "to safetensors, or pass --allow-pickle if you trust it (only tensors are read)"
+        )
+    return one_line(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``genknowsub-fast``; returns the exit code (2 on bad input, with a one-line error)."""
-    parser = argparse.ArgumentParser(prog="genknowsub-fast", description=__doc__)
+    """Entry point of ``genknowsub-fast``; returns the exit code (2 on any error, with a one-line message)."""
+    parser = OneLineParser(prog="genknowsub-fast", description=__doc__)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:
-        return SUBCOMMANDS[args.command][1](args)
-    except ValueError as exc:
-        print(f"genknowsub-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    prog = f"genknowsub-fast {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = warn_one_line(prog)
+        try:
+            return SUBCOMMANDS[args.command][1](args)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # torch, safetensors and OS errors too: one line, never a traceback
+            if args.traceback and not isinstance(exc, ValueError):
+                raise
+            print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

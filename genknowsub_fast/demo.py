@@ -82,11 +82,15 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo described in the module docstring; returns 0 when every check passes, 1 otherwise."""
     from peft import ArrowConfig, create_arrow_model
 
-    from .synthetic import make_phi3, write_adapters
+    from .paths import check_output_dir
+    from .synthetic import check_phi3_fits, make_phi3, write_adapters
 
+    if args.top_k > args.tasks:
+        raise ValueError(f"--top-k {args.top_k} is more than the {args.tasks} task adapters (--tasks)")
+    # base, PEFT's copy and the patched copy of the model live at once
+    cost = check_phi3_fits(args.size, copies=3)
+    out = check_output_dir(args.out, "--out") if args.out else tempfile.mkdtemp(prefix="gkf-demo-")
     torch.manual_seed(args.seed)
-    out = args.out or tempfile.mkdtemp(prefix="gkf-demo-")
-    os.makedirs(out, exist_ok=True)
     print(
         f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, output in {out}"
@@ -96,8 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     base = make_phi3(args.size, seed=args.seed)
     cfg = base.config
     print(
-        f"[1/6] random Phi-3 '{args.size}': hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-        f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters ({time.perf_counter() - t0:.1f} s)"
+        f"[1/6] {cost}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({time.perf_counter() - t0:.1f} s)"
     )
 
     t0 = time.perf_counter()
@@ -113,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
     lib.save(lib_path)
     print(f"[3/6] {lib!r}\n      built in {time.perf_counter() - t0:.2f} s, saved to {lib_path}")
 
-    k = min(args.top_k, lib.num_experts)
+    k = args.top_k
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = create_arrow_model(

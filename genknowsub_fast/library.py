@@ -19,11 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import gks as gks_math
+from . import library_checks as checks
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
 from .experts import ModuleExperts
 from .gks import GKS_MODES, resolve_gks
 from .layer_prototypes import PROTOTYPE_SCOPES, group_by_layer, layer_factors
+from .paths import write_atomically
 
 FORMAT_VERSION = 1
 _META_KEY = "genknowsub_fast"
@@ -64,6 +66,11 @@ class LoraLibrary:
         added_names: names of the adapters added after the subtraction (``add_adapters``).
         prototype_scope: ``"module"`` (one prototype per module and expert) or ``"layer"`` (one per decoder layer and
             expert, shared by the layer's modules).
+        base_model_name: the base model the adapters name (``base_model_name_or_path``), or the ``base_model_name``
+            given to :meth:`from_adapters`; None when they name none.
+
+    ``len(library)`` is the number of experts (as ``library.num_experts``); ``len(library.modules)`` counts the target
+    modules.
     """
 
     def __init__(
@@ -75,11 +82,13 @@ class LoraLibrary:
         base_model_class: str | None = None,
         prototype_method: str = "exact",
         routing: dict | None = None,
+        base_model_name: str | None = None,
         added_names: Sequence[str] = (),
         prototype_scope: str = "module",
     ):
         if not modules:
             raise ValueError("a LoraLibrary needs at least one module")
+        expert_names = checks.check_names(list(expert_names), "expert names")
         e = len(expert_names)
         for path, m in modules.items():
             if m.a.shape[0] != e or m.b.shape[0] != e or m.scaling.shape != (e,) or m.prototypes.shape[0] != e:
@@ -93,6 +102,7 @@ class LoraLibrary:
         self.base_model_class = base_model_class
         self.prototype_method = prototype_method
         self.routing = dict(routing or {})
+        self.base_model_name = base_model_name
         self.added_names = list(added_names)
         self.prototype_scope = prototype_scope
 
@@ -115,7 +125,8 @@ class LoraLibrary:
         return next(iter(self.modules.values())).a.device
 
     def __len__(self) -> int:
-        return len(self.modules)
+        """The number of experts (``len(library.modules)`` is the number of target modules)."""
+        return self.num_experts
 
     def __repr__(self) -> str:
         ranks = sorted({int(r) for m in self.modules.values() for r in m.ranks.tolist()})
@@ -129,7 +140,8 @@ class LoraLibrary:
         )
 
     def to(self, device=None, dtype=None) -> LoraLibrary:
-        """A copy of the library on another device and/or float dtype."""
+        """A copy of the library on another device and/or float dtype (ValueError for a non-float dtype)."""
+        _check_float_dtype(dtype)
         return LoraLibrary(
             {p: m.to(device=device, dtype=dtype) for p, m in self.modules.items()},
             self.expert_names,
@@ -138,6 +150,7 @@ class LoraLibrary:
             self.base_model_class,
             self.prototype_method,
             self.routing,
+            self.base_model_name,
             self.added_names,
             self.prototype_scope,
         )
@@ -156,6 +169,8 @@ class LoraLibrary:
         names: Sequence[str] | None = None,
         rng_seed: int | None = None,
         progress: bool | None = None,
+        base_model_name: str | None = None,
+        ignore_modules_to_save: bool = False,
         general_weights: Sequence[float] | None = None,
         add_adapters: Sequence[str | os.PathLike] | None = None,
         add_weights: Sequence[float] | None = None,
@@ -171,11 +186,20 @@ class LoraLibrary:
                 (factor-wise, as PEFT's ``use_gks=True``), ``"delta"`` (exact ΔW subtraction) or None (no
                 GenKnowSub). ``"param"``/``"delta"`` without general adapters, and None with them, are errors.
             prototypes: ``"exact"`` (default), ``"power"`` (PEFT's power iteration) or ``"svd"``.
-            dtype, device: where the library's tensors live (default: the adapters' dtype, CPU).
-            allow_pickle: accept pickled ``adapter_model.bin`` files.
-            names: expert names (default: the directory names).
+            dtype, device: where the library's tensors live (default: the adapters' dtype, CPU); dtype is a float
+                dtype (float32, bfloat16, float16 or float64).
+            allow_pickle: accept pickled ``adapter_model.bin`` files (read with ``torch.load(weights_only=True)``:
+                tensors only, a file holding anything else is refused).
+            names: expert names (default: the directory names); they must be distinct.
             rng_seed: start-vector seed of ``prototypes="power"``.
             progress: show a progress bar while reading (default: when stderr is a terminal).
+            base_model_name: the base model all adapters were trained on. By default the adapters'
+                ``base_model_name_or_path`` entries must agree (a hub id and a Hugging Face cache snapshot of it do);
+                give this when they name one model in two ways that cannot be matched (e.g. a hub id and a local
+                copy): the names are then not compared, while the model class and every module's shape still are.
+            ignore_modules_to_save: leave out the whole-module tensors adapters saved for ``modules_to_save`` (e.g.
+                a fine-tuned ``lm_head``), with one warning naming them; without it such adapters are refused, since
+                Arrow routes LoRA factors only and the model keeps its own weights for those modules.
             general_weights: one coefficient per general adapter (default: the mean, ``1/G`` each).
             add_adapters: directories of adapters added after the subtraction (the cross-lingual variants).
             add_weights: one coefficient per added adapter (default 1 each; -1 subtracts).
@@ -185,6 +209,10 @@ class LoraLibrary:
 
         The coefficients combine the factors in ``"param"`` mode and the ΔW in ``"delta"`` mode (see
         :mod:`genknowsub_fast.gks`); the README gives the arguments of each variant of the original code.
+
+        The same directory twice, a directory both a task and a general adapter (unless the general adapters are
+        exactly the task adapters: the average-of-tasks variant), or two experts with one name (e.g. two directories
+        called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
         """
         task_adapters = list(task_adapters or [])
         general_adapters = list(general_adapters or [])
@@ -196,23 +224,39 @@ class LoraLibrary:
             raise ValueError(f"prototypes must be 'exact', 'power' or 'svd', got {prototypes!r}")
         if names is not None and len(names) != len(task_adapters):
             raise ValueError(f"{len(names)} names given for {len(task_adapters)} task adapters")
+        _check_float_dtype(dtype)
+        if base_model_name is not None and not (isinstance(base_model_name, str) and base_model_name):
+            raise ValueError(f"base_model_name must be a non-empty string, got {base_model_name!r}")
         for p in task_adapters + general_adapters + add_adapters:
             if not os.path.isdir(p):
                 raise ValueError(f"adapter path {os.fspath(p)!r} does not exist or is not a directory")
+        # The original code's average-of-tasks variant subtracts the mean of the task adapters themselves.
+        tasks_as_general = _same_dirs(general_adapters, task_adapters)
+        _check_distinct_dirs(task_adapters, [] if tasks_as_general else general_adapters, add_adapters)
+        task_names = list(names) if names is not None else [_dir_name(p) for p in task_adapters]
+        try:
+            checks.check_names(task_names, "expert names")
+            checks.check_names([_dir_name(p) for p in general_adapters], "general adapter names", allow_empty=True)
+            checks.check_names([_dir_name(p) for p in add_adapters], "added adapter names", allow_empty=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; pass names=[...] (command line: --names) to name task experts whose directories share a name"
+            ) from None
         if progress is None:
             progress = sys.stderr.isatty()
         paths = task_adapters + general_adapters + add_adapters
         from tqdm.auto import tqdm
 
-        read = [
-            read_adapter(p, allow_pickle=allow_pickle)
-            for p in tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress)
-        ]
+        # The bar is closed (and cleared) before an error propagates, so the error starts on a line of its own.
+        with tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress, leave=False) as bar:
+            read = [
+                read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save) for p in bar
+            ]
         n_t, n_g = len(task_adapters), len(general_adapters)
         tasks, general, add = read[:n_t], read[n_t : n_t + n_g], read[n_t + n_g :]
-        if names is not None:
-            for adapter, n in zip(tasks, names, strict=True):
-                adapter.name = n
+        for adapter, n in zip(tasks, task_names, strict=True):
+            adapter.name = n
+        _warn_ignored_modules(read)
         return cls.from_loaded(
             tasks,
             general,
@@ -222,6 +266,7 @@ class LoraLibrary:
             device,
             rng_seed,
             general_weights=general_weights,
+            base_model_name=base_model_name,
             add=add,
             add_weights=add_weights,
             task_weight=task_weight,
@@ -241,6 +286,7 @@ class LoraLibrary:
         routing: dict | None = None,
         already_subtracted: set[str] | None = None,
         general_weights: Sequence[float] | None = None,
+        base_model_name: str | None = None,
         add: Sequence[LoraAdapter] = (),
         add_weights: Sequence[float] | None = None,
         task_weight: float = 1.0,
@@ -251,9 +297,14 @@ class LoraLibrary:
         ``gks`` is None (nothing subtracted) or one of :data:`~genknowsub_fast.gks.GKS_MODES`; ``already_subtracted``
         names module paths whose task factors already had GenKnowSub applied (a PEFT model that ran once).
         ``general_weights`` / ``add`` / ``add_weights`` / ``task_weight`` / ``prototype_scope``: as in
-        :meth:`from_adapters`.
+        :meth:`from_adapters` (``add`` holds the added adapters).
+        ``base_model_name``: see :meth:`from_adapters` (the adapters' own base model names are then not compared).
         """
         tasks, general, add = list(tasks), list(general), list(add)
+        if not tasks:
+            raise ValueError("a library needs at least one task adapter")
+        checks.check_names([t.name for t in tasks], "expert names")
+        _check_float_dtype(dtype)
         gks = resolve_gks(gks, len(general), len(add))
         if prototype_scope not in PROTOTYPE_SCOPES:
             raise ValueError(f"prototype_scope must be one of {PROTOTYPE_SCOPES}, got {prototype_scope!r}")
@@ -265,7 +316,7 @@ class LoraLibrary:
         task_weight = gks_math.check_weight(task_weight, "task_weight")
         if task_weight != 1.0 and gks is None:
             raise ValueError("task_weight weighs the task factors against general or added adapters; give some")
-        base_class = _check_compatible(tasks, general + add)
+        base_class, base_name = _check_compatible(tasks, general + add, base_model_name)
         done = already_subtracted or set()
         modules: dict[str, ModuleExperts] = {}
         for path in tasks[0].module_paths:
@@ -297,10 +348,9 @@ class LoraLibrary:
             _fill_layer_prototypes(modules, prototypes, rng_seed, names)
         else:
             _fill_prototypes(modules, prototypes, rng_seed, names)
-        general_names = [g.name for g in general]
-        lib = cls(
-            modules, names, gks, general_names, base_class, prototypes, routing, [a.name for a in add], prototype_scope
-        )
+        general_names, added_names = [g.name for g in general], [a.name for a in add]
+        lib = cls(modules, names, gks, general_names, base_class, prototypes, routing, base_name, added_names)
+        lib.prototype_scope = prototype_scope
         if dtype is not None or device is not None:
             lib = lib.to(device=device, dtype=dtype)
         return lib
@@ -320,7 +370,18 @@ class LoraLibrary:
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the library to one safetensors file (format in docs/design.md)."""
+        """Write the library to one safetensors file (format in docs/design.md).
+
+        The file is written under a temporary name in the same directory and renamed into place, so a failed write
+        leaves any older file as it was; it gets the permissions of any newly created file (0o666 less the umask).
+        ValueError when the directory does not exist or ``path`` is a directory, before anything is written.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"library file {path!r} is a directory")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"library file {path!r}: directory {parent!r} does not exist")
         tensors = {}
         for p, m in self.modules.items():
             tensors[f"{p}/A"] = m.a.contiguous()
@@ -335,6 +396,7 @@ class LoraLibrary:
             "general_names": self.general_names,
             "base_model_class": self.base_model_class,
             "base_model_type": model_family(self.base_model_class),
+            "base_model_name": self.base_model_name,
             "target_modules": self.target_modules,
             "module_paths": list(self.modules),
             "prototype_method": self.prototype_method,
@@ -342,31 +404,43 @@ class LoraLibrary:
             "added_names": self.added_names,
             "prototype_scope": self.prototype_scope,
         }
-        save_file({k: v.cpu() for k, v in tensors.items()}, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+        cpu = {k: v.cpu() for k, v in tensors.items()}
+        write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata={_META_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> LoraLibrary:
-        """Read a library written by :meth:`save`; ValueError if the file is missing or not such a library."""
+        """Read a library written by :meth:`save`.
+
+        Everything in the file is checked before it is used (see :mod:`genknowsub_fast.library_checks`): the metadata,
+        and per module the dtype, shape and values of A, B, scaling, prototypes and ranks (finite, ranks in
+        [1, r_max], zero padding, unit prototypes or a zero one for a zero ΔW). Anything else is a ValueError naming
+        the file and, where one is at fault, the tensor.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"library file {path!r} does not exist")
+        where = f"library {path!r}"
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 raw = (f.metadata() or {}).get(_META_KEY)
                 if raw is None:
                     raise ValueError(f"{path!r} is a safetensors file but not a genknowsub_fast library")
-                meta = json.loads(raw)
-                if meta.get("format_version") != FORMAT_VERSION:
-                    raise ValueError(
-                        f"{path!r} has library format {meta.get('format_version')}, this version reads {FORMAT_VERSION}"
-                    )
+                try:
+                    meta = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: metadata is not valid JSON ({exc})") from None
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{where}: metadata is not a JSON object")
+                version = meta.get("format_version")
+                if version != FORMAT_VERSION:
+                    raise ValueError(f"{where} has library format {version!r}, this version reads {FORMAT_VERSION}")
+                checks.check_metadata(meta, where)
+                checks.check_tensor_keys(list(f.keys()), meta["module_paths"], where)
+                e, method = len(meta["expert_names"]), meta.get("prototype_method", "exact")
                 modules = {}
                 for p in meta["module_paths"]:
-                    t = {k: f.get_tensor(f"{p}/{k}") for k in ("A", "B", "scaling", "prototypes", "ranks")}
-                    for k in ("A", "B", "prototypes"):
-                        if not torch.isfinite(t[k]).all():
-                            raise ValueError(f"{path!r}: {p}/{k} contains NaN or Inf")
-                    modules[p] = ModuleExperts(t["A"], t["B"], t["scaling"], t["prototypes"], t["ranks"])
+                    t = {k: f.get_tensor(f"{p}/{k}") for k in checks.TENSOR_KEYS}
+                    modules[p] = checks.check_module_tensors(t, e, method, f"{where}: tensor '{p}")
         except ValueError:
             raise
         except Exception as exc:  # safetensors raises its own error types on corrupt files
@@ -379,22 +453,79 @@ class LoraLibrary:
             meta.get("base_model_class"),
             meta.get("prototype_method", "exact"),
             meta.get("routing"),
+            meta.get("base_model_name"),
             meta.get("added_names", []),
             meta.get("prototype_scope", "module"),
         )
         return lib.to(device=device) if device is not None else lib
 
 
-def _check_compatible(tasks: list[LoraAdapter], general: list[LoraAdapter]) -> str | None:
-    """All adapters target the same modules with the same shapes and come from one base model class."""
+def _check_float_dtype(dtype: object) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in checks.FLOAT_DTYPES):
+        raise ValueError(f"a library's dtype must be one of {checks.FLOAT_DTYPES}, got {dtype!r}")
+
+
+def _dir_name(path: str | os.PathLike) -> str:
+    return os.path.basename(os.path.normpath(os.fspath(path)))
+
+
+def _same_dirs(a: Sequence[str | os.PathLike], b: Sequence[str | os.PathLike]) -> bool:
+    """True when ``a`` and ``b`` name the same directories (after resolving links) in the same order."""
+    real = [os.path.realpath(os.fspath(p)) for p in a]
+    return bool(real) and real == [os.path.realpath(os.fspath(p)) for p in b]
+
+
+def _check_distinct_dirs(
+    tasks: Sequence[str | os.PathLike], general: Sequence[str | os.PathLike], added: Sequence[str | os.PathLike] = ()
+) -> None:
+    """The same adapter directory (after resolving links) may appear only once among task, general and added
+    adapters."""
+    seen: dict[str, str] = {}
+    for kind, paths in (("task", tasks), ("general", general), ("added", added)):
+        for p in paths:
+            real = os.path.realpath(os.fspath(p))
+            if real in seen:
+                raise ValueError(
+                    f"adapter directory {os.fspath(p)!r} is given twice (as {seen[real]} and as {kind} adapter)"
+                )
+            seen[real] = f"{kind} adapter"
+
+
+_HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+
+
+def _model_id(name: str) -> str:
+    """What a base model name identifies: the last path part, with a Hugging Face cache snapshot path
+    (``.../models--org--name/snapshots/<rev>``) mapped to ``name`` like the hub id ``org/name``."""
+    m = _HF_SNAPSHOT.search(name)
+    if m:
+        return m["name"]
+    return os.path.basename(os.path.normpath(name))
+
+
+def _check_compatible(
+    tasks: list[LoraAdapter], general: list[LoraAdapter], base_model_name: str | None = None
+) -> tuple[str | None, str | None]:
+    """All adapters target the same modules with the same shapes and come from one base model class.
+
+    Returns (base model class, base model name): the name is ``base_model_name`` when given (the adapters' own names
+    are then not compared), else the first adapter's ``base_model_name_or_path``.
+    """
     ref = tasks[0]
     classes = {a.base_model_class for a in tasks + general if a.base_model_class}
     families = {model_family(c) for c in classes}
     if len(families) > 1:
         raise ValueError(f"adapters were trained on different base models: {sorted(classes)}")
-    names = {os.path.basename(os.path.normpath(a.base_model_name)) for a in tasks + general if a.base_model_name}
-    if len(names) > 1:
-        raise ValueError(f"adapters name different base models: {sorted(names)}")
+    named = [a for a in tasks + general if a.base_model_name]
+    if base_model_name is None:
+        ids = {_model_id(a.base_model_name) for a in named}
+        if len(ids) > 1:
+            which = sorted({f"{a.name}: {a.base_model_name}" for a in named})
+            raise ValueError(
+                f"adapters name different base models ({'; '.join(which[:4])}); if these are one model named two "
+                "ways, pass base_model_name=... (command line: --base-model-name)"
+            )
+        base_model_name = named[0].base_model_name if named else None
     for ad in tasks[1:] + general:
         if set(ad.module_paths) != set(ref.module_paths):
             diff = sorted(set(ad.module_paths) ^ set(ref.module_paths))[:4]
@@ -408,7 +539,19 @@ def _check_compatible(tasks: list[LoraAdapter], general: list[LoraAdapter]) -> s
                     f"module {p!r}: adapter {ad.name!r} has d_in×d_out {ad.a[p].shape[1]}×{ad.b[p].shape[0]}, "
                     f"{ref.name!r} has {ref.a[p].shape[1]}×{ref.b[p].shape[0]}: adapters for another base model?"
                 )
-    return next(iter(classes)) if classes else None
+    return (next(iter(classes)) if classes else None), base_model_name
+
+
+def _warn_ignored_modules(adapters: Sequence[LoraAdapter]) -> None:
+    """One warning listing the modules_to_save that ``ignore_modules_to_save=True`` left out, if any."""
+    ignored = sorted({m for a in adapters for m in a.ignored_modules})
+    if ignored:
+        who = [a.name for a in adapters if a.ignored_modules]
+        warnings.warn(
+            f"left out the whole-module weights (modules_to_save) of {len(who)} adapter(s) for {ignored}: "
+            "the patched model keeps its own weights there",
+            stacklevel=3,
+        )
 
 
 def _check_equal_ranks(path: str, adapters: list[LoraAdapter]) -> None:

@@ -13,9 +13,19 @@ import torch
 from .backends import prototype_ext, torch_ops, torch_prototypes
 from .backends.packing import check_factors
 from .experts import ModuleExperts
+from .library_checks import all_finite
 from .runner import BACKENDS, RoutedLinear, check_routing_args, resolve_backend, triton_status
 
 PROTOTYPE_METHODS = ("exact", "power", "svd")
+
+
+def _check_finite(experts: ModuleExperts) -> None:
+    """ValueError naming the first of A, B, scaling, prototypes that holds NaN or Inf (raw tensors given to the ops;
+    a library's experts were checked when it was built or loaded)."""
+    named = (("A", experts.a), ("B", experts.b), ("scaling", experts.scaling), ("prototypes", experts.prototypes))
+    for name, t in named:
+        if not all_finite(t):
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def arrow_prototypes(
@@ -69,6 +79,8 @@ def arrow_route(
         raise ValueError(f"x has d_in={x.shape[-1]} but prototypes have d_in={prototypes.shape[-1]}")
     if not x.is_floating_point() or not prototypes.is_floating_point():
         raise ValueError(f"x and prototypes must be floating-point, got {x.dtype} and {prototypes.dtype}")
+    if not all_finite(prototypes):
+        raise ValueError("prototypes contain NaN or Inf")
     top_k, temperature = check_routing_args(top_k, temperature, prototypes.shape[0])
     return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes, top_k, temperature)
 
@@ -87,8 +99,11 @@ def prepare(
 
     ``device``/``dtype`` pack right away; otherwise the first call packs for its input. See
     :class:`~genknowsub_fast.runner.RoutedLinear` for the calls (``runner(x, weight, bias)``,
-    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``).
+    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). NaN or Inf in the
+    experts is a ValueError.
     """
+    if isinstance(experts, ModuleExperts):
+        _check_finite(experts)
     return RoutedLinear(experts, top_k, temperature, mixing, backend, device, dtype, name)
 
 
@@ -107,7 +122,8 @@ def routed_lora(
 ) -> torch.Tensor:
     """Arrow-routed LoRA on x (..., d_in): ``x W0ᵀ + bias + delta``, or only the delta when ``weight`` is None.
 
-    This functional form packs the experts on every call; for repeated calls use :func:`prepare` once instead.
+    This functional form checks and packs the experts on every call; for repeated calls use :func:`prepare` once
+    instead. NaN or Inf in A, B, scaling or the prototypes is a ValueError.
     """
     check_factors(a, b, scaling, prototypes)
     if x.shape[-1] != a.shape[2]:
@@ -116,6 +132,7 @@ def routed_lora(
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({b.shape[1]}, {a.shape[2]})")
     ranks = torch.full((a.shape[0],), a.shape[1], dtype=torch.int64)
     experts = ModuleExperts(a, b, scaling, prototypes, ranks)
+    _check_finite(experts)
     return RoutedLinear(experts, top_k, temperature, mixing, backend)(x, weight, bias)
 
 

@@ -133,3 +133,22 @@ def test_numpy_integer_top_k_and_bool_temperature():
     torch.testing.assert_close(out, gkf.routed_lora(case.x, case.a, case.b, s, case.prototypes, 2, backend="torch"))
     with pytest.raises(ValueError, match="temperature"):
         gkf.routed_lora(case.x, case.a, case.b, s, case.prototypes, 2, temperature=True)
+
+
+@pytest.mark.parametrize("field", ["a", "b", "scaling", "prototypes"])
+def test_nan_factors_are_errors(field):
+    """README's bad-input paragraph: NaN/Inf weights given to the ops on raw tensors are refused, not routed."""
+    case = make_case(3, 4, 2, 8, 5).to(torch.float32)
+    t = {"a": case.a, "b": case.b, "scaling": case.scaling.float(), "prototypes": case.prototypes}
+    t[field] = t[field].clone()
+    t[field].view(-1)[0] = float("nan")
+    name = {"a": "A", "b": "B"}.get(field, field)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        gkf.routed_lora(case.x, t["a"], t["b"], t["scaling"], t["prototypes"], 2)
+    ranks = torch.full((t["a"].shape[0],), t["a"].shape[1])
+    experts = gkf.ModuleExperts(t["a"], t["b"], t["scaling"], t["prototypes"], ranks)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        gkf.prepare(experts, top_k=2)
+    if field == "prototypes":
+        with pytest.raises(ValueError, match="prototypes contain NaN or Inf"):
+            gkf.arrow_route(case.x, t["prototypes"], 2)

@@ -259,3 +259,116 @@ def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monke
     torch.testing.assert_close(out.detach(), hot, **FP32_SAME_MATH)
     out.sum().backward()
     assert emb.grad is not None and bool(emb.grad.abs().sum() > 0)
+
+
+# ------------------------------------------------------------------------------------ issue 13: patching faults
+def test_concurrent_patch_and_unpatch_are_atomic(phi3_setup, monkeypatch):
+    """Issue 13 #1: two threads patching one model both succeeded (each passed the "already patched" test before the
+    other wrote), and after one unpatch the model's forward raised KeyError. Each packing step here sleeps 20 ms, so
+    without the lock both threads are certain to pass that test together; with it the second waits and is refused."""
+    import threading
+    import time
+
+    from genknowsub_fast.runner import RoutedLinear
+
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    model = phi3_setup.fresh()
+    base = _logits(model, phi3_setup.ids)
+    prepare = RoutedLinear.prepare
+
+    def slow_prepare(self, *args, **kwargs):
+        time.sleep(0.02)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(RoutedLinear, "prepare", slow_prepare)
+    start = threading.Barrier(2)
+    results = []
+
+    def run(fn, *args):
+        start.wait()
+        try:
+            fn(model, *args)
+            results.append("ok")
+        except ValueError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(gkf.patch_model, lib)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results)[1:] == ["ok"] and "already patched" in sorted(results)[0], results
+    patched_logits = _logits(model, phi3_setup.ids)
+    expected = _logits(gkf.patch_model(phi3_setup.fresh(), lib), phi3_setup.ids)
+    torch.testing.assert_close(patched_logits, expected, rtol=0, atol=0)
+
+    results.clear()
+    threads = [threading.Thread(target=run, args=(gkf.unpatch_model,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results)[1:] == ["ok"] and "not patched" in sorted(results)[0], results
+    assert not gkf.is_patched(model)
+    assert torch.equal(_logits(model, phi3_setup.ids), base)
+
+
+def test_default_top_k_fits_a_small_library(phi3_setup):
+    """Issue 13 #17: with two experts and no top_k given, patching raised about `top_k=3`, never passed by the user;
+    the default is min(3, E) when the library carries none."""
+    lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
+    model = gkf.patch_model(phi3_setup.fresh(), lib)
+    assert {layer.top_k for layer in patched_layers(model).values()} == {2}
+
+
+def test_routing_argument_types(phi3_setup):
+    """Issue 13 #17: a numpy integer top_k was refused while temperature=True was accepted (as 1.0)."""
+    import numpy as np
+
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    model = gkf.patch_model(phi3_setup.fresh(), lib, top_k=np.int64(2), temperature=np.float32(0.5))
+    layer = next(iter(patched_layers(model).values()))
+    assert type(layer.top_k) is int and layer.top_k == 2 and type(layer.temperature) is float
+    for kwargs in ({"temperature": True}, {"top_k": True}, {"top_k": 2.0}, {"temperature": float("inf")}):
+        with pytest.raises(ValueError, match="top_k|temperature"):
+            gkf.patch_model(phi3_setup.fresh(), lib, **kwargs)
+
+
+def test_patch_model_refuses_none_and_matches_modules_before_routing_args(phi3_setup, phi2_setup):
+    """Issue 13 #17: patch_model(None) raised AttributeError, and a library matching nothing in the model was reported
+    as a bad top_k when top_k was also out of range (the top_k check ran before the module match)."""
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    with pytest.raises(ValueError, match="must be a torch.nn.Module"):
+        gkf.patch_model(None, lib)
+    lib.base_model_class = None
+    with pytest.raises(ValueError, match="match nothing"):
+        gkf.patch_model(phi2_setup.fresh(), lib, top_k=99)
+
+
+def test_unpatching_inside_patched_block(phi3_setup):
+    """Issue 13 #17: unpatching inside `patched()` made the block's exit raise "not patched"."""
+    model = phi3_setup.fresh()
+    lib = LoraLibrary.from_adapters(phi3_setup.task)
+    with gkf.patched(model, lib, top_k=2):
+        gkf.unpatch_model(model)
+    assert not gkf.is_patched(model)
+
+
+def test_patched_model_pickles(phi3_setup):
+    """Issue 13 #18: torch.save(patched_model) failed on a pybind object. The instance forward is a picklable object
+    and the runner drops its packed plan when pickled; the loaded model computes the same logits and unpatches."""
+    import io
+
+    lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    model = gkf.patch_model(phi3_setup.fresh(), lib, top_k=2)
+    expected = _logits(model, phi3_setup.ids)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert gkf.is_patched(loaded)
+    assert all(layer.runner.packed is None for layer in patched_layers(loaded).values()), "plans are not pickled"
+    torch.testing.assert_close(_logits(loaded, phi3_setup.ids), expected, rtol=0, atol=0)
+    gkf.unpatch_model(loaded)
+    base = _logits(phi3_setup.base, phi3_setup.ids)
+    torch.testing.assert_close(_logits(loaded, phi3_setup.ids), base, rtol=0, atol=0)

@@ -1,13 +1,19 @@
-"""``genknowsub-fast inspect LIB.safetensors``: expert similarity, ΔW spectra and routing of a library.
+"""``genknowsub-fast inspect LIB.safetensors``: expert similarity, ΔW spectra and (on request) routing of a library.
 
 Registered as a subcommand by :mod:`genknowsub_fast.cli` (``add_arguments`` and ``run``).
 
-What runs the routing: no model hub is reachable here, so ``--model`` builds a *randomly initialised* Phi-3 of one of
-:data:`genknowsub_fast.synthetic.PHI3_SIZES` (``auto``: the size whose hidden size and layer count fit the library)
-and patches it with the library. Text from ``--text-file`` becomes token ids by a byte-level mapping (each UTF-8 byte
-``b`` → id ``b mod vocab``), not by a real tokenizer; without a text file the ids are random. The routing figures
-therefore show how the library's prototypes split the hidden states of a random model, which is useful to compare
-libraries (e.g. with and without GenKnowSub) but is not the routing of the real base model on real text.
+The similarity and spectra come from the library alone. Routing needs a model and inputs, and no model hub is
+reachable here, so routing is measured only when ``--model`` asks for it: ``--model SIZE`` (or ``auto``, the size
+that fits the library) builds a *randomly initialised* Phi-3 of :data:`genknowsub_fast.synthetic.PHI3_SIZES` and
+patches it. What that costs is printed first, and a model that does not fit in the memory left is refused before it
+is built. Text from ``--text-file`` becomes token ids by a byte-level mapping (each UTF-8 byte ``b`` → id
+``b mod vocab``), not a real tokenizer; without a text file the ids are random. Those routing figures therefore show
+how the library's prototypes split the hidden states of a random model, which helps compare libraries (e.g. with and
+without GenKnowSub) but is not the routing of the real base model on real text; the output says so. For that, patch
+your own model and use :func:`genknowsub_fast.record_routing` and :mod:`genknowsub_fast.analytics.plots` (README,
+"Plotting the routing of your own model").
+
+Every argument is checked before any work: numbers while parsing, paths and the library next, then the model's cost.
 """
 
 from __future__ import annotations
@@ -17,7 +23,15 @@ import json
 import os
 import warnings
 
+from ..cli_args import adapter_options, add_adapter_options, positive_float, positive_int
+
 _NO_MODEL = "none"
+_HONEST_NOTE = (
+    "note: routing of a randomly initialised model on {inputs}: it shows how the library's prototypes split a random "
+    "model's hidden states (useful to compare libraries, e.g. with and without GenKnowSub), not how your base model "
+    "routes real text; for that, patch your own model and use genknowsub_fast.record_routing (README, 'Plotting the "
+    "routing of your own model')"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,50 +42,93 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         choices=("auto", _NO_MODEL, *PHI3_SIZES),
-        default="auto",
-        help="random synthetic Phi-3 to route tokens through (auto: the size matching the library; none: no routing)",
+        default=_NO_MODEL,
+        help="measure routing through a RANDOM synthetic Phi-3 of this size (auto: the size that fits the library); "
+        "default none: no model is built and no routing measured (the output says what --model would cost)",
     )
     p.add_argument("--text-file", default=None, help="text whose UTF-8 bytes become token ids (byte mod vocab)")
-    p.add_argument("--tokens", type=int, default=256, help="number of tokens routed (default 256)")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the library's, else 3)")
-    p.add_argument("--temperature", type=float, default=None, help="router temperature (default: the library's)")
+    p.add_argument("--tokens", type=positive_int, default=256, help="number of tokens routed (default 256)")
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, help="experts per token (default: the library's, else min(3, E))"
+    )
+    p.add_argument(
+        "--temperature", type=positive_float, default=None, help="router temperature (default: the library's, else 1)"
+    )
     p.add_argument("--task", nargs="+", default=None, metavar="DIR", help="task adapters, for a before/after GKS view")
     p.add_argument("--general", nargs="+", default=None, metavar="DIR", help="general adapters subtracted by GKS")
+    add_adapter_options(p)
     p.add_argument("--out", default=None, metavar="DIR", help="directory for the PNG plots and stats.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model and the random tokens")
 
 
-def _pick_size(lib) -> str | None:
-    """The synthetic Phi-3 size whose hidden size and module paths fit the library, or None."""
-    from ..synthetic import PHI3_SIZES
-    from .common import layer_index
+def _meta_phi3(size: str):
+    """A Phi-3 of ``size`` on the meta device: module names and shapes, no memory (0.1 s for phi3-mini)."""
+    import torch
+    from transformers import Phi3ForCausalLM
 
-    layers = [layer_index(p) for p in lib.modules]
-    n_layers = max((x for x in layers if x is not None), default=-1) + 1
-    d_ins = {p.rsplit(".", 1)[-1]: m.d_in for p, m in lib.modules.items()}
-    hidden = d_ins.get("qkv_proj", d_ins.get("o_proj", d_ins.get("gate_up_proj")))
-    for name, (h, inter, n, _heads, _vocab) in PHI3_SIZES.items():
-        if hidden == h and n_layers <= n and d_ins.get("down_proj", inter) == inter:
-            return name
+    from ..synthetic import phi3_config
+
+    with torch.device("meta"):
+        return Phi3ForCausalLM(phi3_config(size))
+
+
+def _misfit(lib, size: str) -> str | None:
+    """Why the library's modules do not fit a synthetic Phi-3 of ``size`` (None when every one is there, same shape)."""
+    from ..patching import layer_shape
+
+    named = dict(_meta_phi3(size).named_modules())
+    for path, m in lib.modules.items():
+        module = named.get(path)
+        if module is None:
+            return f"it has no module {path!r}"
+        d_in, d_out = layer_shape(module)
+        if (d_in, d_out) != (m.d_in, m.d_out):
+            return f"its {path} is {d_in}→{d_out}, the library's experts there are {m.d_in}→{m.d_out}"
     return None
+
+
+def _pick_size(lib) -> str | None:
+    """The smallest synthetic Phi-3 size every module of the library fits, or None."""
+    from ..synthetic import PHI3_SIZES
+
+    return next((size for size in PHI3_SIZES if _misfit(lib, size) is None), None)
 
 
 def _token_ids(args, vocab: int):
     import torch
 
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be ≥ 1, got {args.tokens}")
     if args.text_file is None:
         gen = torch.Generator().manual_seed(args.seed)
         return torch.randint(0, vocab, (1, args.tokens), generator=gen), f"{args.tokens} random token ids"
-    if not os.path.isfile(args.text_file):
-        raise ValueError(f"text file {args.text_file!r} does not exist")
     with open(args.text_file, "rb") as f:
         data = f.read()
-    if not data:
-        raise ValueError(f"text file {args.text_file!r} is empty")
     ids = torch.tensor(list(data[: args.tokens]), dtype=torch.int64) % vocab
     return ids[None], f"{ids.numel()} bytes of {os.path.basename(args.text_file)} (byte mod {vocab}; no tokenizer)"
+
+
+def _check_inputs(args) -> None:
+    """The checks that need neither the library nor a model."""
+    if (args.task is None) != (args.general is None):
+        raise ValueError("--task and --general go together (both are needed for the before/after GKS view)")
+    for d in (args.task or []) + (args.general or []):
+        if not os.path.isdir(d):
+            raise ValueError(f"adapter directory {d!r} does not exist")
+    if args.text_file is not None:
+        if not os.path.isfile(args.text_file):
+            raise ValueError(f"text file {args.text_file!r} does not exist")
+        if os.path.getsize(args.text_file) == 0:
+            raise ValueError(f"text file {args.text_file!r} is empty")
+        if args.model == _NO_MODEL:
+            raise ValueError("--text-file is routed through a model: add --model auto (or a size)")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} exists and is not a directory")
+    if args.out is not None:
+        try:
+            from . import plots
+
+            plots._pyplot()
+        except ImportError as exc:  # reported like any other bad input: one line, exit code 2
+            raise ValueError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,21 +136,43 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..library import LoraLibrary
+    from ..paths import check_output_dir
+    from ..runner import check_routing_args
+    from ..synthetic import check_phi3_fits
     from .routing import record_routing
     from .stats import compare_gks, library_stats
 
+    # Everything is checked before any work: arguments, the library file, the model's fit and cost, the output dir.
+    _check_inputs(args)
     lib = LoraLibrary.load(args.library)
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out!r} exists and is not a directory")
-    if (args.task is None) != (args.general is None):
-        raise ValueError("--task and --general go together (both are needed for the before/after GKS view)")
-    if args.text_file is not None and not os.path.isfile(args.text_file):
-        raise ValueError(f"text file {args.text_file!r} does not exist")
+    top_k = args.top_k if args.top_k is not None else lib.routing.get("top_k", min(3, lib.num_experts))
+    temperature = args.temperature if args.temperature is not None else lib.routing.get("temperature", 1.0)
+    top_k, temperature = check_routing_args(top_k, temperature, lib.num_experts)
+    size = cost = None
+    if args.model == "auto":
+        size = _pick_size(lib)
+        if size is None:
+            raise ValueError(
+                "--model auto: no synthetic Phi-3 size fits this library's modules; routing can be measured on your "
+                "own model with genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
+            )
+    elif args.model != _NO_MODEL:
+        size = args.model
+        why = _misfit(lib, size)
+        if why is not None:
+            raise ValueError(
+                f"--model {size}: the library does not fit a Phi-3 '{size}' ({why}): adapters for another base "
+                "model? (--model auto picks the size that fits)"
+            )
+    if size is not None:
+        cost = check_phi3_fits(size, copies=2 if args.task is not None else 1)  # routing without GKS copies it
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     print(repr(lib))
 
     comparison = None
     if args.task is not None:
-        comparison = compare_gks(args.task, args.general, gks=lib.gks or "param")
+        comparison = compare_gks(args.task, args.general, gks=lib.gks or "param", **adapter_options(args))
         after = comparison.after
         if after.expert_names != lib.expert_names:
             raise ValueError(f"--task adapters are {after.expert_names}, the library has {lib.expert_names}")
@@ -108,21 +187,31 @@ def run(args: argparse.Namespace) -> int:
             )
 
     routing = routing_before = None
-    size = _pick_size(lib) if args.model == "auto" else args.model
-    if args.model == "auto" and size is None:
-        print("\nno synthetic Phi-3 size matches this library's modules: routing not measured (use --model SIZE)")
-    elif size != _NO_MODEL:
+    inputs = "byte-mapped text" if args.text_file else "random token ids"
+    if size is None:
+        fits = _pick_size(lib)
+        if fits is None:
+            print(
+                "\nrouting not measured: no synthetic Phi-3 fits this library; measure it on your own model with "
+                "genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
+            )
+        else:
+            print(
+                f"\nrouting not measured (no --model): --model auto would build a {check_phi3_fits(fits)} and route "
+                f"{args.tokens} random token ids through it; a random model's routing is not your base model's"
+            )
+    else:
         from ..patching import patch_model
         from ..synthetic import make_phi3
 
+        print(f"\nbuilding a {cost}")
         model = make_phi3(size, seed=args.seed)
         ids, what = _token_ids(args, model.config.vocab_size)
-        top_k = args.top_k if args.top_k is not None else min(int(lib.routing.get("top_k", 3)), lib.num_experts)
-        patch_model(model, lib, top_k=top_k, temperature=args.temperature)
+        patch_model(model, lib, top_k=top_k, temperature=temperature)
         with warnings.catch_warnings(), torch.no_grad(), record_routing(model, lib.expert_names) as routing:
             warnings.simplefilter("ignore")
             model(ids)
-        print(f"\nrouting of {what} through a random Phi-3 '{size}' (top-{top_k}):")
+        print(f"routing of {what} through a random Phi-3 '{size}' (top-{top_k}):")
         print(routing.table())
         if comparison is not None:
             from .plots import routing_without_gks
@@ -132,15 +221,11 @@ def run(args: argparse.Namespace) -> int:
             for attr, label in (("mean_entropy", "routing entropy (nats)"), ("mean_top1_weight", "top-1 weight")):
                 b, a = (_mean_attr(r, attr) for r in (routing_before, routing))
                 print(f"  {label:<23} {b:.4f} → {a:.4f} ({a - b:+.4f})")
+        print("\n" + _HONEST_NOTE.format(inputs=inputs))
 
     if args.out is not None:
-        try:
-            from . import plots
+        from . import plots
 
-            plots._pyplot()
-        except ImportError as exc:  # reported like any other bad input: one line, exit code 2
-            raise ValueError(str(exc)) from exc
-        os.makedirs(args.out, exist_ok=True)
         written = [
             plots.plot_similarity(
                 after,
@@ -149,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             )
         ]
         if routing is not None:
-            note = " — random model, " + ("byte-mapped text" if args.text_file else "random tokens")
+            note = f"random Phi-3 '{size}', {inputs}"
             written.append(plots.plot_expert_usage(routing, os.path.join(args.out, "expert_usage.png"), note))
             written.append(plots.plot_routing_entropy(routing, os.path.join(args.out, "routing_entropy.png"), note))
             if routing_before is not None:
@@ -162,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
                     "library": comparison.to_dict() if comparison is not None else after.to_dict(),
                     "routing": routing.to_dict() if routing is not None else None,
                     "routing_without_gks": routing_before.to_dict() if routing_before is not None else None,
+                    "routing_inputs": None if routing is None else f"random Phi-3 '{size}', {inputs}",
                 },
                 f,
             )

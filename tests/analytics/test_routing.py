@@ -71,3 +71,36 @@ def test_record_routing_errors(phi3_setup, lib):
     with pytest.raises(RuntimeError), record_routing(model):
         raise RuntimeError("boom")
     assert all(layer.recorder is None for layer in patched_layers(model).values())
+
+
+def test_continuing_a_recording_with_other_routing_options_is_refused(phi3_setup, lib):
+    """Issue 13 #2: re-patching with another top_k and passing the old stats on mixed two routings' counts (the
+    entropy / log k column then read 1.36). Continuing with the same options still accumulates."""
+    from genknowsub_fast import unpatch_model
+
+    model = patch_model(phi3_setup.fresh(), lib, top_k=2)
+    with torch.no_grad(), record_routing(model) as stats:
+        model(phi3_setup.ids)
+    with torch.no_grad(), record_routing(model, stats=stats):
+        model(phi3_setup.ids)
+    assert next(iter(stats.modules.values())).tokens == 2 * phi3_setup.ids.numel()
+    for options in ({"top_k": 3}, {"top_k": 2, "temperature": 0.5}):
+        patch_model(unpatch_model(model), lib, **options)
+        with pytest.raises(ValueError, match="start a new recording"), record_routing(model, stats=stats):
+            pass
+    assert all(m.top_k == 2 and m.temperature == 1.0 for m in stats.modules.values())
+    assert all(layer.recorder is None for layer in patched_layers(model).values())
+
+
+def test_only_the_recording_thread_is_counted(phi3_setup, lib):
+    """Issue 13 #3: while one thread recorded, another thread running the same model had its tokens counted too."""
+    import threading
+
+    model = patch_model(phi3_setup.fresh(), lib, top_k=2)
+    other_ids = phi3_setup.ids[:, :7]
+    with torch.no_grad(), record_routing(model) as stats:
+        worker = threading.Thread(target=lambda: model(other_ids))
+        worker.start()
+        worker.join()
+        model(phi3_setup.ids)
+    assert {m.tokens for m in stats.modules.values()} == {phi3_setup.ids.numel()}
