@@ -115,18 +115,45 @@ def summary(data: dict) -> str:
 
 
 README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
+# RESULTS.md block written by benchmarks/eval_compare.py; main() keeps it when it rewrites the file.
+EVAL_BEGIN, EVAL_END = "<!-- eval-compare -->", "<!-- /eval-compare -->"
+
+
+def replace_block(path: str, begin: str, end: str, content: str, append: bool = False) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of file ``path`` with ``content``.
+
+    Without the markers: ValueError, or with ``append`` the marked block is added at the end (the file is created).
+    """
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+    elif append:
+        head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
+    else:
+        raise ValueError(f"{path} has no {begin} ... {end} block to fill")
+    body = content.strip("\n")
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{body}\n{end}{tail}")
+
+
+def kept_block(path: str, begin: str = EVAL_BEGIN, end: str = EVAL_END) -> str:
+    """The marked block of ``path`` (markers included), or "" when there is none."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        return ""
+    return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
 
 
 def update_readme(path: str, table: str) -> None:
     """Replace the text between the README's speed-table markers with ``table``."""
-    with open(path) as f:
-        text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    replace_block(path, README_BEGIN, README_END, table)
 
 
 def render(data: dict, command: str) -> str:
@@ -182,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json) as f:
         data = json.load(f)
     text = render(data, args.command)
+    kept = kept_block(args.output)  # eval_compare.py's section survives a rerun of the benchmarks
     with open(args.output, "w") as f:
-        f.write(text)
+        f.write(text + (f"\n{kept}\n" if kept else ""))
     print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
     if args.readme:
         update_readme(args.readme, summary(data))

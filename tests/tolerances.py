@@ -26,6 +26,9 @@ ATOL = {
 # Two float32 computations of the same quantity that differ only in summation order or fusion (e.g. the compiled
 # kernel against the torch regimes, a layer against the functional op): a few ulps of values of order 1-10.
 FP32_SAME_MATH = {"rtol": 1e-5, "atol": 1e-5}
+# Zero-shot scores (token NLLs of O(1-10) and their sums/means) computed twice in float32 by the same model with a
+# different summation (HF's mean loss against our sum / count; the CLI against score_choices in process).
+FP32_SCORES_SAME_MATH = FP32_SAME_MATH
 # Routing weights (softmax outputs in [0, 1]) of two float32 implementations.
 FP32_WEIGHTS = {"rtol": 0.0, "atol": 1e-6}
 # Routing weights computed from float32 scores when the inputs are bf16/fp16: the scores are the same float32 sums, so

@@ -63,3 +63,18 @@ def test_readme_without_markers_is_an_error(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="speed-table"):
         update_readme(str(readme), "table")
+
+
+def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
+    from benchmarks.write_results import EVAL_BEGIN, EVAL_END, replace_block
+
+    out = tmp_path / "RESULTS.md"
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\n| a | b |", append=True)  # created
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "x", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}))
+    assert main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Benchmark results") and text.count(EVAL_BEGIN) == 1
+    assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
+    assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()
