@@ -307,7 +307,11 @@ def test_variant_arguments_are_checked(phi3_orig, tmp_path):
     with pytest.raises(ValueError, match="general_weights has 2 entries for 3"):
         LoraLibrary.from_adapters(ad.task, ad.general, general_weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="add_weights has 2 entries for 1"):
-        LoraLibrary.from_adapters(ad.task, ad.general, add_adapters=ad.general[:1], add_weights=[1.0, 1.0])
+        LoraLibrary.from_adapters(ad.task, ad.general[:2], add_adapters=ad.general[2:], add_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="given twice \\(as general adapter and as added adapter\\)"):
+        LoraLibrary.from_adapters(ad.task, ad.general, add_adapters=ad.general[:1])
+    with pytest.raises(ValueError, match="given twice \\(as task adapter and as general adapter\\)"):
+        LoraLibrary.from_adapters(ad.task, ad.task[:2])  # only the whole task list is the average-of-tasks variant
     with pytest.raises(ValueError, match="add_adapters are combined after GenKnowSub"):
         LoraLibrary.from_adapters(ad.task, add_adapters=ad.general[:1])
     with pytest.raises(ValueError, match="task_weight must be a finite number"):
