@@ -22,10 +22,20 @@ $(STAMP): pyproject.toml setup.py $(LM_EVAL_HOOK)
 	cp $(LM_EVAL_HOOK) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $(STAMP)
 
+# The GPU image's Triton (triton_kernels/aot.py: DEVICE_TRITON), beside the venv's own, for the AOT compile + spill
+# test only (tests/triton_kernels/test_aot.py puts it first on the subprocess's PYTHONPATH). The venv keeps the newest
+# Triton for the interpreter tests: 3.6.0's interpreter fails on NumPy >= 2.4 (int() of a one-element array).
+AOT_TRITON := $(VENV)/aot-triton
+$(AOT_TRITON)/.installed: $(STAMP) triton_kernels/aot.py
+	rm -rf $(AOT_TRITON)
+	$(PY) -m pip install --quiet --no-deps --target $(AOT_TRITON) \
+		"triton==$$($(PY) -c 'from genknowsub_fast.triton_kernels.aot import DEVICE_TRITON as v; print(v)')"
+	touch $@
+
 demo: $(STAMP)
 	$(VENV)/bin/genknowsub-fast demo
 
-test: $(STAMP)
+test: $(STAMP) $(AOT_TRITON)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
