@@ -28,32 +28,48 @@ def _layer_inputs(model, ids) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in inputs.items()}
 
 
+def _near_ties(protos: torch.Tensor, dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    """``n`` inputs in ``dtype`` whose scores put one expert clearly first and two others 1e-4 to 3e-3 apart (relative)
+    for the second place: margins float32 scores resolve and half-precision scores may not."""
+    g = torch.Generator().manual_seed(seed)
+    e = protos.shape[0]
+    scores = 0.2 * torch.rand(n, e, generator=g, dtype=torch.float64)
+    for i in range(n):
+        first, a, b = torch.randperm(e, generator=g)[:3].tolist()
+        gap = 10 ** (-4 + 1.5 * float(torch.rand(1, generator=g)))
+        scores[i, first], scores[i, a], scores[i, b] = 3.0, 1.0, 1.0 + gap
+    return (scores @ torch.linalg.pinv(protos.double()).T).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_routes_with_float32_scores(phi3_setup, dtype):
     """On a bf16 / fp16 model, each patched layer routes its own inputs as float64 scores do, on every token whose
-    top-k margin is clear of float32 rounding, including tokens where scores computed in the model dtype would pick
-    other experts (the precondition), and its output follows that routing."""
+    top-k margin is clear of float32 rounding, and its output follows that routing. The inputs are the layers' own
+    (8 × 128 tokens) plus near-tied ones built from the prototypes; the precondition is that some of them are routed
+    differently by scores computed in the model's dtype."""
     k = 2
     lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
     model = gkf.patch_model(copy.deepcopy(phi3_setup.base).to(dtype), lib, top_k=k, temperature=0.5)
-    ids = torch.randint(3, phi3_setup.base.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, phi3_setup.base.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     inputs = _layer_inputs(model, ids)
     discriminating = 0
-    for name, layer in patched_layers(model).items():
-        x = inputs[layer.name]
+    for i, layer in enumerate(patched_layers(model).values()):
         m = lib.modules[layer.name]
+        x = torch.cat([inputs[layer.name], _near_ties(m.prototypes, dtype, 64, seed=i)])
         logits64 = (x.double() @ m.prototypes.double().T).abs()
         top = logits64.sort(dim=1, descending=True).values
         bound = FP32_SCORES["atol"] + FP32_SCORES["rtol"] * top[:, k - 1]
         clear = top[:, k - 1] - top[:, k] > 2 * bound
         sel64 = logits64.topk(k).indices.sort(dim=1).values
         sel_low = (x @ m.prototypes.to(dtype).T).abs().float().topk(k).indices.sort(dim=1).values
-        discriminating += int(((sel_low != sel64).any(1) & clear).sum())
+        flips = (sel_low != sel64).any(1) & clear
+        discriminating += int(flips.sum())
 
         w, idx = layer.runner.route(x)
         assert w.dtype == torch.float32
-        assert torch.equal(idx.sort(dim=1).values[clear], sel64[clear]), name
-        xc = x[clear]
+        assert torch.equal(idx.sort(dim=1).values[clear], sel64[clear]), layer.name
+        # The layer's output on the tokens half-precision scores would route elsewhere, and on 32 others.
+        xc = x[flips | (clear & (clear.cumsum(0) <= 32))]
         w64, idx64 = reference.route(xc.double(), m.prototypes.double(), k, 0.5)
         with torch.no_grad():
             ours = layer.module(xc)
@@ -64,7 +80,7 @@ def test_half_precision_model_routes_with_float32_scores(phi3_setup, dtype):
             )
             return xc.to(dt) @ lin.weight.to(dt).T + delta
 
-        assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, name)
+        assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, layer.name)
     assert discriminating > 0, "precondition: some clear-margin tokens are routed differently by low-precision scores"
 
 
