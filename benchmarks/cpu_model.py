@@ -61,11 +61,7 @@ def build(size: str, tasks: int, general: int, rank: int, prompt: int, dtypes: l
     if peft_model is not None:
         with torch.no_grad():
             peft_model(ids[:, :8])  # PEFT applies GKS and builds its prototypes on its first forward
-    models = {}
-    for dtype in dtypes:
-        models[dtype] = base if dtype == "float32" else copy.deepcopy(base).to(getattr(torch, dtype))
-    if "float32" not in dtypes:
-        del base
+    models = {d: base if d == "float32" else copy.deepcopy(base).to(getattr(torch, d)) for d in dtypes}
     cfg = next(iter(models.values())).config
     desc = (
         f"Phi-3 hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, E={tasks} r={rank}"

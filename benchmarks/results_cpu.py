@@ -30,6 +30,7 @@ SECTIONS = {
                    [("ours", "peft"), ("ours", "torch")]),  # fmt: skip
 }
 IMPL_ORDER = ("base", "ours", "peft", "torch")
+NAMES = {"peft": "PEFT"}  # column headings
 README_NOTE = "✗"  # marks a missed target in the README's compact tables
 
 
@@ -131,7 +132,7 @@ def render(data: dict) -> str:
         impls = [i for i in IMPL_ORDER if any(i in c["times"] for c in cases)]
         impls += sorted({i for c in cases for i in c["times"]} - set(impls))
         extra = ["added per call"] if section == "layer" else []
-        cols = [*impls, *extra, *(f"{a} × {b}" for a, b in pairs), "target"]
+        cols = [*(NAMES.get(i, i) for i in impls), *extra, *(f"{a} × {NAMES.get(b, b)}" for a, b in pairs), "target"]
         lines += ["", f"## {title}", "", "| case | " + " | ".join(cols) + " |",
                   "|---|" + "---:|" * (len(cols) - 1) + "---|"]  # fmt: skip
         for case in cases:
@@ -162,7 +163,9 @@ def summary(data: dict) -> str:
         f"Measured by `make bench` on {m['cpu']} ({m['cores']} cores; torch sees {m['torch_cpu_capability']}, the "
         f"kernel runs {m['kernel_isa']}), torch {v['torch']}, {v['threads']} threads, started {data['datetime']}, "
         f"load average {data['loadavg_start'][0]:.1f} at the start. Ratios: median (min–max) over {data['repeats']} "
-        f"interleaved rounds; {README_NOTE} = target missed. Absolute times and every case: `benchmarks/RESULTS.md`.",
+        f"interleaved rounds; {README_NOTE} = target missed. Absolute times and every case: `benchmarks/RESULTS.md`."
+        + (" QUICK smoke run: a subset with short blocks, not the benchmark." if data.get("quick") else "")
+        + (" INTERRUPTED: only the cases measured before the interrupt." if data.get("interrupted") else ""),
     ]
     ops = cases.get("op", [])
     if ops:

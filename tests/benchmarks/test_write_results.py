@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.results_cpu import added, ratio, verdicts
+from benchmarks.results_cpu import added, ratio, summary, verdicts
 from benchmarks.write_results import EVAL_BEGIN, EVAL_END, main, render, replace_block, update_readme
 
 OP = "op qkv_proj 3072->9216 {lib} T={t} float32"
@@ -79,6 +79,9 @@ def test_results_md(tmp_path):
     assert "torch threads: 2" in text and "triton 3.9.0" in text
     assert "load average (1, 5, 15 min) 3.50, 2.25, 1.00 at the start, 4.00, 3.00, 2.00 at the end" in text
     assert "- command: `python -m benchmarks.bench_cpu --json benchmarks/results/latest.json`" in text
+    assert "| case | base | ours | PEFT | ours × base | ours × PEFT | target |" in text
+    assert "| case | base | ours | added per call | ours × base | target |" in text
+    assert "| case | ours | PEFT | torch | ours × PEFT | ours × torch | target |" in text
     row = f"| {OP_E10['case']} | 100.00 ms | 110.00 ms | 200.00 ms | 1.030 (1.020–1.100) | 0.510 (0.343–0.550) |"
     assert row + " ≤ 1.05× base: met |" in text
     assert f"| {OP_E64_BF16['case']} | 10.00 ms | 10.60 ms |  | 1.060 (1.040–1.070) |  | ≤ 1.05× base: missed |" in text
@@ -93,8 +96,10 @@ def test_results_md(tmp_path):
 
 
 def test_quick_and_interrupted_runs_say_so():
-    text = render(_data([OP_E10], quick=True, interrupted=True))
-    assert "QUICK smoke run" in text and "INTERRUPTED" in text
+    data = _data([OP_E10], quick=True, interrupted=True)
+    for text in (render(data), summary(data)):
+        assert "QUICK smoke run" in text and "INTERRUPTED" in text
+    assert "QUICK" not in summary(_data([OP_E10]))
 
 
 def test_readme_block_is_filled_from_the_json(tmp_path):
