@@ -20,13 +20,27 @@ from genknowsub_fast.library import ModuleExperts
 class RoutedLinear:
     """One module's experts, packed once for a device and dtype, with the routing options fixed."""
 
-    def __init__(self, experts: ModuleExperts, top_k: int, temperature: float, mixing: str, backend: str,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        experts: ModuleExperts,
+        top_k: int,
+        temperature: float,
+        mixing: str,
+        backend: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         ops._check_routing_args(top_k, temperature, int(experts.a.shape[0]))
         check_mixing(mixing, experts.scaling, experts.ranks)
         self.backend = ops.resolve_backend(backend, device)
         self.packed = pack_experts(
-            experts.a, experts.b, experts.scaling, experts.prototypes, mixing, experts.ranks, dtype=dtype,
+            experts.a,
+            experts.b,
+            experts.scaling,
+            experts.prototypes,
+            mixing,
+            experts.ranks,
+            dtype=dtype,
             device=device,
         )
         self.prototypes32 = experts.prototypes.to(device=device, dtype=torch.float32).contiguous()
@@ -59,8 +73,15 @@ class RoutedLinear:
         return y.addmm_(coef.view(t, e * r), self.packed.b_flat)
 
 
-def prepare(experts: ModuleExperts, top_k: int = 3, temperature: float = 1.0, mixing: str = "output",
-            backend: str = "auto", device=None, dtype=None) -> RoutedLinear:
+def prepare(
+    experts: ModuleExperts,
+    top_k: int = 3,
+    temperature: float = 1.0,
+    mixing: str = "output",
+    backend: str = "auto",
+    device=None,
+    dtype=None,
+) -> RoutedLinear:
     """Validate and pack ``experts`` once (see the module docstring)."""
     device = torch.device(device) if device is not None else experts.a.device
     return RoutedLinear(experts, top_k, temperature, mixing, backend, device, dtype or experts.a.dtype)

@@ -40,7 +40,9 @@ class PartShard:
     local_offset: int
 
 
-def column_layout(full_sizes: Sequence[int], shard_sizes: Sequence[int], shard_indices: Sequence[int]) -> list[PartShard]:
+def column_layout(
+    full_sizes: Sequence[int], shard_sizes: Sequence[int], shard_indices: Sequence[int]
+) -> list[PartShard]:
     """The local output layout of a column-parallel layer: part p holds rows ``[i_p·s_p, (i_p+1)·s_p)`` of part p.
 
     ValueError if a shard runs past its part.
@@ -112,15 +114,15 @@ def slice_rows(experts: ModuleExperts, parts: Sequence[PartShard], relative: boo
     layer); otherwise from ``full_offset`` (a module that is the whole fused layer).
     """
     rows = torch.cat(
-        [
-            torch.arange(p.shard_start, p.shard_start + p.shard_size) + (0 if relative else p.full_offset)
-            for p in parts
-        ]
+        [torch.arange(p.shard_start, p.shard_start + p.shard_size) + (0 if relative else p.full_offset) for p in parts]
     )
     if int(rows.max()) >= experts.d_out:
         raise ValueError(f"rows up to {int(rows.max())} asked of experts with d_out={experts.d_out}")
     return ModuleExperts(
-        experts.a, experts.b.index_select(1, rows.to(experts.b.device)), experts.scaling, experts.prototypes,
+        experts.a,
+        experts.b.index_select(1, rows.to(experts.b.device)),
+        experts.scaling,
+        experts.prototypes,
         experts.ranks,
     )
 

@@ -100,8 +100,11 @@ def _run_column(mod: Module, rows_of, layout_of, tp, dtype, mixing):
         rows = rows_of(rank)
         y = F.linear(x, mod.w[rows].to(dtype), mod.bias[rows].to(dtype))
         layout = layout_of(rank)
-        routing = ShardedRouting([RoutedPart(_runner(slice_rows(mod.experts, layout), dtype, mixing), 0, "m")],
-                                 y.shape[1], partial_scores=False)
+        routing = ShardedRouting(
+            [RoutedPart(_runner(slice_rows(mod.experts, layout), dtype, mixing), 0, "m")],
+            y.shape[1],
+            partial_scores=False,
+        )
         routing.forward_delta_(y, x, all_reduce=None)
         full[:, rows] = y
     assert not torch.isnan(full).any(), "every output row must be produced by some rank"
