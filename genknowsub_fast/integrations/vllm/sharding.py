@@ -171,6 +171,10 @@ class ShardedRouting:
         self.partial_scores = partial_scores
         self.whole = len(parts) == 1 and parts[0].offset == 0 and parts[0].runner.d_out == d_out
 
+    @property
+    def num_experts(self) -> int:
+        return int(self.parts[0].runner.num_experts)
+
     def route_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) float32 signed scores of this rank's columns of x (a partial sum when the layer is row-parallel)."""
         return self.parts[0].runner.route_scores(x.reshape(-1, x.shape[-1]))
