@@ -115,6 +115,31 @@ def summary(data: dict) -> str:
 
 
 README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
+# Blocks of RESULTS.md written by other scripts from their own runs (not from this JSON), kept when RESULTS.md is
+# rewritten: "vllm-throughput" by benchmarks/vllm_throughput.py (make bench-vllm).
+KEPT_BLOCKS = ("vllm-throughput",)
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name} -->", f"<!-- /{name} -->"
+
+
+def get_block(text: str, name: str) -> str | None:
+    """The block ``<!-- name --> ... <!-- /name -->`` of ``text``, markers included, or None."""
+    begin, end = _markers(name)
+    if begin not in text or end not in text.split(begin, 1)[1]:
+        return None
+    return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
+
+
+def set_block(text: str, name: str, content: str) -> str:
+    """``text`` with the block ``name`` holding ``content``: replaced where it is, else appended at the end."""
+    begin, end = _markers(name)
+    block = f"{begin}\n{content.strip()}\n{end}"
+    old = get_block(text, name)
+    if old is not None:
+        return text.replace(old, block, 1)
+    return f"{text.rstrip()}\n\n{block}\n"
 
 
 def update_readme(path: str, table: str) -> None:
@@ -182,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json) as f:
         data = json.load(f)
     text = render(data, args.command)
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            previous = f.read()
+        for name in KEPT_BLOCKS:
+            block = get_block(previous, name)
+            if block is not None:
+                text = set_block(text, name, block.split("\n", 1)[1].rsplit("\n", 1)[0])
     with open(args.output, "w") as f:
         f.write(text)
     print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")

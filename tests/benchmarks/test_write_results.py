@@ -63,3 +63,22 @@ def test_readme_without_markers_is_an_error(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="speed-table"):
         update_readme(str(readme), "table")
+
+
+def test_blocks_of_other_scripts_survive_a_rewrite(tmp_path):
+    from benchmarks.write_results import get_block, set_block
+
+    data = {"datetime": "2026-11-24T00:00:00", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "RESULTS.md"
+    out.write_text(set_block("# old\n\nold table\n", "vllm-throughput", "vLLM numbers\n| a | b |"))
+    assert main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "old table" not in text and "| model decode 32 tokens | base |" in text
+    assert (
+        get_block(text, "vllm-throughput")
+        == "<!-- vllm-throughput -->\nvLLM numbers\n| a | b |\n<!-- /vllm-throughput -->"
+    )
+    again = set_block(text, "vllm-throughput", "new numbers")
+    assert "vLLM numbers" not in again and again.count("<!-- vllm-throughput -->") == 1
