@@ -1,9 +1,11 @@
-"""The README's "Serving with vLLM" snippets, run as written: the Python example, then `vllm serve` with the same
-model and library, queried over HTTP on the loopback; the server must generate the tokens make_llm generated."""
+"""The README's "Serving with vLLM" snippets, run as written: the Python example, then vLLM's OpenAI-compatible
+server with the same model and library, queried over HTTP on the loopback; it must generate the tokens make_llm
+generated."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -33,12 +35,13 @@ def _snippets() -> tuple[str, str]:
     block = text.split("<!-- vllm-example -->", 1)[1].split("<!-- /vllm-example -->", 1)[0]
     python = re.search(r"```python\n(.*?)```", block, re.S).group(1)
     bash = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
+    assert "#" not in bash.replace("\\\n", ""), "one command, no comments: the test appends --port to it"
     return python, bash.replace("\\\n", " ").strip()
 
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the environment's `vllm`
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # this environment's python
     return env
 
 
@@ -58,7 +61,7 @@ def _wait_healthy(proc: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {proc.returncode} before it was healthy")
+            raise AssertionError(f"the server exited with {proc.returncode} before it was healthy")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                 if r.status == 200:
@@ -66,7 +69,7 @@ def _wait_healthy(proc: subprocess.Popen, port: int) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(2)
-    raise AssertionError(f"vllm serve was not healthy after {SERVER_START_S} s")
+    raise AssertionError(f"the server was not healthy after {SERVER_START_S} s")
 
 
 def test_readme_serving_example_runs_and_the_server_agrees(tmp_path):
@@ -83,28 +86,35 @@ def test_readme_serving_example_runs_and_the_server_agrees(tmp_path):
     assert len(tokens) == 8
 
     port = _free_port()
-    # As written, plus a free port: the default 8000 may be taken on a shared machine.
-    proc = subprocess.Popen(
-        ["bash", "-c", f"exec {bash} --port {port}"],
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115 - closed with the process below
-        start_new_session=True,
-    )
-    try:
-        _wait_healthy(proc, port)
-        body = {"model": "phi3-small", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
-        reply = _post(f"http://127.0.0.1:{port}/v1/completions", body)
-    except AssertionError:
-        raise AssertionError((tmp_path / "serve.log").read_text()[-4000:]) from None
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group: it and its engine processes
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        # As written, plus a free port: the default 8000 may be taken on a shared machine.
+        proc = subprocess.Popen(
+            ["bash", "-c", f"exec {bash} --port {port}"],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the server and its engine processes, stopped below
+        )
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _wait_healthy(proc, port)
+            body = {"model": "phi3-small", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            reply = _post(f"http://127.0.0.1:{port}/v1/completions", {**body, "return_token_ids": True})
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
+        finally:
+            _stop(proc)
     assert reply["choices"][0]["token_ids"] == tokens
-    log = (tmp_path / "serve.log").read_text()
-    assert "linear layers routed through lib.safetensors" in log, "the server must have routed the model"
+    assert "linear layers routed through lib.safetensors" in log_path.read_text(), "the server must route the model"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
