@@ -3,7 +3,7 @@
 Implementations, one benchmark group per library:
 - "peft": PEFT's ``ArrowLoraLinearLayer.top_right_singular_vec_from_BA`` (15 power-iteration steps) per expert, as its
   ``build_prototypes`` loops; approximate, and the slowest, so it runs one or two rounds;
-- "torch": the torch.linalg composite (``torch_ops.exact_prototypes``: batched QR + eigh) per module;
+- "torch": the torch.linalg composite (``torch_prototypes.exact_prototypes``: batched QR + eigh) per module;
 - "ours": the compiled CPU op, the whole library in one ``arrow_prototypes_batched`` call;
 - "ours_cuda": the same op's CUDA kernel (skipped without a GPU or without a CUDA build).
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES
-from genknowsub_fast.backends import extension, torch_ops
+from genknowsub_fast.backends import extension, torch_prototypes
 
 LAYERS = 32
 IMPLS = ("peft", "torch", "ours", "ours_cuda")
@@ -65,7 +65,7 @@ def _fn(impl, a_list, b_list):
     if impl == "peft":
         return _peft_fn(a_list, b_list)
     if impl == "torch":
-        return lambda: [torch_ops.exact_prototypes(a, b) for a, b in zip(a_list, b_list)]
+        return lambda: [torch_prototypes.exact_prototypes(a, b) for a, b in zip(a_list, b_list)]
     if not extension.has_op("arrow_prototypes_batched"):
         pytest.skip(f"extension not loaded: {extension.status()[1]}")
     op = torch.ops.genknowsub_fast_C.arrow_prototypes_batched

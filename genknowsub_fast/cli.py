@@ -1,25 +1,25 @@
-"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info`` (and ``inspect`` when analytics are installed)."""
+"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``.
+
+Every argument and output path is checked before any work; every error is one line on stderr and exit code 2 (pass
+``--traceback`` before the subcommand to see the full traceback of an unexpected error instead).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
-# Subcommands register here: name → (add_arguments(parser), run(args) -> exit code).
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def subcommand(name: str, help_text: str):
-    """Register ``fn`` (taking the parsed args) as ``genknowsub-fast NAME``; the decorated function adds arguments."""
-
-    def deco(add_args):
-        add_args.help_text = help_text
-        SUBCOMMANDS[name] = (add_args, add_args.run)
-        return add_args
-
-    return deco
+from .cli_args import (
+    OneLineParser,
+    adapter_options,
+    add_adapter_options,
+    non_negative_int,
+    one_line,
+    positive_int,
+    warn_one_line,
+)
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -27,20 +27,23 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--general", nargs="*", default=[], metavar="DIR", help="general-knowledge adapter directories")
     p.add_argument("--gks", choices=("param", "delta"), default="param", help="GenKnowSub mode (default: param)")
     p.add_argument("--prototypes", choices=("exact", "power", "svd"), default="exact")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
+    add_adapter_options(p)
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
 
 
 def _run_build(args: argparse.Namespace) -> int:
     from .library import LoraLibrary
+    from .paths import check_output_file
 
+    check_output_file(args.output, "--output")
     lib = LoraLibrary.from_adapters(
         args.task,
         args.general or None,
         gks=args.gks,
         prototypes=args.prototypes,
-        allow_pickle=args.allow_pickle,
-        progress=True,
+        names=args.names,
+        **adapter_options(args),
     )
     lib.save(args.output)
     print(f"wrote {args.output}: {lib!r}")
@@ -61,10 +64,12 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"general knowledge subtracted ({lib.gks}): {', '.join(lib.general_names)}")
     if lib.base_model_class:
         print(f"base model class: {lib.base_model_class}")
+    if lib.base_model_name:
+        print(f"base model: {lib.base_model_name}")
     if lib.routing:
         print(f"default routing: {lib.routing}")
     n_params = sum(m.a.numel() + m.b.numel() for m in lib.modules.values())
-    print(f"{len(lib)} modules, {n_params / 1e6:.2f} M adapter parameters")
+    print(f"{len(lib.modules)} modules, {n_params / 1e6:.2f} M adapter parameters")
     width = max(len(p) for p in lib.modules)
     for path, m in lib.modules.items():
         ranks = sorted(set(m.ranks.tolist()))
@@ -74,13 +79,13 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("tiny", "small", "bench", "phi3-mini"), default="small", help="Phi-3 size")
-    p.add_argument("--tasks", type=int, default=6, help="number of task adapters")
-    p.add_argument("--general", type=int, default=3, help="number of general adapters")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=128, help="prompt length of the prefill timing")
-    p.add_argument("--decode", type=int, default=16, help="decode steps timed")
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats (the median is reported)")
+    p.add_argument("--tasks", type=positive_int, default=6, help="number of task adapters")
+    p.add_argument("--general", type=non_negative_int, default=3, help="number of general adapters")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--top-k", type=positive_int, default=3, help="experts per token (at most --tasks)")
+    p.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill timing")
+    p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (the median is reported)")
     p.add_argument("--out", default=None, help="directory for the adapters, library and plots (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -91,41 +96,65 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-for _name, _add, _run, _help in (
-    ("demo", _add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
-    ("build", _add_build, _run_build, "build a library file from PEFT adapter directories"),
-    ("info", _add_info, _run_info, "describe a library file"),
-):
-    _add.run = _run
-    subcommand(_name, _help)(_add)
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    from .analytics.cli import add_arguments
+
+    add_arguments(p)
 
 
-def _load_plugins() -> None:
-    """Subcommands that live in optional modules (analytics) register themselves on import."""
-    try:
-        importlib.import_module(f"{__package__}.analytics_cli")
-    except ModuleNotFoundError as exc:  # only "the module is not there"; a broken import must surface
-        if exc.name != f"{__package__}.analytics_cli":
-            raise
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .analytics.cli import run
+
+    return run(args)
+
+
+# name → (add_arguments(parser), run(args) -> exit code, help)
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
+    "demo": (_add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
+    "build": (_add_build, _run_build, "build a library file from PEFT adapter directories"),
+    "info": (_add_info, _run_info, "describe a library file"),
+    "inspect": (
+        _add_inspect,
+        _run_inspect,
+        "prototype similarity, ΔW spectra and routing statistics of a library (+ PNG plots)",
+    ),
+}
+
+
+def _message(exc: Exception) -> str:
+    """The one-line message of an error; a refused pickle names the command line's flag, not the Python argument."""
+    from .adapters import PickledAdapterError
+
+    if isinstance(exc, PickledAdapterError):
+        return (
+            f"adapter {exc.path!r} is a pickled adapter_model.bin; loading pickles can run arbitrary code. Convert it "
+            "to safetensors, or pass --allow-pickle if you trust it (only tensors are read)"
+        )
+    return one_line(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``genknowsub-fast``; returns the exit code (2 on bad input, with a one-line error)."""
-    _load_plugins()
-    parser = argparse.ArgumentParser(prog="genknowsub-fast", description=__doc__)
+    """Entry point of ``genknowsub-fast``; returns the exit code (2 on any error, with a one-line message)."""
+    parser = OneLineParser(prog="genknowsub-fast", description=__doc__)
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=add_args.help_text))
+    for name, (add_args, _, help_text) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:
-        return SUBCOMMANDS[args.command][1](args)
-    except ValueError as exc:
-        print(f"genknowsub-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    prog = f"genknowsub-fast {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = warn_one_line(prog)
+        try:
+            return SUBCOMMANDS[args.command][1](args)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # torch, safetensors and OS errors too: one line, never a traceback
+            if args.traceback and not isinstance(exc, ValueError):
+                raise
+            print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
-    # Plugins register into the importable genknowsub_fast.cli, not into this __main__ copy: run that one's main.
-    from genknowsub_fast.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -21,7 +21,7 @@ import torch
 
 from . import reference
 from .library import LoraLibrary
-from .patching import patch_model, patched, patched_modules
+from .patching import patch_model, patched, patched_layers
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -52,37 +52,29 @@ def decode_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> flo
 
 
 def _capture_inputs(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list]:
-    """Forward pre-hooks that keep the last input of every patched module."""
+    """Forward pre-hooks that keep the last input of every patched module, by library module path."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name, module in patched_modules(model).items():
-        path = module.__dict__["_gkf_patch"].name
+    for layer in patched_layers(model).values():
 
-        def hook(_m, args, _path=path):
+        def hook(_m, args, _path=layer.name):
             seen[_path] = args[0].detach()
 
-        handles.append(module.register_forward_pre_hook(hook))
-        del name
+        handles.append(layer.module.register_forward_pre_hook(hook))
     return seen, handles
 
 
 def reference_error(lib: LoraLibrary, inputs: dict[str, torch.Tensor], model, top_k: int, temp: float) -> float:
     """Largest |patched layer delta − float64 reference delta| over the patched modules, relative to the delta."""
-    from .backends.packing import PackedExperts
-    from .ops import routed_linear
-
     worst = 0.0
-    for name, module in patched_modules(model).items():
-        st = module.__dict__["_gkf_patch"]
-        x = inputs[st.name].reshape(-1, inputs[st.name].shape[-1])
-        m = lib.modules[st.name]
-        packed = PackedExperts(module._gkf_route_shrink, module._gkf_b_t, st.num_experts, st.rank, st.mixing)
-        ours = routed_linear(x, packed, top_k, temp, None, None, st.backend)
+    for layer in patched_layers(model).values():
+        x = inputs[layer.name].reshape(-1, inputs[layer.name].shape[-1])
+        m = lib.modules[layer.name]
+        ours = layer.runner(x)
         ref = reference.routed_lora(
             x.double(), m.a.double(), m.b.double(), m.scaling.double(), m.prototypes.double(), top_k, temp
         )
         worst = max(worst, float((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-        del name
     return worst
 
 
@@ -90,11 +82,15 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo described in the module docstring; returns 0 when every check passes, 1 otherwise."""
     from peft import ArrowConfig, create_arrow_model
 
-    from .synthetic import make_phi3, write_adapters
+    from .paths import check_output_dir
+    from .synthetic import check_phi3_fits, make_phi3, write_adapters
 
+    if args.top_k > args.tasks:
+        raise ValueError(f"--top-k {args.top_k} is more than the {args.tasks} task adapters (--tasks)")
+    # base, PEFT's copy and the patched copy of the model live at once
+    cost = check_phi3_fits(args.size, copies=3)
+    out = check_output_dir(args.out, "--out") if args.out else tempfile.mkdtemp(prefix="gkf-demo-")
     torch.manual_seed(args.seed)
-    out = args.out or tempfile.mkdtemp(prefix="gkf-demo-")
-    os.makedirs(out, exist_ok=True)
     print(
         f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, output in {out}"
@@ -104,8 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     base = make_phi3(args.size, seed=args.seed)
     cfg = base.config
     print(
-        f"[1/6] random Phi-3 '{args.size}': hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-        f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters ({time.perf_counter() - t0:.1f} s)"
+        f"[1/6] {cost}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({time.perf_counter() - t0:.1f} s)"
     )
 
     t0 = time.perf_counter()
@@ -121,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
     lib.save(lib_path)
     print(f"[3/6] {lib!r}\n      built in {time.perf_counter() - t0:.2f} s, saved to {lib_path}")
 
-    k = min(args.top_k, lib.num_experts)
+    k = args.top_k
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = create_arrow_model(
@@ -186,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _demo_plots(lib: LoraLibrary, model, out: str, ad) -> None:
     try:
-        from .plots import write_demo_plots
+        from .analytics.plots import write_demo_plots
     except ImportError as exc:
         print(f"      (plots skipped: {exc})")
         return

@@ -1,7 +1,8 @@
 """LoraLibrary: a set of task LoRA experts per target module, after GenKnowSub, with their Arrow prototypes.
 
 Built from PEFT adapter directories (:meth:`LoraLibrary.from_adapters`) or from a PEFT model made by
-``peft.create_arrow_model`` (:meth:`LoraLibrary.from_peft_model`); saved as one safetensors file.
+``peft.create_arrow_model`` (:meth:`LoraLibrary.from_peft_model`, implemented in ``integrations.peft``); saved as one
+safetensors file (format in docs/design.md). The library knows neither models' patching nor analytics.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import gks as gks_math
+from . import library_checks as checks
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
+from .experts import ModuleExperts
+from .gks import GKS_MODES
+from .paths import write_atomically
 
 FORMAT_VERSION = 1
-GKS_MODES = ("param", "delta")
 _META_KEY = "genknowsub_fast"
 _CLASS_SUFFIX = re.compile(r"(For[A-Za-z]+|LMHeadModel|Model)$")
 
@@ -32,36 +36,6 @@ def model_family(class_name: str | None) -> str | None:
     if not class_name:
         return None
     return _CLASS_SUFFIX.sub("", class_name).lower() or None
-
-
-@dataclass
-class ModuleExperts:
-    """The experts of one target module: A (E, r_max, d_in), B (E, d_out, r_max), scaling (E,), prototypes
-    (E, d_in) and ranks (E,). Mixed ranks are zero-padded to r_max."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: torch.Tensor
-    prototypes: torch.Tensor
-    ranks: torch.Tensor
-
-    @property
-    def d_in(self) -> int:
-        return int(self.a.shape[2])
-
-    @property
-    def d_out(self) -> int:
-        return int(self.b.shape[1])
-
-    def to(self, device=None, dtype=None) -> ModuleExperts:
-        """A copy with float tensors on ``device`` / in ``dtype`` (scaling stays float32, ranks int64)."""
-        return ModuleExperts(
-            self.a.to(device=device, dtype=dtype),
-            self.b.to(device=device, dtype=dtype),
-            self.scaling.to(device=device),
-            self.prototypes.to(device=device, dtype=dtype),
-            self.ranks.to(device=device),
-        )
 
 
 def _pad_stack(mats: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
@@ -88,6 +62,11 @@ class LoraLibrary:
         base_model_class: HF class the adapters were trained on, when the adapters say so.
         prototype_method: how the prototypes were computed ("exact", "power" or "svd").
         routing: default routing options carried from a PEFT Arrow model (``top_k``, ``temperature``), or {}.
+        base_model_name: the base model the adapters name (``base_model_name_or_path``), or the ``base_model_name``
+            given to :meth:`from_adapters`; None when they name none.
+
+    ``len(library)`` is the number of experts (as ``library.num_experts``); ``len(library.modules)`` counts the target
+    modules.
     """
 
     def __init__(
@@ -99,9 +78,11 @@ class LoraLibrary:
         base_model_class: str | None = None,
         prototype_method: str = "exact",
         routing: dict | None = None,
+        base_model_name: str | None = None,
     ):
         if not modules:
             raise ValueError("a LoraLibrary needs at least one module")
+        expert_names = checks.check_names(list(expert_names), "expert names")
         e = len(expert_names)
         for path, m in modules.items():
             if m.a.shape[0] != e or m.b.shape[0] != e or m.scaling.shape != (e,) or m.prototypes.shape[0] != e:
@@ -115,6 +96,7 @@ class LoraLibrary:
         self.base_model_class = base_model_class
         self.prototype_method = prototype_method
         self.routing = dict(routing or {})
+        self.base_model_name = base_model_name
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -135,7 +117,8 @@ class LoraLibrary:
         return next(iter(self.modules.values())).a.device
 
     def __len__(self) -> int:
-        return len(self.modules)
+        """The number of experts (``len(library.modules)`` is the number of target modules)."""
+        return self.num_experts
 
     def __repr__(self) -> str:
         ranks = sorted({int(r) for m in self.modules.values() for r in m.ranks.tolist()})
@@ -149,7 +132,8 @@ class LoraLibrary:
         )
 
     def to(self, device=None, dtype=None) -> LoraLibrary:
-        """A copy of the library on another device and/or float dtype."""
+        """A copy of the library on another device and/or float dtype (ValueError for a non-float dtype)."""
+        _check_float_dtype(dtype)
         return LoraLibrary(
             {p: m.to(device=device, dtype=dtype) for p, m in self.modules.items()},
             self.expert_names,
@@ -158,14 +142,8 @@ class LoraLibrary:
             self.base_model_class,
             self.prototype_method,
             self.routing,
+            self.base_model_name,
         )
-
-    def stats(self, top: int | None = 8):
-        """Prototype |cos| matrices and top-``top`` ΔW singular values per module: see
-        :func:`genknowsub_fast.analytics.library_stats`."""
-        from .analytics import library_stats
-
-        return library_stats(self, top)
 
     # ------------------------------------------------------------------------------------------------- building
     @classmethod
@@ -181,6 +159,8 @@ class LoraLibrary:
         names: Sequence[str] | None = None,
         rng_seed: int | None = None,
         progress: bool | None = None,
+        base_model_name: str | None = None,
+        ignore_modules_to_save: bool = False,
     ) -> LoraLibrary:
         """Build a library from PEFT LoRA adapter directories.
 
@@ -189,11 +169,23 @@ class LoraLibrary:
             general_adapters: directories of general-knowledge adapters to subtract (GenKnowSub); none → no GKS.
             gks: ``"param"`` (factor-wise, as PEFT's ``use_gks=True``) or ``"delta"`` (exact ΔW subtraction).
             prototypes: ``"exact"`` (default), ``"power"`` (PEFT's power iteration) or ``"svd"``.
-            dtype, device: where the library's tensors live (default: the adapters' dtype, CPU).
-            allow_pickle: accept pickled ``adapter_model.bin`` files.
-            names: expert names (default: the directory names).
+            dtype, device: where the library's tensors live (default: the adapters' dtype, CPU); dtype is a float
+                dtype (float32, bfloat16, float16 or float64).
+            allow_pickle: accept pickled ``adapter_model.bin`` files (read with ``torch.load(weights_only=True)``:
+                tensors only, a file holding anything else is refused).
+            names: expert names (default: the directory names); they must be distinct.
             rng_seed: start-vector seed of ``prototypes="power"``.
             progress: show a progress bar while reading (default: when stderr is a terminal).
+            base_model_name: the base model all adapters were trained on. By default the adapters'
+                ``base_model_name_or_path`` entries must agree (a hub id and a Hugging Face cache snapshot of it do);
+                give this when they name one model in two ways that cannot be matched (e.g. a hub id and a local
+                copy): the names are then not compared, while the model class and every module's shape still are.
+            ignore_modules_to_save: leave out the whole-module tensors adapters saved for ``modules_to_save`` (e.g.
+                a fine-tuned ``lm_head``), with one warning naming them; without it such adapters are refused, since
+                Arrow routes LoRA factors only and the model keeps its own weights for those modules.
+
+        The same directory twice, a directory both a task and a general adapter, or two experts with one name (e.g.
+        two directories called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
         """
         task_adapters = list(task_adapters or [])
         general_adapters = list(general_adapters or [])
@@ -205,77 +197,102 @@ class LoraLibrary:
             raise ValueError(f"prototypes must be 'exact', 'power' or 'svd', got {prototypes!r}")
         if names is not None and len(names) != len(task_adapters):
             raise ValueError(f"{len(names)} names given for {len(task_adapters)} task adapters")
+        _check_float_dtype(dtype)
+        if base_model_name is not None and not (isinstance(base_model_name, str) and base_model_name):
+            raise ValueError(f"base_model_name must be a non-empty string, got {base_model_name!r}")
         for p in task_adapters + general_adapters:
             if not os.path.isdir(p):
                 raise ValueError(f"adapter path {os.fspath(p)!r} does not exist or is not a directory")
+        _check_distinct_dirs(task_adapters, general_adapters)
+        task_names = list(names) if names is not None else [_dir_name(p) for p in task_adapters]
+        try:
+            checks.check_names(task_names, "expert names")
+            checks.check_names([_dir_name(p) for p in general_adapters], "general adapter names", allow_empty=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; pass names=[...] (command line: --names) to name task experts whose directories share a name"
+            ) from None
         if progress is None:
             progress = sys.stderr.isatty()
         paths = task_adapters + general_adapters
         from tqdm.auto import tqdm
 
-        read = [
-            read_adapter(p, allow_pickle=allow_pickle)
-            for p in tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress)
-        ]
+        # The bar is closed (and cleared) before an error propagates, so the error starts on a line of its own.
+        with tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress, leave=False) as bar:
+            read = [
+                read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save) for p in bar
+            ]
         tasks, general = read[: len(task_adapters)], read[len(task_adapters) :]
-        if names is not None:
-            for adapter, n in zip(tasks, names, strict=True):
-                adapter.name = n
-        return cls._from_loaded(tasks, general, gks if general else None, prototypes, dtype, device, rng_seed)
+        for adapter, n in zip(tasks, task_names, strict=True):
+            adapter.name = n
+        _warn_ignored_modules(read)
+        gks = gks if general else None
+        return cls.from_loaded(
+            tasks, general, gks, prototypes, dtype, device, rng_seed, base_model_name=base_model_name
+        )
 
     @classmethod
-    def _from_loaded(
+    def from_loaded(
         cls,
-        tasks: list[LoraAdapter],
-        general: list[LoraAdapter],
-        gks: str | None,
-        prototypes: str,
-        dtype: torch.dtype | None,
-        device,
-        rng_seed: int | None,
+        tasks: Sequence[LoraAdapter],
+        general: Sequence[LoraAdapter] = (),
+        gks: str | None = "param",
+        prototypes: str = "exact",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        rng_seed: int | None = None,
         routing: dict | None = None,
         already_subtracted: set[str] | None = None,
+        general_weights: Sequence[float] | None = None,
+        base_model_name: str | None = None,
     ) -> LoraLibrary:
-        base_class = _check_compatible(tasks, general)
-        paths = tasks[0].module_paths
+        """Build a library from adapters already in memory (:class:`~genknowsub_fast.adapters.LoraAdapter`).
+
+        ``gks`` is None (nothing subtracted) or one of :data:`~genknowsub_fast.gks.GKS_MODES`; ``already_subtracted``
+        names module paths whose task factors already had GenKnowSub applied (a PEFT model that ran once).
+        ``general_weights``: one coefficient per general adapter (default: the mean, 1/G each).
+        ``base_model_name``: see :meth:`from_adapters` (the adapters' own base model names are then not compared).
+        """
+        tasks, general = list(tasks), list(general)
+        if not tasks:
+            raise ValueError("a library needs at least one task adapter")
+        checks.check_names([t.name for t in tasks], "expert names")
+        _check_float_dtype(dtype)
+        if gks is not None and gks not in GKS_MODES:
+            raise ValueError(f"gks must be None or one of {GKS_MODES}, got {gks!r}")
+        if gks is not None and not general:
+            raise ValueError(f"gks={gks!r} subtracts general knowledge, but no general adapters were given")
+        weights = gks_math.check_weights(
+            gks_math.mean_weights(len(general)) if general_weights is None else general_weights, len(general)
+        )
+        base_class, base_name = _check_compatible(tasks, general, base_model_name)
+        done = already_subtracted or set()
         modules: dict[str, ModuleExperts] = {}
-        for path in paths:
-            if gks == "param" and path not in (already_subtracted or set()):
-                _check_equal_ranks(path, tasks + general)
+        for path in tasks[0].module_paths:
             work = torch.promote_types(tasks[0].a[path].dtype, torch.float32)
-            a_list = [t.a[path].to(work) for t in tasks]
-            b_list = [t.b[path].to(work) for t in tasks]
-            s_list = [t.scaling[path] for t in tasks]
-            if gks == "param" and path not in (already_subtracted or set()):
-                mean_a = torch.stack([g.a[path].to(work) for g in general]).mean(0)
-                mean_b = torch.stack([g.b[path].to(work) for g in general]).mean(0)
-                a_list = [a - mean_a for a in a_list]
-                b_list = [b - mean_b for b in b_list]
+            task_f = [(t.a[path].to(work), t.b[path].to(work)) for t in tasks]
+            gen_f = [(g.a[path].to(work), g.b[path].to(work)) for g in general]
+            scalings = [t.scaling[path] for t in tasks]
+            if gks == "param" and path not in done:
+                _check_equal_ranks(path, tasks + general)
+                task_f = gks_math.subtract_param(task_f, gen_f, weights)
             elif gks == "delta":
-                n = len(general)
-                a_g = [g.a[path].to(work) for g in general]
-                b_g = [-(g.scaling[path] / n) * g.b[path].to(work) for g in general]
-                a_list = [torch.cat([a] + a_g, dim=0) for a in a_list]
-                b_list = [torch.cat([s * b] + b_g, dim=1) for b, s in zip(b_list, s_list, strict=True)]
-                s_list = [1.0] * len(tasks)
-            ranks = [a.shape[0] for a in a_list]
+                gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
+                task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
+                sub = gks_math.subtract_delta(task_s, gen_s, weights)
+                task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
+            ranks = [a.shape[0] for a, _ in task_f]
             r_max = max(ranks)
             modules[path] = ModuleExperts(
-                a=_pad_stack(a_list, 0, r_max),
-                b=_pad_stack(b_list, 1, r_max),
-                scaling=torch.tensor(s_list, dtype=torch.float32),
+                a=_pad_stack([a for a, _ in task_f], 0, r_max),
+                b=_pad_stack([b for _, b in task_f], 1, r_max),
+                scaling=torch.tensor(scalings, dtype=torch.float32),
                 prototypes=torch.empty(0),
                 ranks=torch.tensor(ranks, dtype=torch.int64),
             )
         _fill_prototypes(modules, prototypes, rng_seed, [t.name for t in tasks])
         lib = cls(
-            modules,
-            [t.name for t in tasks],
-            gks,
-            [g.name for g in general],
-            base_class,
-            prototypes,
-            routing,
+            modules, [t.name for t in tasks], gks, [g.name for g in general], base_class, prototypes, routing, base_name
         )
         if dtype is not None or device is not None:
             lib = lib.to(device=device, dtype=dtype)
@@ -285,55 +302,26 @@ class LoraLibrary:
     def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "exact") -> LoraLibrary:
         """Build a library from a model made by ``peft.create_arrow_model`` (task_i / gks_i adapters + ArrowConfig).
 
-        GenKnowSub is applied here when the ArrowConfig asks for it and PEFT has not yet applied it (PEFT subtracts
-        lazily, in place, on a layer's first forward); layers PEFT already subtracted are taken as they are. The
-        ArrowConfig's ``top_k`` and ``router_temperature`` become the library's default routing.
+        See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
         """
-        arrow = None
-        tasks: dict[str, LoraAdapter] = {}
-        general: dict[str, LoraAdapter] = {}
-        done: set[str] = set()
-        for name, module in model.named_modules():
-            arrow_dict = getattr(module, "lora_arrow", None)
-            if not arrow_dict or "arrow_router" not in arrow_dict:
-                continue
-            arrow = arrow_dict["arrow_router"]
-            path = name.removeprefix("base_model.model.")
-            if arrow.use_gks and arrow.gks_done:
-                done.add(path)
-            for group, names in ((tasks, arrow.task_adapter_names), (general, arrow.gks_adapter_names or [])):
-                for n in names:
-                    if n not in module.lora_A:
-                        raise ValueError(f"PEFT Arrow layer {name!r} has no adapter {n!r}")
-                    ad = group.setdefault(n, LoraAdapter(name=n))
-                    ad.a[path] = module.lora_A[n].weight.detach()
-                    ad.b[path] = module.lora_B[n].weight.detach()
-                    ad.scaling[path] = float(module.scaling[n])
-        if arrow is None:
-            raise ValueError("model has no PEFT Arrow layers (expected a model made by peft.create_arrow_model)")
-        for ad in list(tasks.values()) + list(general.values()):
-            for path, a in ad.a.items():
-                if not torch.isfinite(a).all() or not torch.isfinite(ad.b[path]).all():
-                    raise ValueError(f"adapter {ad.name!r}, module {path!r}: weights contain NaN or Inf")
-        gks = "param" if arrow.use_gks else None
-        base = getattr(model, "get_base_model", lambda: model)()
-        lib = cls._from_loaded(
-            [tasks[n] for n in arrow.task_adapter_names],
-            [general[n] for n in (arrow.gks_adapter_names or [])] if gks else [],
-            gks,
-            prototypes,
-            None,
-            None,
-            arrow.rng_seed,
-            routing={"top_k": int(arrow.top_k), "temperature": float(arrow.temperature)},
-            already_subtracted=done,
-        )
-        lib.base_model_class = lib.base_model_class or type(base).__name__
-        return lib
+        from .integrations.peft import library_from_peft_model
+
+        return library_from_peft_model(model, prototypes=prototypes)
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the library to one safetensors file (format in DESIGN.md)."""
+        """Write the library to one safetensors file (format in docs/design.md).
+
+        The file is written under a temporary name in the same directory and renamed into place, so a failed write
+        leaves any older file as it was; it gets the permissions of any newly created file (0o666 less the umask).
+        ValueError when the directory does not exist or ``path`` is a directory, before anything is written.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"library file {path!r} is a directory")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"library file {path!r}: directory {parent!r} does not exist")
         tensors = {}
         for p, m in self.modules.items():
             tensors[f"{p}/A"] = m.a.contiguous()
@@ -348,36 +336,49 @@ class LoraLibrary:
             "general_names": self.general_names,
             "base_model_class": self.base_model_class,
             "base_model_type": model_family(self.base_model_class),
+            "base_model_name": self.base_model_name,
             "target_modules": self.target_modules,
             "module_paths": list(self.modules),
             "prototype_method": self.prototype_method,
             "routing": self.routing,
         }
-        save_file({k: v.cpu() for k, v in tensors.items()}, os.fspath(path), metadata={_META_KEY: json.dumps(meta)})
+        cpu = {k: v.cpu() for k, v in tensors.items()}
+        write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata={_META_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> LoraLibrary:
-        """Read a library written by :meth:`save`; ValueError if the file is missing or not such a library."""
+        """Read a library written by :meth:`save`.
+
+        Everything in the file is checked before it is used (see :mod:`genknowsub_fast.library_checks`): the metadata,
+        and per module the dtype, shape and values of A, B, scaling, prototypes and ranks (finite, ranks in
+        [1, r_max], zero padding, unit prototypes or a zero one for a zero ΔW). Anything else is a ValueError naming
+        the file and, where one is at fault, the tensor.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ValueError(f"library file {path!r} does not exist")
+        where = f"library {path!r}"
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 raw = (f.metadata() or {}).get(_META_KEY)
                 if raw is None:
                     raise ValueError(f"{path!r} is a safetensors file but not a genknowsub_fast library")
-                meta = json.loads(raw)
-                if meta.get("format_version") != FORMAT_VERSION:
-                    raise ValueError(
-                        f"{path!r} has library format {meta.get('format_version')}, this version reads {FORMAT_VERSION}"
-                    )
+                try:
+                    meta = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: metadata is not valid JSON ({exc})") from None
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{where}: metadata is not a JSON object")
+                version = meta.get("format_version")
+                if version != FORMAT_VERSION:
+                    raise ValueError(f"{where} has library format {version!r}, this version reads {FORMAT_VERSION}")
+                checks.check_metadata(meta, where)
+                checks.check_tensor_keys(list(f.keys()), meta["module_paths"], where)
+                e, method = len(meta["expert_names"]), meta.get("prototype_method", "exact")
                 modules = {}
                 for p in meta["module_paths"]:
-                    t = {k: f.get_tensor(f"{p}/{k}") for k in ("A", "B", "scaling", "prototypes", "ranks")}
-                    for k in ("A", "B", "prototypes"):
-                        if not torch.isfinite(t[k]).all():
-                            raise ValueError(f"{path!r}: {p}/{k} contains NaN or Inf")
-                    modules[p] = ModuleExperts(t["A"], t["B"], t["scaling"], t["prototypes"], t["ranks"])
+                    t = {k: f.get_tensor(f"{p}/{k}") for k in checks.TENSOR_KEYS}
+                    modules[p] = checks.check_module_tensors(t, e, method, f"{where}: tensor '{p}")
         except ValueError:
             raise
         except Exception as exc:  # safetensors raises its own error types on corrupt files
@@ -390,20 +391,68 @@ class LoraLibrary:
             meta.get("base_model_class"),
             meta.get("prototype_method", "exact"),
             meta.get("routing"),
+            meta.get("base_model_name"),
         )
         return lib.to(device=device) if device is not None else lib
 
 
-def _check_compatible(tasks: list[LoraAdapter], general: list[LoraAdapter]) -> str | None:
-    """All adapters target the same modules with the same shapes and come from one base model class."""
+def _check_float_dtype(dtype: object) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in checks.FLOAT_DTYPES):
+        raise ValueError(f"a library's dtype must be one of {checks.FLOAT_DTYPES}, got {dtype!r}")
+
+
+def _dir_name(path: str | os.PathLike) -> str:
+    return os.path.basename(os.path.normpath(os.fspath(path)))
+
+
+def _check_distinct_dirs(tasks: Sequence[str | os.PathLike], general: Sequence[str | os.PathLike]) -> None:
+    """The same adapter directory (after resolving links) may appear only once among tasks and general adapters."""
+    seen: dict[str, str] = {}
+    for kind, paths in (("task", tasks), ("general", general)):
+        for p in paths:
+            real = os.path.realpath(os.fspath(p))
+            if real in seen:
+                raise ValueError(
+                    f"adapter directory {os.fspath(p)!r} is given twice (as {seen[real]} and as {kind} adapter)"
+                )
+            seen[real] = f"{kind} adapter"
+
+
+_HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+
+
+def _model_id(name: str) -> str:
+    """What a base model name identifies: the last path part, with a Hugging Face cache snapshot path
+    (``.../models--org--name/snapshots/<rev>``) mapped to ``name`` like the hub id ``org/name``."""
+    m = _HF_SNAPSHOT.search(name)
+    if m:
+        return m["name"]
+    return os.path.basename(os.path.normpath(name))
+
+
+def _check_compatible(
+    tasks: list[LoraAdapter], general: list[LoraAdapter], base_model_name: str | None = None
+) -> tuple[str | None, str | None]:
+    """All adapters target the same modules with the same shapes and come from one base model class.
+
+    Returns (base model class, base model name): the name is ``base_model_name`` when given (the adapters' own names
+    are then not compared), else the first adapter's ``base_model_name_or_path``.
+    """
     ref = tasks[0]
     classes = {a.base_model_class for a in tasks + general if a.base_model_class}
     families = {model_family(c) for c in classes}
     if len(families) > 1:
         raise ValueError(f"adapters were trained on different base models: {sorted(classes)}")
-    names = {os.path.basename(os.path.normpath(a.base_model_name)) for a in tasks + general if a.base_model_name}
-    if len(names) > 1:
-        raise ValueError(f"adapters name different base models: {sorted(names)}")
+    named = [a for a in tasks + general if a.base_model_name]
+    if base_model_name is None:
+        ids = {_model_id(a.base_model_name) for a in named}
+        if len(ids) > 1:
+            which = sorted({f"{a.name}: {a.base_model_name}" for a in named})
+            raise ValueError(
+                f"adapters name different base models ({'; '.join(which[:4])}); if these are one model named two "
+                "ways, pass base_model_name=... (command line: --base-model-name)"
+            )
+        base_model_name = named[0].base_model_name if named else None
     for ad in tasks[1:] + general:
         if set(ad.module_paths) != set(ref.module_paths):
             diff = sorted(set(ad.module_paths) ^ set(ref.module_paths))[:4]
@@ -417,7 +466,19 @@ def _check_compatible(tasks: list[LoraAdapter], general: list[LoraAdapter]) -> s
                     f"module {p!r}: adapter {ad.name!r} has d_in×d_out {ad.a[p].shape[1]}×{ad.b[p].shape[0]}, "
                     f"{ref.name!r} has {ref.a[p].shape[1]}×{ref.b[p].shape[0]}: adapters for another base model?"
                 )
-    return next(iter(classes)) if classes else None
+    return (next(iter(classes)) if classes else None), base_model_name
+
+
+def _warn_ignored_modules(adapters: Sequence[LoraAdapter]) -> None:
+    """One warning listing the modules_to_save that ``ignore_modules_to_save=True`` left out, if any."""
+    ignored = sorted({m for a in adapters for m in a.ignored_modules})
+    if ignored:
+        who = [a.name for a in adapters if a.ignored_modules]
+        warnings.warn(
+            f"left out the whole-module weights (modules_to_save) of {len(who)} adapter(s) for {ignored}: "
+            "the patched model keeps its own weights there",
+            stacklevel=3,
+        )
 
 
 def _check_equal_ranks(path: str, adapters: list[LoraAdapter]) -> None:

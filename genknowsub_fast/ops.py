@@ -1,59 +1,31 @@
-"""The three public ops and their backend dispatch.
+"""The public ops on raw tensors, and :func:`prepare`, which builds the prepared per-layer runner.
 
-``backend="auto"`` picks Triton for CUDA tensors when the Triton backend can run, and the portable torch backend
-otherwise; ``"torch"`` and ``"triton"`` force one. Asking for Triton where it cannot run is an error, never a silent
-fallback.
+Shapes: A (E, r, d_in), B (E, d_out, r), scaling (E,), prototypes (E, d_in), x (..., d_in), weight (d_out, d_in).
+Dispatch to a backend happens in one place, :class:`genknowsub_fast.runner.RoutedLinear`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from .backends import prototype_ext, torch_ops
-from .backends.packing import PackedExperts, check_mixing, pack_experts
+from .backends import prototype_ext, torch_ops, torch_prototypes
+from .backends.packing import check_factors
+from .experts import ModuleExperts
+from .library_checks import all_finite
+from .runner import BACKENDS, RoutedLinear, check_routing_args, resolve_backend, triton_status
 
-__all__ = ["arrow_prototypes", "arrow_route", "routed_lora", "resolve_backend", "BACKENDS", "PROTOTYPE_METHODS"]
-
-BACKENDS = ("auto", "torch", "triton")
 PROTOTYPE_METHODS = ("exact", "power", "svd")
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_routing_args(top_k: int, temperature: float, num_experts: int) -> None:
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1 or top_k > num_experts:
-        raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
-def triton_status() -> tuple[bool, str]:
-    """Whether the Triton backend can run here, and why not when it cannot."""
-    try:
-        from .backends import triton_ops
-    except ImportError as exc:  # triton missing or the kernels failed to import
-        return False, f"Triton backend unavailable: {exc}"
-    return triton_ops.status()
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` ("auto", "torch", "triton") to the backend that runs on ``device``; ValueError if it cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "torch":
-        return "torch"
-    ok, why = triton_status()
-    if backend == "triton":
-        if not ok:
-            raise ValueError(f'backend="triton" cannot run: {why}')
-        return "triton"
-    return "triton" if (ok and device.type == "cuda") else "torch"
+def _check_finite(experts: ModuleExperts) -> None:
+    """ValueError naming the first of A, B, scaling, prototypes that holds NaN or Inf (raw tensors given to the ops;
+    a library's experts were checked when it was built or loaded)."""
+    named = (("A", experts.a), ("B", experts.b), ("scaling", experts.scaling), ("prototypes", experts.prototypes))
+    for name, t in named:
+        if not all_finite(t):
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def arrow_prototypes(
@@ -70,22 +42,22 @@ def arrow_prototypes(
         warn_zero: warn when an expert's ΔW is zero (it gets a zero prototype and is never preferred).
 
     The sign of each prototype is canonical (largest-magnitude entry positive) for "exact" and "svd".
+    NaN or Inf in A or B raise ValueError.
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
         raise ValueError(f"expected A (E, r, d_in) and B (E, d_out, r), got {tuple(a.shape)} and {tuple(b.shape)}")
     if method not in PROTOTYPE_METHODS:
         raise ValueError(f"unknown prototype method {method!r}; expected one of {PROTOTYPE_METHODS}")
-    _check_finite("A", a)
-    _check_finite("B", b)
-    if method == "power":
-        return torch_ops.power_prototypes(a, b, rng_seed=rng_seed)
-    if method == "svd":
+    if method == "exact":
+        (p,), (zero,) = prototype_ext.exact_prototypes_batched([a], [b])
+    else:
+        prototype_ext.check_finite([a], [b])
+        if method == "power":
+            return torch_prototypes.power_prototypes(a, b, rng_seed=rng_seed)
         from . import reference
 
         p = reference.prototypes_svd(a.to(torch.float64), b.to(torch.float64)).to(a.dtype)
         zero = ~(p != 0).any(dim=1)
-    else:
-        (p,), (zero,) = prototype_ext.exact_prototypes_batched([a], [b])
     if warn_zero and bool(zero.any()):
         warnings.warn(
             f"{int(zero.sum())} expert(s) have ΔW = 0 (indices {zero.nonzero().flatten().tolist()}): "
@@ -100,12 +72,39 @@ def arrow_route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrow routing of x (..., d_in): weights (T, k) float32 and expert indices (T, k) int64, T = x.numel() / d_in.
 
-    ``logit_e = |x·p_e|``; the k largest are kept and softmaxed with ``temperature``.
+    ``logit_e = |x·p_e|`` with the scores accumulated in float32; the k largest are kept (ties to the lower index)
+    and softmaxed with ``temperature``.
     """
     if x.shape[-1] != prototypes.shape[-1]:
         raise ValueError(f"x has d_in={x.shape[-1]} but prototypes have d_in={prototypes.shape[-1]}")
-    _check_routing_args(top_k, temperature, prototypes.shape[0])
-    return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes.to(x.dtype), top_k, float(temperature))
+    if not x.is_floating_point() or not prototypes.is_floating_point():
+        raise ValueError(f"x and prototypes must be floating-point, got {x.dtype} and {prototypes.dtype}")
+    if not all_finite(prototypes):
+        raise ValueError("prototypes contain NaN or Inf")
+    top_k, temperature = check_routing_args(top_k, temperature, prototypes.shape[0])
+    return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes, top_k, temperature)
+
+
+def prepare(
+    experts: ModuleExperts,
+    top_k: int = 3,
+    temperature: float = 1.0,
+    mixing: str = "output",
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    name: str = "",
+) -> RoutedLinear:
+    """The prepared runner of one layer's experts: validated now, packed once per (device, dtype).
+
+    ``device``/``dtype`` pack right away; otherwise the first call packs for its input. See
+    :class:`~genknowsub_fast.runner.RoutedLinear` for the calls (``runner(x, weight, bias)``,
+    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). NaN or Inf in the
+    experts is a ValueError.
+    """
+    if isinstance(experts, ModuleExperts):
+        _check_finite(experts)
+    return RoutedLinear(experts, top_k, temperature, mixing, backend, device, dtype, name)
 
 
 def routed_lora(
@@ -123,39 +122,29 @@ def routed_lora(
 ) -> torch.Tensor:
     """Arrow-routed LoRA on x (..., d_in): ``x W0ᵀ + bias + delta``, or only the delta when ``weight`` is None.
 
-    This functional form packs the experts on every call; patched models pack once at patch time instead.
+    This functional form checks and packs the experts on every call; for repeated calls use :func:`prepare` once
+    instead. NaN or Inf in A, B, scaling or the prototypes is a ValueError.
     """
-    e, r, d_in = a.shape
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has d_in={x.shape[-1]} but A has d_in={d_in}")
-    if weight is not None and weight.shape != (b.shape[1], d_in):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({b.shape[1]}, {d_in})")
-    _check_routing_args(top_k, temperature, e)
-    check_mixing(mixing, scaling, None)
-    packed = pack_experts(a, b, scaling, prototypes, mixing=mixing, dtype=x.dtype, device=x.device)
-    return routed_linear(x, packed, top_k, float(temperature), weight, bias, resolve_backend(backend, x.device))
+    check_factors(a, b, scaling, prototypes)
+    if x.shape[-1] != a.shape[2]:
+        raise ValueError(f"x has d_in={x.shape[-1]} but A has d_in={a.shape[2]}")
+    if weight is not None and weight.shape != (b.shape[1], a.shape[2]):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({b.shape[1]}, {a.shape[2]})")
+    ranks = torch.full((a.shape[0],), a.shape[1], dtype=torch.int64)
+    experts = ModuleExperts(a, b, scaling, prototypes, ranks)
+    _check_finite(experts)
+    return RoutedLinear(experts, top_k, temperature, mixing, backend)(x, weight, bias)
 
 
-def routed_linear(
-    x: torch.Tensor,
-    packed: PackedExperts,
-    top_k: int,
-    temperature: float,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    backend: str,
-) -> torch.Tensor:
-    """The hot path shared by :func:`routed_lora` and patched layers (arguments already checked and packed)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if backend == "triton":
-        from .backends import triton_ops
-
-        y = triton_ops.routed_linear(x2, packed, top_k, temperature, weight, bias)
-    else:
-        if weight is None:
-            y = x2.new_zeros(x2.shape[0], packed.d_out)
-        else:
-            y = torch.nn.functional.linear(x2, weight, bias)
-        torch_ops.add_routed_delta_(y, x2, packed, top_k, temperature)
-    return y.view(*lead, packed.d_out)
+__all__ = [
+    "arrow_prototypes",
+    "arrow_route",
+    "routed_lora",
+    "prepare",
+    "check_routing_args",
+    "resolve_backend",
+    "triton_status",
+    "RoutedLinear",
+    "BACKENDS",
+    "PROTOTYPE_METHODS",
+]

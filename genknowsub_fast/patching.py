@@ -1,71 +1,148 @@
-"""patch_model / unpatch_model / patched: run a model's target linear layers with Arrow-routed LoRA experts.
+"""patch_model / unpatch_model / patched / patched_layers: run a model's target linear layers with Arrow-routed LoRA.
 
 Patching is per instance and reversible (the Liger-Kernel / FlagGems style): a target module gets an instance-level
-``forward`` and two non-persistent buffers holding its packed experts, so ``state_dict()`` keys do not change, the
-buffers follow ``model.to()`` / ``.half()``, and unpatching deletes exactly what patching added.
+``forward`` that calls the layer's prepared runner (:class:`genknowsub_fast.runner.RoutedLinear`), and nothing else
+changes: no parameters or buffers are added, so ``state_dict()`` keys and ``named_buffers()`` stay as they were, and
+unpatching removes exactly what patching added. The runner packs the experts for the layer's device and dtype at
+patch time, and packs again (once) if the model later moves to another device or dtype.
+
+Patching and unpatching are atomic: one lock serialises them, so of two threads patching one model, the second gets
+a clear ValueError and the model stays usable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .backends import torch_ops
-from .backends.packing import PackedExperts, check_mixing, pack_experts
-from .library import LoraLibrary, ModuleExperts, model_family
+from .experts import ModuleExperts
+from .library import LoraLibrary, model_family
+from .runner import RoutedLinear, check_routing_args
 
 # Linear layers that adapters usually target, per model family (Phi-3 fuses q/k/v and gate/up).
 TARGETS = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
 }
+DEFAULT_TOP_K = 3
 _STATE = "_gkf_patch"
-_BUF_ROUTE = "_gkf_route_shrink"
-_BUF_B = "_gkf_b_t"
+_LOCK = threading.RLock()
+
+Recorder = Callable[["PatchedLayer", torch.Tensor], None]
 
 
-@dataclass
-class _Patch:
-    """What patching added to one module, and how to take it back."""
+@dataclass(eq=False)
+class PatchedLayer:
+    """The public view of one patched module (see :func:`patched_layers`).
+
+    Attributes:
+        name: the library's module path this layer runs (e.g. ``model.layers.0.self_attn.qkv_proj``).
+        module: the patched module itself.
+        runner: its prepared runner; ``runner.experts`` are the layer's experts and ``runner.packed`` their packed
+            form for the current device and dtype.
+        recorder: None, or a callable ``recorder(layer, x)`` called with every input before the layer runs (the
+            routing analytics use it); set it to None to stop. It costs one ``is not None`` test per call when unset.
+    """
 
     name: str
-    num_experts: int
-    rank: int
-    mixing: str
-    top_k: int
-    temperature: float
-    backend: str
-    fused: bool  # True: base GEMM + in-place delta; False: delta added to the module's own output
-    hooked: bool  # accelerate hook present: the patched forward sits under the hook as _old_forward
-    saved_forward: object = None  # instance-level forward (or _old_forward) the module had before, if any
-    saved_call: object = None  # the module's own forward, called by the non-fused path (quantised layers, Conv1D)
-    recorder: object = field(default=None, repr=False)
-    cpu_op: object = field(default=None, repr=False)  # the compiled CPU kernel when it can serve this layer
-    inner: object = field(default=None, repr=False)  # the nn.Linear holding the weight, for the cpu_op path
+    module: nn.Module
+    runner: RoutedLinear
+    recorder: Recorder | None = None
+    # How to run and how to undo (private).
+    _linear: nn.Module | None = field(default=None, repr=False)  # nn.Linear holding W: one runner call for W + delta
+    # Otherwise the base output comes from _base_call (a PEFT layer's base layer, or an instance forward the module
+    # had), or, when that is None, from the class's forward; then the delta is added.
+    _base_call: Callable | None = field(default=None, repr=False)
+    _hooked: bool = field(default=False, repr=False)  # accelerate hook: the patched forward sits under _old_forward
+    _saved_forward: object = field(default=None, repr=False)  # instance-level forward the module had before, if any
+
+    @property
+    def experts(self) -> ModuleExperts:
+        return self.runner.experts
+
+    @property
+    def top_k(self) -> int:
+        return self.runner.top_k
+
+    @property
+    def temperature(self) -> float:
+        return self.runner.temperature
+
+    @property
+    def mixing(self) -> str:
+        return self.runner.mixing
+
+    @property
+    def backend(self) -> str:
+        """The backend asked for ("auto", "torch" or "triton"); ``runner.active_backend`` says what runs."""
+        return self.runner.backend
+
+    @property
+    def fused(self) -> bool:
+        """True when the layer is a plain nn.Linear and one runner call computes ``x Wᵀ + b + delta``; False when the
+        module's own forward computes the base output (quantised layers, Conv1D, ...) and the delta is added to it."""
+        return self._linear is not None
+
+    @property
+    def options(self) -> dict:
+        """The routing options as a dict (top_k, temperature, mixing, backend)."""
+        return {"top_k": self.top_k, "temperature": self.temperature, "mixing": self.mixing, "backend": self.backend}
+
+
+class _PatchedForward:
+    """The instance-level forward of a patched module: an object rather than a bound method, so a patched model can be
+    pickled (``torch.save(model)``) and deep-copied."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: PatchedLayer):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        if layer.recorder is not None:
+            layer.recorder(layer, x)
+        lin = layer._linear
+        if lin is not None:
+            return layer.runner(x, lin.weight, lin.bias)
+        call = layer._base_call
+        if call is None:
+            base = type(layer.module).forward(layer.module, x, *args, **kwargs)
+        else:
+            base = call(x, *args, **kwargs)
+        return base + layer.runner(x).to(base.dtype)
+
+    def __getstate__(self):
+        return self.layer
+
+    def __setstate__(self, layer):
+        self.layer = layer
 
 
 def _is_peft_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def _inner_linear(module: nn.Module) -> nn.Module:
+def _inner_layer(module: nn.Module) -> nn.Module:
     """The layer that holds the weight: the module itself, or a PEFT LoRA layer's base layer."""
     return module.base_layer if _is_peft_lora_layer(module) else module
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D`` (transformers.pytorch_utils): y = x W + b with W stored (d_in, d_out)."""
+    return type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "weight", None), torch.Tensor)
 
 
 def _module_device(module: nn.Module) -> torch.device:
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
-    inner = _inner_linear(module)
-    for p in inner.parameters(recurse=False):
+    for p in _inner_layer(module).parameters(recurse=False):
         return p.device
     for p in module.parameters():
         return p.device
@@ -73,14 +150,14 @@ def _module_device(module: nn.Module) -> torch.device:
 
 
 def _module_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
-    w = getattr(_inner_linear(module), "weight", None)
+    w = getattr(_inner_layer(module), "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
         return w.dtype
     return default
 
 
-def _find_targets(model: nn.Module, library: LoraLibrary) -> dict[str, nn.Module]:
-    """Map each library module path to a module of ``model`` (exact path, PEFT's prefix, or a unique suffix)."""
+def _find_targets(model: nn.Module, library: LoraLibrary) -> dict[str, tuple[str, nn.Module]]:
+    """Map each library module path to (name, module) of ``model`` (exact path, PEFT's prefix, or a unique suffix)."""
     named = dict(model.named_modules())
     found, missing = {}, []
     for path in library.modules:
@@ -97,7 +174,7 @@ def _find_targets(model: nn.Module, library: LoraLibrary) -> dict[str, nn.Module
         if hit is None:
             missing.append(path)
         else:
-            found[path] = named[hit]
+            found[path] = (hit, named[hit])
     if not found:
         family = model_family(type(getattr(model, "get_base_model", lambda: model)()).__name__)
         hint = f" ({family} models usually target {TARGETS[family]})" if family in TARGETS else ""
@@ -109,46 +186,26 @@ def _find_targets(model: nn.Module, library: LoraLibrary) -> dict[str, nn.Module
     return found
 
 
-def _check_shapes(path: str, module: nn.Module, experts: ModuleExperts) -> None:
-    inner = _inner_linear(module)
-    d_in = getattr(inner, "in_features", None)
-    d_out = getattr(inner, "out_features", None)
+def layer_shape(module: nn.Module) -> tuple[int | None, int | None]:
+    """(d_in, d_out) of a target layer: nn.Linear-like layers, GPT-2 Conv1D (weight stored (d_in, d_out)), or any
+    layer with a 2-D (d_out, d_in) weight; (None, None) when unknown (e.g. some quantised layers)."""
+    inner = _inner_layer(module)
+    if _is_conv1d(inner):
+        d_in, d_out = inner.weight.shape
+        return int(d_in), int(d_out)
+    d_in, d_out = getattr(inner, "in_features", None), getattr(inner, "out_features", None)
     if d_in is None and isinstance(getattr(inner, "weight", None), torch.Tensor) and inner.weight.dim() == 2:
         d_out, d_in = inner.weight.shape
+    return d_in, d_out
+
+
+def _check_shapes(path: str, module: nn.Module, experts: ModuleExperts) -> None:
+    d_in, d_out = layer_shape(module)
     if (d_in, d_out) != (None, None) and (d_in != experts.d_in or d_out != experts.d_out):
         raise ValueError(
             f"module {path!r} is {d_in}→{d_out} but the library's experts are {experts.d_in}→{experts.d_out}: "
             "adapters for another base model?"
         )
-
-
-def _routed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Instance forward of a patched layer: base output plus the Arrow-routed LoRA delta."""
-    st: _Patch = self.__dict__[_STATE]
-    route_shrink, b_t = self._buffers[_BUF_ROUTE], self._buffers[_BUF_B]
-    if st.cpu_op is not None and st.recorder is None:
-        # Decode hot path on the CPU: straight to the base GEMM + compiled kernel. Going through ops.routed_linear cost
-        # ~10 µs more per layer in Python (hidden-256 Phi-3, T=1: 40 → 37-39 µs per patched layer; unpatched 23 µs).
-        # After model.to()/.half() the tensor check fails and the call falls through to ops.routed_linear.
-        inner = st.inner  # cached: _inner_linear's hasattr probes on an nn.Module cost ~3 µs a call
-        w = inner.weight
-        if torch_ops.cpu_kernel_takes(x, w, route_shrink, b_t):
-            x2 = x.reshape(-1, x.shape[-1])
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            y = F.linear(x2, w, inner.bias)
-            st.cpu_op(y, x2, route_shrink, b_t, st.top_k, st.temperature, st.mixing == "weights")
-            return y.view(*x.shape[:-1], y.shape[-1])
-    packed = PackedExperts(route_shrink, b_t, st.num_experts, st.rank, st.mixing)
-    if st.recorder is not None:
-        st.recorder.record(st.name, x, packed, st.top_k, st.temperature)
-    if st.fused:
-        inner = _inner_linear(self)
-        return ops.routed_linear(x, packed, st.top_k, st.temperature, inner.weight, inner.bias, st.backend)
-    base = _inner_linear(self)(x, *args, **kwargs) if _is_peft_lora_layer(self) else st.saved_call(x, *args, **kwargs)
-    xd = x if x.dtype == packed.route_shrink.dtype else x.to(packed.route_shrink.dtype)
-    delta = ops.routed_linear(xd, packed, st.top_k, st.temperature, None, None, st.backend)
-    return base + delta.to(base.dtype)
 
 
 def patch_model(
@@ -165,70 +222,59 @@ def patch_model(
         model: a HF model (Phi-3, Phi-2, or any model whose adapters target linear layers), or a PEFT model made by
             ``peft.create_arrow_model`` (then ``library`` may be None: its adapters and ArrowConfig are used).
         library: the experts; None only for a PEFT Arrow model.
-        top_k: experts per token (default: the library's routing default, else 3).
+        top_k: experts per token (default: the library's routing default, else min(3, number of experts)).
         temperature: softmax temperature > 0 (default: the library's routing default, else 1.0).
         mixing: ``"output"`` (PEFT's Arrow) or ``"weights"`` (per-token merged A and B, one shared scaling).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
 
     Every check runs before any module is touched. A model already patched raises ValueError.
     """
-    if library is None:
-        library = LoraLibrary.from_peft_model(model)
-    if not isinstance(library, LoraLibrary):
-        raise ValueError(f"library must be a LoraLibrary, got {type(library).__name__}")
-    top_k = int(library.routing.get("top_k", 3)) if top_k is None else top_k
-    temperature = float(library.routing.get("temperature", 1.0)) if temperature is None else temperature
-    ops._check_routing_args(top_k, temperature, library.num_experts)
-    if any(_STATE in m.__dict__ for m in model.modules()):
-        raise ValueError("model is already patched; call genknowsub_fast.unpatch_model(model) first")
-    base = getattr(model, "get_base_model", lambda: model)()
-    fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
-    if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
-        raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
-    targets = _find_targets(model, library)
-    plans = []
-    for path, module in targets.items():
-        experts = library.modules[path]
-        _check_shapes(path, module, experts)
-        check_mixing(mixing, experts.scaling, experts.ranks)
-        if _is_peft_lora_layer(module) and not getattr(module, "lora_arrow", None):
-            raise ValueError(
-                f"module {path!r} is a PEFT LoRA layer with its own active adapters; merge_and_unload() it first"
-            )
-        device = _module_device(module)
-        run_backend = ops.resolve_backend(backend, device)
-        inner = _inner_linear(module)
-        fused = type(inner) is nn.Linear
-        plans.append((path, module, experts, device, run_backend, fused))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    with _LOCK:
+        if is_patched(model):
+            raise ValueError("model is already patched; call genknowsub_fast.unpatch_model(model) first")
+        if library is None:
+            library = LoraLibrary.from_peft_model(model)
+        if not isinstance(library, LoraLibrary):
+            raise ValueError(f"library must be a LoraLibrary, got {type(library).__name__}")
+        base = getattr(model, "get_base_model", lambda: model)()
+        fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
+        if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
+            raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
+        targets = _find_targets(model, library)
+        if top_k is None:
+            top_k = library.routing.get("top_k", min(DEFAULT_TOP_K, library.num_experts))
+        if temperature is None:
+            temperature = library.routing.get("temperature", 1.0)
+        top_k, temperature = check_routing_args(top_k, temperature, library.num_experts)
 
-    for path, module, experts, device, run_backend, fused in plans:
-        dtype = _module_dtype(module, library.dtype)
-        packed = pack_experts(
-            experts.a, experts.b, experts.scaling, experts.prototypes, mixing, experts.ranks, dtype=dtype, device=device
-        )
-        hooked = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
-        slot = "_old_forward" if hooked else "forward"
-        st = _Patch(
-            name=path,
-            num_experts=packed.num_experts,
-            rank=packed.rank,
-            mixing=mixing,
-            top_k=top_k,
-            temperature=float(temperature),
-            backend=run_backend,
-            fused=fused,
-            hooked=hooked,
-            saved_forward=module.__dict__.get(slot),
-        )
-        st.saved_call = (
-            module.__dict__[slot] if slot in module.__dict__ else types.MethodType(type(module).forward, module)
-        )
-        if fused and run_backend == "torch" and packed.route_shrink.device.type == "cpu":
-            st.cpu_op, st.inner = torch_ops.fused_op(), _inner_linear(module)
-        module.register_buffer(_BUF_ROUTE, packed.route_shrink, persistent=False)
-        module.register_buffer(_BUF_B, packed.b_t, persistent=False)
-        module.__dict__[_STATE] = st
-        setattr(module, slot, types.MethodType(_routed_forward, module))
+        layers = []
+        for path, (_, module) in targets.items():
+            experts = library.modules[path]
+            _check_shapes(path, module, experts)
+            if _is_peft_lora_layer(module) and not getattr(module, "lora_arrow", None):
+                raise ValueError(
+                    f"module {path!r} is a PEFT LoRA layer with its own active adapters; merge_and_unload() it first"
+                )
+            runner = RoutedLinear(experts, top_k, temperature, mixing, backend, name=path)
+            runner.prepare(_module_device(module), _module_dtype(module, library.dtype))
+            inner = _inner_layer(module)
+            layer = PatchedLayer(path, module, runner)
+            if type(inner) is nn.Linear:
+                layer._linear = inner
+            layers.append(layer)
+
+        for layer in layers:
+            module = layer.module
+            layer._hooked = hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+            slot = "_old_forward" if layer._hooked else "forward"
+            layer._saved_forward = module.__dict__.get(slot)
+            if layer._linear is None:
+                inner = _inner_layer(module)
+                layer._base_call = inner if inner is not module else module.__dict__.get(slot)
+            module.__dict__[_STATE] = layer
+            module.__dict__[slot] = _PatchedForward(layer)
     return model
 
 
@@ -237,19 +283,18 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
     Raises ValueError when the model is not patched.
     """
-    patched_modules = [m for m in model.modules() if _STATE in m.__dict__]
-    if not patched_modules:
-        raise ValueError("model is not patched by genknowsub_fast")
-    for m in patched_modules:
-        st: _Patch = m.__dict__.pop(_STATE)
-        slot = "_old_forward" if st.hooked else "forward"
-        if st.saved_forward is None:
-            m.__dict__.pop(slot, None)
-        else:
-            m.__dict__[slot] = st.saved_forward
-        for buf in (_BUF_ROUTE, _BUF_B):
-            m._buffers.pop(buf, None)
-            m._non_persistent_buffers_set.discard(buf)
+    with _LOCK:
+        layers = [m.__dict__[_STATE] for m in model.modules() if _STATE in m.__dict__]
+        if not layers:
+            raise ValueError("model is not patched by genknowsub_fast")
+        for layer in layers:
+            module = layer.module
+            slot = "_old_forward" if layer._hooked else "forward"
+            if layer._saved_forward is None:
+                module.__dict__.pop(slot, None)
+            else:
+                module.__dict__[slot] = layer._saved_forward
+            del module.__dict__[_STATE]
     return model
 
 
@@ -258,19 +303,34 @@ def is_patched(model: nn.Module) -> bool:
     return any(_STATE in m.__dict__ for m in model.modules())
 
 
+def patched_layers(model: nn.Module) -> dict[str, PatchedLayer]:
+    """Every patched module of ``model``, by its name in ``model.named_modules()``, as a :class:`PatchedLayer`
+    (experts, options, runner and the recorder hook). Empty when the model is not patched."""
+    return {n: m.__dict__[_STATE] for n, m in model.named_modules() if _STATE in m.__dict__}
+
+
 @contextlib.contextmanager
 def patched(model: nn.Module, library: LoraLibrary | None = None, **kwargs) -> Iterator[nn.Module]:
-    """Context manager: ``patch_model(model, library, **kwargs)`` on entry, :func:`unpatch_model` on exit."""
+    """Context manager: ``patch_model(model, library, **kwargs)`` on entry, :func:`unpatch_model` on exit.
+
+    If the block unpatches the model itself, the exit leaves it as it is.
+    """
     patch_model(model, library, **kwargs)
     try:
         yield model
     finally:
-        unpatch_model(model)
+        with _LOCK:
+            if is_patched(model):
+                unpatch_model(model)
 
 
-def patched_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Name → module of every patched module in ``model``."""
-    return {n: m for n, m in model.named_modules() if _STATE in m.__dict__}
-
-
-__all__ = ["patch_model", "unpatch_model", "patched", "is_patched", "patched_modules", "TARGETS"]
+__all__ = [
+    "patch_model",
+    "unpatch_model",
+    "patched",
+    "is_patched",
+    "patched_layers",
+    "layer_shape",
+    "PatchedLayer",
+    "TARGETS",
+]

@@ -28,14 +28,14 @@ PHI3_SIZES = {
 }
 
 
-def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode)."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+def phi3_config(size: str = "tiny"):
+    """The ``Phi3Config`` of one of :data:`PHI3_SIZES` (eager attention)."""
+    from transformers import Phi3Config
 
     if size not in PHI3_SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {list(PHI3_SIZES)}")
     hidden, inter, layers, heads, vocab = PHI3_SIZES[size]
-    cfg = Phi3Config(
+    return Phi3Config(
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
@@ -48,8 +48,40 @@ def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.floa
         eos_token_id=2,
         attn_implementation="eager",
     )
+
+
+def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode)."""
+    from transformers import Phi3ForCausalLM
+
+    cfg = phi3_config(size)
     torch.manual_seed(seed)
     return Phi3ForCausalLM(cfg).to(dtype).eval()
+
+
+def phi3_num_parameters(size: str) -> int:
+    """Parameters of :func:`make_phi3` ``(size)``, counted on the meta device (nothing is allocated; ~0.1 s)."""
+    from transformers import Phi3ForCausalLM
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(phi3_config(size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_phi3_fits(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """Describe what building ``copies`` random Phi-3 ``size`` models costs, or raise ValueError before anything is
+    built when that is more memory than this process has left (see :func:`genknowsub_fast.memory.available_bytes`)."""
+    from .memory import available_bytes, human_bytes
+
+    n = phi3_num_parameters(size)
+    need = copies * n * torch.empty(0, dtype=dtype).element_size()
+    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+    what = f"random Phi-3 '{size}': {count} parameters, {human_bytes(need)} in {str(dtype).split('.')[-1]}"
+    what += f" for {copies} copies" if copies > 1 else ""
+    free = available_bytes()
+    if free is not None and need > free:
+        raise ValueError(f"{what}, but only {human_bytes(free)} of memory is available; choose a smaller size")
+    return what
 
 
 def make_phi2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

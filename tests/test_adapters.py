@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -77,8 +78,11 @@ def test_pickled_bin_needs_allow_pickle(phi3_setup, tmp_path):
     state = load_file(d / "adapter_model.safetensors")
     (d / "adapter_model.safetensors").unlink()
     torch.save(state, d / "adapter_model.bin")
-    with pytest.raises(ValueError, match="allow_pickle=True"):
+    with pytest.raises(ValueError, match="allow_pickle=True") as exc:
         read_adapter(d)
+    from genknowsub_fast.adapters import PickledAdapterError  # the command line catches it to name its own flag
+
+    assert isinstance(exc.value, PickledAdapterError) and exc.value.path == str(d)
     ad = read_adapter(d, allow_pickle=True)
     torch.testing.assert_close(
         ad.a["model.layers.0.self_attn.qkv_proj"],
@@ -93,3 +97,70 @@ def test_embedding_lora_is_refused(phi3_setup, tmp_path):
     save_file(state, d / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="only LoRA on linear layers"):
         read_adapter(d)
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for code a malicious adapter_model.bin would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_bin_is_loaded_without_running_code(phi3_setup, tmp_path):
+    """Issue 13 #15: allow_pickle=True used torch.load(weights_only=False), so a payload in the file ran (here it would
+    create ``marker``). A state dict needs only weights_only=True, which refuses the payload."""
+    d = _copy(phi3_setup.task[0], tmp_path / "a")
+    state = load_file(d / "adapter_model.safetensors")
+    (d / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "payload_ran"
+    torch.save({**state, "payload": _Payload(marker)}, d / "adapter_model.bin")
+    with pytest.raises(ValueError, match=re.escape(f"adapter '{d}': adapter_model.bin is not a plain state dict")):
+        read_adapter(d, allow_pickle=True)
+    assert not marker.exists(), "loading the adapter ran the pickled payload"
+
+
+def test_truncated_or_corrupt_files_name_the_adapter(phi3_setup, tmp_path):
+    """Issue 13 #8: a truncated adapter_model.safetensors raised a raw SafetensorError that did not say which adapter
+    (and garbage adapter_config.json a bare JSONDecodeError)."""
+    d = _copy(phi3_setup.task[0], tmp_path / "cut")
+    data = (d / "adapter_model.safetensors").read_bytes()
+    (d / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"adapter '{d}': adapter_model.safetensors cannot be read")):
+        read_adapter(d)
+    d = _copy(phi3_setup.task[0], tmp_path / "cfg")
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"adapter '{d}': adapter_config.json cannot be read")):
+        read_adapter(d)
+    (d / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        read_adapter(d)
+
+
+def test_integer_factors_are_refused(phi3_setup, tmp_path):
+    d = _copy(phi3_setup.task[0], tmp_path / "a")
+    state = load_file(d / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_A" in k)
+    state[key] = (state[key] * 100).to(torch.int32)
+    save_file(state, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="torch.int32; LoRA factors are floating-point"):
+        read_adapter(d)
+
+
+def test_modules_to_save_tensors_are_refused_or_listed(phi3_setup, tmp_path):
+    """Issue 13 #11 at the adapter level: a full-module tensor named by modules_to_save is refused with a pointer to
+    the option, or left out and listed in ignored_modules; other unknown tensors stay errors either way."""
+    d = _copy(phi3_setup.task[0], tmp_path / "a", modules_to_save=["lm_head"])
+    state = load_file(d / "adapter_model.safetensors")
+    state["base_model.model.lm_head.weight"] = torch.zeros(128, 64)
+    save_file(state, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="whole module 'lm_head'.*ignore_modules_to_save=True"):
+        read_adapter(d)
+    ad = read_adapter(d, ignore_modules_to_save=True)
+    assert ad.ignored_modules == ["lm_head"] and "lm_head" not in ad.a
+    state["base_model.model.model.norm.weight"] = torch.zeros(64)
+    save_file(state, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        read_adapter(d, ignore_modules_to_save=True)

@@ -1,9 +1,30 @@
 """The genknowsub-fast command: build, info, demo, and one-line errors with exit code 2."""
 
+import shutil
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from genknowsub_fast import LoraLibrary
 from genknowsub_fast.cli import main
+
+
+def _one_line_error(capsys, command: str, message: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"genknowsub-fast {command}: error:") and err.count("\n") == 1, err
+    assert message in err, err
+    return err
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fail the test if the library build (the work of `build`) starts."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the library was built before the arguments were checked")
+
+    monkeypatch.setattr(LoraLibrary, "from_adapters", refuse)
 
 
 def test_build_and_info(phi3_setup, tmp_path, capsys):
@@ -15,6 +36,7 @@ def test_build_and_info(phi3_setup, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "general knowledge subtracted (param): general_0, general_1, general_2" in text
     assert "model.layers.1.mlp.down_proj" in text and "96 → 64" in text
+    assert "8 modules, " in text  # len(lib) counts experts now; info counts the modules itself
 
 
 def test_build_delta_without_general_means_no_gks(phi3_setup, tmp_path):
@@ -64,3 +86,116 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     assert "max |patched − PEFT| logits" in text and "OK" in text and "FAIL" not in text
     assert "patched" in text and "PEFT Arrow" in text
     assert (tmp_path / "library.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("missing_dir/x.safetensors", "directory 'missing_dir' does not exist"),
+        (".", "is a directory"),
+        ("/proc/x.safetensors", "cannot write in '/proc'"),
+    ],
+)
+def test_build_output_is_checked_before_any_work(phi3_setup, tmp_path, capsys, monkeypatch, no_build, output, message):
+    """Issue 13 #12: `build -o missing_dir/x.safetensors` read every adapter and computed every prototype, then
+    crashed with a traceback when writing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "--task", *phi3_setup.task, "-o", output]) == 2
+    _one_line_error(capsys, "build", message)
+
+
+def test_errors_from_inside_torch_are_one_line(phi3_setup, tmp_path, capsys, monkeypatch):
+    """Issue 13 #12: only ValueError was turned into a one-line message; a RuntimeError or OSError from torch or
+    safetensors printed a traceback. --traceback shows it when wanted."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory\nwhile allocating")
+
+    monkeypatch.setattr(LoraLibrary, "from_adapters", boom)
+    args = ["build", "--task", *phi3_setup.task, "-o", str(tmp_path / "x.safetensors")]
+    assert main(args) == 2
+    _one_line_error(capsys, "build", "RuntimeError: out of memory while allocating")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["--traceback", *args])
+
+
+def test_pickled_adapter_refusal_names_the_cli_flag(phi3_setup, tmp_path, capsys):
+    """Issue 13 #16: the command line's refusal said `allow_pickle=True`, an argument the user cannot pass there."""
+    d = shutil.copytree(phi3_setup.task[0], tmp_path / "pickled")
+    torch.save(load_file(d / "adapter_model.safetensors"), d / "adapter_model.bin")
+    (d / "adapter_model.safetensors").unlink()
+    args = ["build", "--task", str(d), *phi3_setup.task[1:3], "-o", str(tmp_path / "x.safetensors")]
+    assert main(args) == 2
+    err = _one_line_error(capsys, "build", "pass --allow-pickle if you trust it")
+    assert "allow_pickle=True" not in err
+    assert main([*args, "--allow-pickle"]) == 0
+
+
+def _copy_naming_base(src, dst, base_model):
+    import json
+
+    d = shutil.copytree(src, dst)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base_model
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_build_names_and_base_model_name(phi3_setup, tmp_path, capsys):
+    """The command-line forms of issue 13 #9 and #10: --names for directories that share a name, --base-model-name for
+    one base model named two ways; each refusal names the flag."""
+    first = _copy_naming_base(phi3_setup.task[0], tmp_path / "a" / "task_0", "microsoft/Phi-3-mini-4k-instruct")
+    other = _copy_naming_base(phi3_setup.task[1], tmp_path / "b" / "task_0", "/models/my-phi3")
+    out = str(tmp_path / "x.safetensors")
+    assert main(["build", "--task", first, other, "-o", out]) == 2
+    _one_line_error(capsys, "build", "(command line: --names)")
+    args = ["build", "--task", first, other, "--names", "a", "b", "-o", out]
+    assert main(args) == 2
+    _one_line_error(capsys, "build", "--base-model-name")
+    assert main([*args, "--base-model-name", "microsoft/Phi-3-mini-4k-instruct"]) == 0
+    lib = LoraLibrary.load(out)
+    assert lib.expert_names == ["a", "b"] and lib.base_model_name == "microsoft/Phi-3-mini-4k-instruct"
+    assert main(["info", out]) == 0 and "base model: microsoft/Phi-3-mini-4k-instruct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tokens", "0"], "argument --tokens: expected an integer ≥ 1"),
+        (["--decode", "0"], "argument --decode: expected an integer ≥ 1"),
+        (["--repeats", "-1"], "argument --repeats: expected an integer ≥ 1"),
+        (["--tasks", "x"], "argument --tasks: expected an integer ≥ 1"),
+        (["--general", "-1"], "argument --general: expected an integer ≥ 0"),
+    ],
+)
+def test_demo_numbers_are_checked_while_parsing(capsys, extra, message):
+    """Issue 13 #14 for the demo: `--decode 0` divided by zero after the whole demo had run."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--size", "tiny", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genknowsub-fast demo: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_demo_checks_before_building(capsys, monkeypatch):
+    """--top-k above --tasks was silently lowered; a bad --out failed after the model and adapters were built."""
+    import genknowsub_fast.synthetic as synthetic
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(synthetic, "make_phi3", refuse)
+    assert main(["demo", "--size", "tiny", "--tasks", "2", "--top-k", "3"]) == 2
+    _one_line_error(capsys, "demo", "--top-k 3 is more than the 2 task adapters")
+    assert main(["demo", "--size", "tiny", "--out", "/proc/genknowsub-fast-demo"]) == 2
+    _one_line_error(capsys, "demo", "--out '/proc/genknowsub-fast-demo' cannot be created")
+
+
+def test_parse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "-o", "x.safetensors"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "genknowsub-fast build: error: the following arguments are required: --task " + (
+        "(see genknowsub-fast build --help)\n"
+    )

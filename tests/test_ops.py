@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import genknowsub_fast as gkf
-from genknowsub_fast import ops, reference
+from genknowsub_fast import ops, reference, runner
 from tests.routing_cases import make_case
-from tests.tolerances import assert_close_to_reference
+from tests.tolerances import FP32_SAME_MATH, FP32_WEIGHTS, PROTOTYPE_MIN_COS, assert_close_to_reference
 
 
 def test_routed_lora_with_weight_bias_and_leading_dims():
@@ -30,7 +30,7 @@ def test_routed_lora_with_weight_bias_and_leading_dims():
     assert ours.shape == (3, 4, 9)
     assert_close_to_reference(ours.view(12, 9), ref, ref.float(), torch.float32)
     delta = gkf.routed_lora(c.x, c.a, c.b, case.scaling.float(), c.prototypes, 2, 1.0, backend="torch")
-    torch.testing.assert_close(delta + c.x @ w0.float().T + bias.float(), ours.view(12, 9), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(delta + c.x @ w0.float().T + bias.float(), ours.view(12, 9), **FP32_SAME_MATH)
 
 
 def test_arrow_route_shapes_and_values():
@@ -39,7 +39,7 @@ def test_arrow_route_shapes_and_values():
     w_ref, idx_ref = reference.route(case.x, case.prototypes, 3, 2.0)
     assert w.shape == (6, 3) and idx.dtype == torch.int64
     assert torch.equal(idx, idx_ref)
-    torch.testing.assert_close(w.double(), w_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.double(), w_ref, **FP32_WEIGHTS)
 
 
 @pytest.mark.parametrize("method", ["exact", "svd"])
@@ -49,7 +49,7 @@ def test_arrow_prototypes_methods(method):
     b = torch.randn(3, 18, 4, generator=g) * (0.4 ** torch.arange(4.0))
     p = gkf.arrow_prototypes(a, b, method=method)
     ref = reference.prototypes_svd(a.double(), b.double())
-    assert float((p.double() * ref).sum(1).abs().min()) >= 0.99999
+    assert float((p.double() * ref).sum(1).abs().min()) >= PROTOTYPE_MIN_COS
 
 
 def test_arrow_prototypes_warns_on_zero_expert():
@@ -101,12 +101,54 @@ def test_prototype_bad_input():
 
 
 def test_triton_backend_unavailable_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(ops, "triton_status", lambda: (False, "no GPU and TRITON_INTERPRET is not set"))
+    monkeypatch.setattr(runner, "triton_status", lambda: (False, "no GPU and TRITON_INTERPRET is not set"))
     case = make_case(3, 4, 2, 8, 5).to(torch.float32)
     with pytest.raises(ValueError, match='backend="triton" cannot run: no GPU'):
         gkf.routed_lora(case.x, case.a, case.b, case.scaling.float(), case.prototypes, 2, backend="triton")
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
-def test_auto_backend_is_torch_on_cpu():
-    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+def test_arrow_route_ties_go_to_the_lower_index():
+    w, idx = gkf.arrow_route(torch.zeros(2, 64), torch.eye(64)[:40], 3)
+    assert idx.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_non_float_inputs_are_errors():
+    case = make_case(3, 4, 2, 8, 5).to(torch.float32)
+    s = case.scaling.float()
+    with pytest.raises(ValueError, match="inputs must be one of"):
+        gkf.routed_lora(case.x.to(torch.int64), case.a, case.b, s, case.prototypes, 2)
+    with pytest.raises(ValueError, match="floating-point"):
+        gkf.routed_lora(case.x, case.a.to(torch.int8), case.b, s, case.prototypes, 2)
+    with pytest.raises(ValueError, match="floating-point"):
+        gkf.arrow_route(case.x.to(torch.int64), case.prototypes, 2)
+
+
+def test_numpy_integer_top_k_and_bool_temperature():
+    import numpy as np
+
+    case = make_case(3, 4, 2, 8, 5).to(torch.float32)
+    s = case.scaling.float()
+    out = gkf.routed_lora(case.x, case.a, case.b, s, case.prototypes, np.int64(2), backend="torch")
+    torch.testing.assert_close(out, gkf.routed_lora(case.x, case.a, case.b, s, case.prototypes, 2, backend="torch"))
+    with pytest.raises(ValueError, match="temperature"):
+        gkf.routed_lora(case.x, case.a, case.b, s, case.prototypes, 2, temperature=True)
+
+
+@pytest.mark.parametrize("field", ["a", "b", "scaling", "prototypes"])
+def test_nan_factors_are_errors(field):
+    """README's bad-input paragraph: NaN/Inf weights given to the ops on raw tensors are refused, not routed."""
+    case = make_case(3, 4, 2, 8, 5).to(torch.float32)
+    t = {"a": case.a, "b": case.b, "scaling": case.scaling.float(), "prototypes": case.prototypes}
+    t[field] = t[field].clone()
+    t[field].view(-1)[0] = float("nan")
+    name = {"a": "A", "b": "B"}.get(field, field)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        gkf.routed_lora(case.x, t["a"], t["b"], t["scaling"], t["prototypes"], 2)
+    ranks = torch.full((t["a"].shape[0],), t["a"].shape[1])
+    experts = gkf.ModuleExperts(t["a"], t["b"], t["scaling"], t["prototypes"], ranks)
+    with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+        gkf.prepare(experts, top_k=2)
+    if field == "prototypes":
+        with pytest.raises(ValueError, match="prototypes contain NaN or Inf"):
+            gkf.arrow_route(case.x, t["prototypes"], 2)

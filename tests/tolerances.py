@@ -1,7 +1,14 @@
-"""The one per-dtype tolerance table of the test suite (DESIGN.md, "Correctness rules").
+"""The one tolerance table of the test suite: every tolerance a test uses is named here, with what it is for.
 
-A fast path passes when its error against the float64 reference is at most ``RATIO`` times the error of the
-same-dtype naive reference plus ``ATOL[dtype]`` (scaled by the magnitude of the reference output).
+Two kinds:
+
+- the per-dtype rule for a fast path against the float64 reference (:func:`assert_close_to_reference`): our error is
+  at most ``RATIO`` times the error of the same-dtype naive reference plus ``ATOL[dtype]`` (scaled by the magnitude of
+  the reference output);
+- named tolerances for comparisons that are not "fast path vs reference" (two float32 implementations of the same
+  sum, float64 algebra, prototype alignment, parity with PEFT).
+
+Never raise one of these to make a test pass: find the error.
 """
 
 from __future__ import annotations
@@ -16,12 +23,47 @@ ATOL = {
     torch.bfloat16: 1.6e-2,
 }
 
+# Two float32 computations of the same quantity that differ only in summation order or fusion (e.g. the compiled
+# kernel against the torch regimes, a layer against the functional op): a few ulps of values of order 1-10.
+FP32_SAME_MATH = {"rtol": 1e-5, "atol": 1e-5}
+# Routing weights (softmax outputs in [0, 1]) of two float32 implementations.
+FP32_WEIGHTS = {"rtol": 0.0, "atol": 1e-6}
+# Routing weights computed from float32 scores when the inputs are bf16/fp16: the scores are the same float32 sums, so
+# the same bound as float32 holds.
+LOW_PRECISION_WEIGHTS = FP32_WEIGHTS
+# float32 scores x·p against the float64 product for bf16/fp16 x (exact in float32): float32 accumulation error of a
+# ~300-term dot product of O(1) values.
+FP32_SCORES = {"rtol": 1e-5, "atol": 1e-4}
+# float64 algebra done two ways (QR/SVD vs direct products): rounding of float64 at O(1) values.
+FLOAT64_ALGEBRA = {"rtol": 1e-9, "atol": 1e-10}
+FLOAT64_EXACT = 1e-12
+# float32 rounding of a float64 product B·A of O(1) factors with r <= 16 terms.
+FP32_PRODUCT = {"rtol": 1e-5, "atol": 1e-6}
+# An exact prototype (float32 or float64 inputs) against the float64 SVD's top right singular vector: |cos| at least.
+PROTOTYPE_MIN_COS = 0.99999
+# An exact prototype stored in bf16/fp16 (8 or 11 mantissa bits), and PEFT's 15-step power iteration on a spectrum
+# decaying by 0.5 per singular value (converges to (0.5)^30 in the eigenvalue ratio), against the float64 SVD.
+PROTOTYPE_LOW_PRECISION_MIN_COS = 0.999
+PROTOTYPE_POWER_CONVERGED_MIN_COS = 0.999
+# Two float32 computations of the same unit prototype (extension vs torch.linalg, float32 vs float64 inputs).
+PROTOTYPE_FP32 = {"rtol": 0.0, "atol": 2e-5}
+# The same for bf16 factors (the prototypes are stored in bf16: 8 mantissa bits).
+PROTOTYPE_BF16 = {"rtol": 0.0, "atol": 1e-2}
+# Patched model logits against PEFT's Arrow model in float32, relative to the adapters' effect (max |PEFT - base|).
+LOGITS_VS_PEFT_REL = 1e-4
+# The adapters must move the logits at least this much for a parity test to mean anything.
+MIN_ADAPTER_EFFECT = 1e-2
+# Prompt log-probs of a model served by vLLM against the same model patched with patch_model in transformers, both
+# float32: the two engines use different GEMM and attention kernels, so they round differently. Measured at most
+# 4.5e-7 (tiny Phi-3 and Phi-2, routed, eager and compiled, 1 and 2 tensor-parallel ranks; issue 16).
+FP32_ENGINE_LOGPROB_ATOL = 5e-6
+
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference, computed in float64."""
     if a.numel() == 0:
         return 0.0
-    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+    return float((a.detach().to(torch.float64) - b.detach().to(torch.float64)).abs().max())
 
 
 def assert_close_to_reference(
@@ -35,7 +77,10 @@ def assert_close_to_reference(
     bound = RATIO * ref_err + ATOL[dtype] * scale
     assert ours_err <= bound, f"{what}: error {ours_err:.3e} > bound {bound:.3e} (same-dtype reference {ref_err:.3e})"
 
-# Prompt log-probs of a model served by vLLM against the same model patched with patch_model in transformers, both
-# float32: the two engines use different GEMM and attention kernels, so they round differently. Measured at most
-# 4.5e-7 (tiny Phi-3 and Phi-2, routed, eager and compiled, 1 and 2 tensor-parallel ranks; issue 16).
-ENGINE_LOGPROB_ATOL = {torch.float32: 5e-6}
+
+def assert_matches_peft(ours: torch.Tensor, peft: torch.Tensor, base: torch.Tensor, what: str = "") -> None:
+    """Patched logits equal PEFT's within LOGITS_VS_PEFT_REL of the adapters' effect, which must be visible."""
+    effect = max_err(peft, base)
+    assert effect > MIN_ADAPTER_EFFECT, f"{what}: the adapters barely move the logits ({effect:.2e})"
+    err = max_err(ours, peft)
+    assert err <= LOGITS_VS_PEFT_REL * effect, f"{what}: |ours - PEFT| {err:.3e} > {LOGITS_VS_PEFT_REL} × {effect:.3e}"

@@ -1,13 +1,18 @@
 """The one packed layout of a module's experts that every backend reads.
 
-Built once per target module (at patch time, or once per functional call), never per forward:
+Built once per target module and (device, dtype) by the prepared runner (``genknowsub_fast.runner``), never per
+forward:
 
-- ``route_shrink`` (E + E·r, d_in): the prototypes stacked on top of every expert's A rows, so routing and the
-  LoRA shrink are one GEMM against x. ``prototypes`` and ``a`` are views into it.
-- ``b_t`` (E, r, d_out): each expert's Bᵀ with its scaling folded in (``s_e · B_eᵀ``), so the expand of any set of
-  experts is one GEMM against a (·, k·r) or (·, E·r) coefficient block, and no per-expert scaling is applied per call.
+- ``prototypes`` (E, d_in) float32 whatever the compute dtype: routing scores ``x·p`` are always accumulated in
+  float32 against float32 prototypes (x converts to float32 exactly from bf16/fp16), so the top-k choice does not
+  depend on the model's dtype;
+- ``a`` (E, r, d_in) in the compute dtype;
+- ``b_t`` (E, r, d_out) in the compute dtype: each expert's Bᵀ with its scaling folded in (``s_e · B_eᵀ``), so the
+  expand of any set of experts is one GEMM against a (·, k·r) or (·, E·r) coefficient block. On the CPU its row
+  stride is padded (see :func:`padded_rows`).
 
-Mixed ranks are zero-padded to r_max; padded rows of A and of Bᵀ are zero, so they add nothing.
+Mixed ranks are zero-padded to r_max; padded rows of A and of Bᵀ are zero, so they add nothing. A backend that wants
+another arrangement (stacked, split) derives it once in its own prepare step.
 """
 
 from __future__ import annotations
@@ -17,28 +22,33 @@ from dataclasses import dataclass
 import torch
 
 MIXING_MODES = ("output", "weights")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass
 class PackedExperts:
     """Experts of one target module in the layout the backends read (see the module docstring)."""
 
-    route_shrink: torch.Tensor  # (E + E*r, d_in)
-    b_t: torch.Tensor  # (E, r, d_out), scaling folded in
+    prototypes: torch.Tensor  # (E, d_in) float32
+    a: torch.Tensor  # (E, r, d_in) compute dtype
+    b_t: torch.Tensor  # (E, r, d_out) compute dtype, scaling folded in
     num_experts: int
     rank: int
     mixing: str
 
     @property
-    def prototypes(self) -> torch.Tensor:
-        """(E, d_in) view of the prototype rows."""
-        return self.route_shrink[: self.num_experts]
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of ``a`` and ``b_t``)."""
+        return self.a.dtype
 
     @property
-    def a(self) -> torch.Tensor:
-        """(E, r, d_in) view of the A rows."""
-        e, r = self.num_experts, self.rank
-        return self.route_shrink[e:].view(e, r, -1)
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def a_flat(self) -> torch.Tensor:
+        """(E·r, d_in) view of the A rows."""
+        return self.a.view(self.num_experts * self.rank, -1)
 
     @property
     def b_flat(self) -> torch.Tensor:
@@ -46,22 +56,18 @@ class PackedExperts:
         return self.b_t.view(self.num_experts * self.rank, -1)
 
     @property
+    def route_shrink(self) -> torch.Tensor:
+        """(E + E·r, d_in) ``[P ; A]`` stacked in the compute dtype, built on each access (the current Triton route
+        pass reads this arrangement)."""
+        return torch.cat([self.prototypes.to(self.dtype), self.a_flat]).contiguous()
+
+    @property
     def d_in(self) -> int:
-        return self.route_shrink.shape[1]
+        return self.a.shape[2]
 
     @property
     def d_out(self) -> int:
         return self.b_t.shape[2]
-
-    def to(self, device=None, dtype=None) -> PackedExperts:
-        """A copy on another device and/or dtype."""
-        return PackedExperts(
-            self.route_shrink.to(device=device, dtype=dtype),
-            self.b_t.to(device=device, dtype=dtype),
-            self.num_experts,
-            self.rank,
-            self.mixing,
-        )
 
 
 def check_mixing(mixing: str, scaling: torch.Tensor, ranks: torch.Tensor | None) -> None:
@@ -75,6 +81,20 @@ def check_mixing(mixing: str, scaling: torch.Tensor, ranks: torch.Tensor | None)
             raise ValueError(f'mixing="weights" needs one shared scaling, got {scaling.tolist()}')
 
 
+def check_factors(a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, prototypes: torch.Tensor) -> None:
+    """ValueError unless A (E, r, d_in), B (E, d_out, r), scaling (E,) and prototypes (E, d_in) fit together."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+        raise ValueError(f"expected A (E, r, d_in) and B (E, d_out, r), got {tuple(a.shape)} and {tuple(b.shape)}")
+    e, _, d_in = a.shape
+    if prototypes.shape != (e, d_in):
+        raise ValueError(f"prototypes have shape {tuple(prototypes.shape)}, expected ({e}, {d_in})")
+    if scaling.shape != (e,):
+        raise ValueError(f"scaling has shape {tuple(scaling.shape)}, expected ({e},)")
+    for name, t in (("A", a), ("B", b), ("scaling", scaling), ("prototypes", prototypes)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def pack_experts(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -86,24 +106,25 @@ def pack_experts(
     device: torch.device | str | None = None,
 ) -> PackedExperts:
     """Pack A (E, r, d_in), B (E, d_out, r), scaling (E,) and prototypes (E, d_in) for the backends."""
+    check_factors(a, b, scaling, prototypes)
     check_mixing(mixing, scaling, ranks)
     e, r, d_in = a.shape
-    if b.shape[0] != e or b.shape[2] != r:
-        raise ValueError(f"B has shape {tuple(b.shape)}, expected ({e}, d_out, {r}) to match A {tuple(a.shape)}")
-    if prototypes.shape != (e, d_in):
-        raise ValueError(f"prototypes have shape {tuple(prototypes.shape)}, expected ({e}, {d_in})")
-    if scaling.shape != (e,):
-        raise ValueError(f"scaling has shape {tuple(scaling.shape)}, expected ({e},)")
     dtype = dtype or a.dtype
-    device = device if device is not None else a.device
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"experts run in one of {COMPUTE_DTYPES}, got {dtype}")
+    device = torch.device(device) if device is not None else a.device
     # Fold the scaling in float32 (or better) before casting, so fp16/bf16 storage rounds once.
     work = torch.promote_types(a.dtype, torch.float32)
-    route_shrink = torch.cat([prototypes.to(work), a.to(work).reshape(e * r, d_in)], dim=0)
-    b_t = b.to(work).transpose(1, 2) * scaling.to(work).view(e, 1, 1)
-    b_t = b_t.to(device=device, dtype=dtype)
+    protos = prototypes.to(device=device, dtype=torch.promote_types(prototypes.dtype, torch.float32)).contiguous()
+    if protos.dtype == torch.float64 and dtype != torch.float64:
+        protos = protos.float()
+    a_packed = a.to(device=device, dtype=dtype).contiguous()
+    b_t = (b.to(work).transpose(1, 2) * scaling.to(work).view(e, 1, 1)).to(device=device, dtype=dtype)
     if b_t.device.type == "cpu":
         b_t = padded_rows(b_t)
-    return PackedExperts(route_shrink.to(device=device, dtype=dtype).contiguous(), b_t, e, r, mixing)
+    else:
+        b_t = b_t.contiguous()
+    return PackedExperts(protos, a_packed, b_t, e, r, mixing)
 
 
 def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
@@ -123,3 +144,6 @@ def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
     out = storage.as_strided((e, r, d), (r * ld, ld, 1))
     out.copy_(b_t)
     return out
+
+
+__all__ = ["PackedExperts", "pack_experts", "check_mixing", "check_factors", "padded_rows", "MIXING_MODES"]

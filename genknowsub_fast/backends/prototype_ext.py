@@ -3,8 +3,8 @@
 With the extension (csrc/prototypes_cpu.cpp, csrc/prototypes_cuda.cu) a whole library — every module of every layer,
 of different shapes — is one ``torch.ops.genknowsub_fast_C.arrow_prototypes_batched`` call. Without it (not built,
 no compiler, ``GENKNOWSUB_FAST_EXTENSION=off``, or factors on a device the extension has no kernel for) each module
-runs the torch.linalg path of torch_ops.exact_prototypes; both give the same prototypes up to float rounding, with the
-same canonical sign and zero test.
+runs the torch.linalg path of torch_prototypes.exact_prototypes; both give the same prototypes up to float rounding,
+with the same canonical sign and zero test.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from . import extension, torch_ops
+from . import extension, torch_prototypes
 
 # The CUDA kernel's per-thread accumulators and shared memory are sized for r <= 64 (csrc/prototypes_cuda.h).
 CUDA_MAX_RANK = 64
@@ -45,6 +45,14 @@ def _check(a_list, b_list) -> None:
             )
 
 
+def check_finite(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> None:
+    """ValueError naming the first factor (A or B, and its position) that holds NaN or Inf."""
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        for name, t in (("A", a), ("B", b)):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} (pair {i}) contains NaN or Inf")
+
+
 def exact_prototypes_batched(
     a_list: list[torch.Tensor],
     b_list: list[torch.Tensor],
@@ -58,6 +66,7 @@ def exact_prototypes_batched(
     """
     a_list, b_list = list(a_list), list(b_list)
     _check(a_list, b_list)
+    check_finite(a_list, b_list)
     if not a_list:
         return [], []
     use = _extension_can_run(a_list, b_list) if use_extension is None else use_extension
@@ -66,7 +75,7 @@ def exact_prototypes_batched(
     else:
 
         def run(aa, bb):
-            outs = [torch_ops.exact_prototypes(a, b) for a, b in zip(aa, bb)]
+            outs = [torch_prototypes.exact_prototypes(a, b) for a, b in zip(aa, bb)]
             return [o[0] for o in outs], [o[1] for o in outs]
 
     sizes = [a.numel() + b.numel() for a, b in zip(a_list, b_list)]
@@ -107,4 +116,4 @@ def _as_lists(res) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(p), list(z)
 
 
-__all__ = ["exact_prototypes_batched", "CUDA_MAX_RANK"]
+__all__ = ["exact_prototypes_batched", "check_finite", "CUDA_MAX_RANK"]

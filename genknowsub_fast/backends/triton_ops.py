@@ -8,16 +8,16 @@ Importing this module imports Triton; ``ops.triton_status`` turns an ImportError
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from genknowsub_fast.triton_kernels import custom_ops
 
+from ..runner import check_routing_args
 from .packing import MIXING_MODES, PackedExperts
 
-__all__ = ["status", "routed_linear", "SUPPORTED_DTYPES"]
+__all__ = ["status", "routed_linear", "prepare", "TritonLayer", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,10 +80,7 @@ def _check(
             raise ValueError(f"{name} has dtype {t.dtype} but x has {x2.dtype}; pack the experts in x's dtype")
         if t.device != x2.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x2.device}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= e:
-        raise ValueError(f"top_k must be an integer in [1, {e}], got {top_k!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_routing_args(top_k, temperature, e)
     if x2.device.type != "cuda" and not custom_ops.interpreted():
         raise ValueError(
             f"the Triton kernels run on CUDA tensors, or on CPU only under TRITON_INTERPRET=1; x is on {x2.device}"
@@ -103,9 +100,13 @@ def routed_linear(
     x2 is (T, d_in), T may be 0. The base GEMM is cuBLAS (F.linear); the expand kernel adds the delta into its output.
     """
     _check(x2, packed, top_k, temperature, weight, bias)
+    return _call(x2, packed.route_shrink, packed, top_k, temperature, weight, bias)
+
+
+def _call(x2, rows, packed, top_k, temperature, weight, bias):
     return torch.ops.genknowsub_fast.routed_linear(
         x2,
-        packed.route_shrink,
+        rows,
         packed.b_t,
         weight,
         bias,
@@ -115,3 +116,28 @@ def routed_linear(
         float(temperature),
         packed.mixing == "weights",
     )
+
+
+class TritonLayer:
+    """One layer's experts prepared for the Triton kernels: the stacked rows are built once."""
+
+    def __init__(self, packed: PackedExperts, top_k: int, temperature: float):
+        if packed.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"the Triton backend takes {SUPPORTED_DTYPES}, got experts in {packed.dtype}")
+        self.packed, self.top_k, self.temperature = packed, top_k, float(temperature)
+        self.rows = packed.route_shrink
+
+    def __call__(self, x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        return _call(x2, self.rows, self.packed, self.top_k, self.temperature, weight, bias)
+
+    def add_delta_(self, y: torch.Tensor, x2: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        if scores is not None:
+            from . import torch_ops
+
+            return torch_ops.add_routed_delta_(y, x2, self.packed, self.top_k, self.temperature, scores=scores)
+        return y.add_(self(x2, None, None))
+
+
+def prepare(packed: PackedExperts, top_k: int, temperature: float) -> TritonLayer:
+    """The Triton backend's prepared layer for ``packed`` (validated once)."""
+    return TritonLayer(packed, top_k, temperature)

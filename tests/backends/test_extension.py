@@ -87,7 +87,7 @@ def test_failed_build_falls_back_to_torch_path():
         _hidden(
             """
         import warnings, torch
-        from genknowsub_fast.backends import extension, torch_ops
+        from genknowsub_fast.backends import extension, torch_prototypes
         def boom():
             raise RuntimeError("compiler exploded\\nsecond line")
         extension._jit_build = boom
@@ -97,7 +97,7 @@ def test_failed_build_falls_back_to_torch_path():
             a, b = torch.randn(3, 4, 20), torch.randn(3, 10, 4)
             p = ops.arrow_prototypes(a, b)
             ops.arrow_prototypes(a, b)
-        assert torch.equal(p, torch_ops.exact_prototypes(a, b)[0])
+        assert torch.equal(p, torch_prototypes.exact_prototypes(a, b)[0])
         msgs = [str(x.message) for x in w if "compiled extension unavailable" in str(x.message)]
         assert len(msgs) == 1 and "\\n" not in msgs[0] and "second line" in msgs[0], msgs
         print(msgs[0])

@@ -1,4 +1,4 @@
-"""The packed layout: views into one stacked tensor, folded scaling, padded CPU rows, mixing checks."""
+"""The packed layout: float32 prototypes, folded scaling, padded CPU rows, mixing checks."""
 
 import pytest
 import torch
@@ -12,9 +12,9 @@ def test_views_and_folded_scaling():
     s = torch.tensor([0.5, 1.0, 2.0])
     p = torch.randn(3, 7)
     pk = pack_experts(a, b, s, p)
-    assert pk.route_shrink.shape == (3 + 6, 7)
     torch.testing.assert_close(pk.prototypes, p)
     torch.testing.assert_close(pk.a, a)
+    torch.testing.assert_close(pk.a_flat, a.reshape(6, 7))
     torch.testing.assert_close(pk.b_t, b.transpose(1, 2) * s.view(3, 1, 1))
     torch.testing.assert_close(pk.b_flat, (b.transpose(1, 2) * s.view(3, 1, 1)).reshape(6, 5))
     assert (pk.d_in, pk.d_out, pk.num_experts, pk.rank) == (7, 5, 3, 2)
@@ -31,8 +31,15 @@ def test_padded_rows_have_an_odd_cache_line_stride():
 
 def test_dtype_and_shape_checks():
     a, b, s, p = torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.ones(2), torch.randn(2, 4)
-    assert pack_experts(a, b, s, p, dtype=torch.float16).b_t.dtype == torch.float16
-    with pytest.raises(ValueError, match="B has shape"):
+    half = pack_experts(a, b, s, p, dtype=torch.bfloat16)
+    assert half.b_t.dtype == half.a.dtype == torch.bfloat16
+    assert half.prototypes.dtype == torch.float32, "routing scores are float32 whatever the compute dtype"
+    torch.testing.assert_close(half.prototypes, p, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="experts run in one of"):
+        pack_experts(a, b, s, p, dtype=torch.int8)
+    with pytest.raises(ValueError, match="floating-point"):
+        pack_experts(a.to(torch.int32), b, s, p)
+    with pytest.raises(ValueError, match="expected A"):
         pack_experts(a, torch.randn(2, 5, 2), s, p)
     with pytest.raises(ValueError, match="prototypes"):
         pack_experts(a, b, s, torch.randn(3, 4))

@@ -9,10 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from genknowsub_fast.backends import extension, prototype_ext, torch_ops
+from genknowsub_fast.backends import extension, prototype_ext, torch_prototypes
 from tests.extension_required import require_op
+from tests.tolerances import (
+    FP32_WEIGHTS,
+    PROTOTYPE_BF16,
+    PROTOTYPE_FP32,
+    PROTOTYPE_LOW_PRECISION_MIN_COS,
+    PROTOTYPE_MIN_COS,
+)
 
-MIN_COS = 0.99999
+MIN_COS = PROTOTYPE_MIN_COS
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +61,16 @@ def test_matches_float64_svd(op, r, d_in):
         p, zero = op.arrow_prototypes(a.to(dtype), b.to(dtype))
         assert p.dtype == dtype and p.shape == (3, d_in) and not zero.any()
         assert abs_cos(p, ref) >= MIN_COS, (r, d_in, dtype)
-        assert torch.allclose(p.double().norm(dim=-1), torch.ones(3, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(p.double().norm(dim=-1), torch.ones(3, dtype=torch.float64), atol=PROTOTYPE_FP32["atol"])
 
 
 @pytest.mark.parametrize("r", [1, 3, 4, 8, 16, 64])
 def test_agrees_with_torch_fallback(op, r):
     a, b = decaying(4, r, 93, 70, seed=10 + r, dtype=torch.float32)
     p, zero = op.arrow_prototypes(a, b)
-    pt, zt = torch_ops.exact_prototypes(a, b)
+    pt, zt = torch_prototypes.exact_prototypes(a, b)
     assert torch.equal(zero, zt)
-    torch.testing.assert_close(p, pt, atol=2e-5, rtol=0)  # same canonical sign, so no sign flips
+    torch.testing.assert_close(p, pt, **PROTOTYPE_FP32)  # same canonical sign, so no sign flips
 
 
 def test_e1_and_fixed_rank_paths(op):
@@ -85,7 +92,7 @@ def test_rank8_float32_gram_kernels(op, d_in):
         p64, _ = op.arrow_prototypes(a, b)
         assert not zero.any()
         assert abs_cos(p32, ref) >= MIN_COS, (d_in, e)
-        torch.testing.assert_close(p32.double(), p64, atol=2e-5, rtol=0)
+        torch.testing.assert_close(p32.double(), p64, **PROTOTYPE_FP32)
 
 
 def test_large_call_outputs(op):
@@ -118,9 +125,9 @@ def test_half_precision_inputs(op, dtype):
     p, zero = op.arrow_prototypes(a, b)
     assert p.dtype == dtype and not zero.any()
     # ground truth of the factors as given (rounded to dtype), so only the output rounding counts
-    assert abs_cos(p, svd_top(a, b)) >= 0.999
-    pt, _ = torch_ops.exact_prototypes(a, b)
-    torch.testing.assert_close(p.float(), pt.float(), atol=1e-2, rtol=0)
+    assert abs_cos(p, svd_top(a, b)) >= PROTOTYPE_LOW_PRECISION_MIN_COS
+    pt, _ = torch_prototypes.exact_prototypes(a, b)
+    torch.testing.assert_close(p.float(), pt.float(), **PROTOTYPE_BF16)
 
 
 def test_non_contiguous_inputs(op):
@@ -129,7 +136,7 @@ def test_non_contiguous_inputs(op):
     b_nc = torch.cat([b, b], dim=1)[:, ::2]
     assert not a_nc.is_contiguous() and not b_nc.is_contiguous()
     p, _ = op.arrow_prototypes(a_nc, b_nc)
-    torch.testing.assert_close(p, op.arrow_prototypes(a, b_nc.contiguous())[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p, op.arrow_prototypes(a, b_nc.contiguous())[0], **FP32_WEIGHTS)
 
 
 def test_zero_and_rank_deficient_experts(op):
@@ -142,7 +149,7 @@ def test_zero_and_rank_deficient_experts(op):
     assert zero.tolist() == [False, True, True, False]
     assert torch.isfinite(p).all() and (p[1] == 0).all() and (p[2] == 0).all()
     assert abs_cos(p[[0, 3]], svd_top(a[[0, 3]], b[[0, 3]])) >= MIN_COS
-    zt = torch_ops.exact_prototypes(a, b)[1]
+    zt = torch_prototypes.exact_prototypes(a, b)[1]
     assert torch.equal(zero, zt)
 
 
@@ -162,7 +169,7 @@ def test_rank8_conditioning_paths(op, dtype):
     assert zero.tolist() == [False, True, True, False, False, False]
     keep = [0, 3, 4, 5]
     assert abs_cos(p[keep], svd_top(a[keep], b[keep])) >= MIN_COS
-    pt, zt = torch_ops.exact_prototypes(a, b)
+    pt, zt = torch_prototypes.exact_prototypes(a, b)
     assert torch.equal(zero, zt)
 
 
@@ -201,7 +208,7 @@ def test_exact_prototypes_batched_both_paths(op):
     p_ext, z_ext = prototype_ext.exact_prototypes_batched(a_list, b_list, use_extension=True)
     p_t, z_t = prototype_ext.exact_prototypes_batched(a_list, b_list, use_extension=False)
     for pe, pt, ze, zt in zip(p_ext, p_t, z_ext, z_t):
-        torch.testing.assert_close(pe, pt, atol=2e-5, rtol=0)
+        torch.testing.assert_close(pe, pt, **PROTOTYPE_FP32)
         assert torch.equal(ze, zt)
     assert prototype_ext.exact_prototypes_batched([], []) == ([], [])
     with pytest.raises(ValueError, match="expected A"):
@@ -258,6 +265,6 @@ def test_cuda_matches_svd_and_cpu(op, r):
         assert (p.cpu()[~keep] == 0).all()
         if keep.any():
             assert abs_cos(p.cpu()[keep], svd_top(a.cpu()[keep], b.cpu()[keep])) >= MIN_COS, i
-            torch.testing.assert_close(p.cpu(), pc, atol=2e-5, rtol=0)
+            torch.testing.assert_close(p.cpu(), pc, **PROTOTYPE_FP32)
     ph, _ = op.arrow_prototypes(a_list[2].half(), b_list[2].half())
     assert ph.dtype == torch.float16 and ph.is_cuda

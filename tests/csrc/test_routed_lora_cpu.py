@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from genknowsub_fast import reference
-from genknowsub_fast.backends import torch_ops
+from genknowsub_fast.backends import cpu_kernel, torch_ops
 from genknowsub_fast.backends.packing import pack_experts
 from tests.extension_required import require_op
 from tests.routing_cases import make_case
-from tests.tolerances import assert_close_to_reference
+from tests.tolerances import FP32_SAME_MATH, assert_close_to_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +30,7 @@ def _fused(case, k, temp, mixing):
     packed = pack_experts(c.a, c.b, case.scaling, c.prototypes, mixing=mixing, dtype=torch.float32)
     y = torch.zeros(c.x.shape[0], case.b.shape[1])
     with torch.no_grad():
-        return torch_ops.add_routed_delta_(y, c.x, packed, k, temp, regime="fused")
+        return cpu_kernel.add_delta_(y, c.x, packed, k, temp)
 
 
 @pytest.mark.parametrize("mixing", ["output", "weights"])
@@ -64,21 +64,19 @@ def test_ties_go_to_the_lower_index():
         packed = pack_experts(case.a, case.b, scaling, case.prototypes)
         y = torch.zeros(t, 8)
         with torch.no_grad():
-            torch_ops.add_routed_delta_(y, case.x, packed, 1, 1.0, regime="fused")
+            cpu_kernel.add_delta_(y, case.x, packed, 1, 1.0)
         expect = scaling[1] * (case.x @ case.a[1].T) @ case.b[1].T
-        torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, expect, **FP32_SAME_MATH)
 
 
-def test_auto_picks_fused_only_without_autograd():
+def test_kernel_takes_calls_only_without_autograd():
     case = make_case(5, 4, 2, 16, 8, seed=1).to(torch.float32)
-    packed = pack_experts(case.a, case.b, case.scaling.float(), case.prototypes)
     x = case.x.clone().requires_grad_(True)
     y = torch.zeros(5, 8)
-    assert not torch_ops.fused_kernel_applies(y, x, packed)
+    assert not cpu_kernel.takes(x, y)
     with torch.no_grad():
-        assert torch_ops.fused_kernel_applies(y, x, packed)
-    assert not torch_ops.fused_kernel_applies(y.double(), x.double(), packed.to(dtype=torch.float64))
-    assert torch_ops.choose_regime(5, 4, 2, fused=True) == "fused"
+        assert cpu_kernel.takes(x, y)
+    assert not cpu_kernel.takes(y.double(), x.double())
 
 
 def test_autograd_still_flows_through_the_torch_regimes():
@@ -95,9 +93,9 @@ def test_fused_accumulates_into_y():
     packed = pack_experts(case.a, case.b, case.scaling.float(), case.prototypes)
     base = torch.randn(33, 40)
     with torch.no_grad():
-        y = torch_ops.add_routed_delta_(base.clone(), case.x, packed, 3, 1.0, regime="fused")
+        y = cpu_kernel.add_delta_(base.clone(), case.x, packed, 3, 1.0)
         delta = torch_ops.add_routed_delta_(torch.zeros(33, 40), case.x, packed, 3, 1.0, regime="dense")
-    torch.testing.assert_close(y, base + delta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, base + delta, **FP32_SAME_MATH)
 
 
 def test_large_b_walks_all_tokens_per_tile():

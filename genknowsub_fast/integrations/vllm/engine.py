@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from genknowsub_fast.backends.packing import check_mixing
 from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, RoutingOptions, routed_architecture
 from genknowsub_fast.library import LoraLibrary
+from genknowsub_fast.runner import check_routing_args
 
 PLUGIN_NAME = "genknowsub_fast"
 PLUGIN_GROUP = "vllm.general_plugins"
@@ -105,9 +106,7 @@ def make_llm(
     check_plugin()
 
     lib = library if isinstance(library, LoraLibrary) else LoraLibrary.load(library)
-    from genknowsub_fast import ops
-
-    ops._check_routing_args(top_k, temperature, lib.num_experts)
+    check_routing_args(top_k, temperature, lib.num_experts)
     RoutingOptions(os.fspath(library) if not isinstance(library, LoraLibrary) else "-", top_k, temperature, mixing)
     for experts in lib.modules.values():
         check_mixing(mixing, experts.scaling, experts.ranks)

@@ -30,8 +30,8 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from genknowsub_fast.experts import ModuleExperts
 from genknowsub_fast.integrations.vllm import custom_ops
-from genknowsub_fast.integrations.vllm._runner_shim import prepare
 from genknowsub_fast.integrations.vllm.options import RoutingOptions
 from genknowsub_fast.integrations.vllm.sharding import (
     PartShard,
@@ -43,7 +43,8 @@ from genknowsub_fast.integrations.vllm.sharding import (
     slice_columns,
     slice_rows,
 )
-from genknowsub_fast.library import LoraLibrary, ModuleExperts
+from genknowsub_fast.library import LoraLibrary
+from genknowsub_fast.ops import prepare
 
 
 class RoutedLinearMethod(LinearMethodBase):
@@ -120,8 +121,10 @@ def build_routing(
 ) -> ShardedRouting:
     """This rank's routed delta of ``layer``, fed by the library modules ``members`` (path, fused part or None)."""
 
-    def runner(experts: ModuleExperts):
-        return prepare(experts, top_k, temperature, options.mixing, options.backend, device=device, dtype=dtype)
+    def runner(experts: ModuleExperts, path: str):
+        return prepare(
+            experts, top_k, temperature, options.mixing, options.backend, device=device, dtype=dtype, name=path
+        )
 
     if isinstance(layer, RowParallelLinear):
         if len(members) != 1 or members[0][1] is not None:
@@ -131,7 +134,7 @@ def build_routing(
         _check_dims(path, experts, layer.input_size, layer.output_size)
         lo, hi = row_columns(layer.input_size, layer.tp_rank, layer.tp_size)
         local = experts if layer.tp_size == 1 else slice_columns(experts, lo, hi)
-        return ShardedRouting([RoutedPart(runner(local), 0, path)], layer.output_size, layer.tp_size > 1)
+        return ShardedRouting([RoutedPart(runner(local, path), 0, path)], layer.output_size, layer.tp_size > 1)
     if not isinstance(layer, (ColumnParallelLinear, ReplicatedLinear)):
         raise ValueError(f"layer {layer.prefix!r} is a {type(layer).__name__}, not a linear layer this supports")
     layout = _column_layout(layer)
@@ -141,11 +144,11 @@ def build_routing(
         experts = library.modules[path]
         if index is None:
             _check_dims(path, experts, layer.input_size, sum(p.full_size for p in layout))
-            parts.append(RoutedPart(runner(slice_rows(experts, layout)), 0, path))
+            parts.append(RoutedPart(runner(slice_rows(experts, layout), path), 0, path))
         else:
             part = layout[index]
             _check_dims(path, experts, layer.input_size, part.full_size)
-            parts.append(RoutedPart(runner(slice_rows(experts, [part], relative=True)), part.local_offset, path))
+            parts.append(RoutedPart(runner(slice_rows(experts, [part], relative=True), path), part.local_offset, path))
     return ShardedRouting(parts, d_out_local, partial_scores=False)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genknowsub_fast.library import ModuleExperts
+from genknowsub_fast.experts import ModuleExperts
 
 
 @dataclass(frozen=True)

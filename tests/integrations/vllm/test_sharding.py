@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from genknowsub_fast import reference
-from genknowsub_fast.integrations.vllm._runner_shim import prepare
+from genknowsub_fast.experts import ModuleExperts
 from genknowsub_fast.integrations.vllm.sharding import (
     RoutedPart,
     ShardedRouting,
@@ -23,7 +23,7 @@ from genknowsub_fast.integrations.vllm.sharding import (
     slice_columns,
     slice_rows,
 )
-from genknowsub_fast.library import ModuleExperts
+from genknowsub_fast.ops import prepare
 from tests.routing_cases import make_case
 from tests.tolerances import assert_close_to_reference
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from tests.integrations.vllm.served import PROMPTS, assert_matches, require_vllm, vllm_outputs
-from tests.tolerances import ENGINE_LOGPROB_ATOL
+from tests.tolerances import FP32_ENGINE_LOGPROB_ATOL
 
 require_vllm()
 
 from tests.integrations.vllm.test_engine import Served, _layer_summary  # noqa: E402 (imports vLLM)
 
 pytestmark = pytest.mark.slow
-ATOL = ENGINE_LOGPROB_ATOL[torch.float32]
+ATOL = FP32_ENGINE_LOGPROB_ATOL
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="2 tensor-parallel ranks need 2 CPU cores (one each)")

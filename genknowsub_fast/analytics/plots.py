@@ -6,7 +6,9 @@
 - :func:`plot_gks_routing`: the same two figures without vs with GenKnowSub, per module kind;
 - :func:`write_demo_plots`: all three for the demo's library and patched model.
 
-matplotlib is imported only when a plot is drawn.
+Each routing plot takes a ``title_note`` (what was routed, e.g. ``"my eval set"``), shown on its own line under the
+title. matplotlib is imported only when a plot is drawn. README, "Plotting the routing of your own model", shows
+how to plot the routing of your own model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .analytics import GksComparison, LibraryStats, RoutingStats, compare_gks, record_routing
+from ..patching import patch_model, patched_layers, unpatch_model
+from .routing import RoutingStats, record_routing
+from .stats import GksComparison, LibraryStats, compare_gks, library_stats
 
 __all__ = [
     "plot_expert_usage",
@@ -28,6 +32,10 @@ __all__ = [
     "routing_without_gks",
     "write_demo_plots",
 ]
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _pyplot():
@@ -53,6 +61,12 @@ def _save(fig, path: str | os.PathLike) -> str:
     return path
 
 
+def _title(main: str, note: str = "") -> str:
+    """The figure title, with the caller's note on a line of its own (never glued to the main title)."""
+    note = note.strip().lstrip("—-–,;: ").strip()
+    return f"{main}\n{note}" if note else main
+
+
 def _expert_ticks(ax, names: Sequence[str], x: bool = True, y: bool = True) -> None:
     pos = list(range(len(names)))
     rotate = max((len(n) for n in names), default=0) > 3
@@ -71,6 +85,8 @@ def plot_similarity(
 
     With ``before`` (the same experts without GenKnowSub, e.g. from :func:`genknowsub_fast.analytics.compare_gks`)
     the two heatmaps sit side by side on one colour scale; without it only "after" is drawn and the title says why.
+    The diagonal (|cos| = 1 of every prototype with itself) is masked and drawn grey, so that the colour scale spans
+    the off-diagonal values only (with it, off-diagonal values of 0.06-0.23 all got one dark colour).
     """
     plt = _pyplot()
     panels = [("before GenKnowSub", before), ("after GenKnowSub", after)] if before is not None else []
@@ -84,10 +100,15 @@ def plot_similarity(
     fig, axes = plt.subplots(
         1, len(panels), figsize=(side * len(panels) + 1.4, side + 1.0), squeeze=False, layout="constrained"
     )
+    import numpy as np
+
+    mats = [stats.mean_similarity_matrix(kind).numpy() for _, stats in panels]
+    off_diag = ~np.eye(e, dtype=bool)
+    vmax = max((float(m[off_diag].max()) for m in mats if e > 1), default=1.0) or 1.0
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = None
-    for i_ax, (ax, (label, stats)) in enumerate(zip(axes[0], panels)):
-        mat = stats.mean_similarity_matrix(kind).numpy()
-        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i_ax, (ax, (label, stats), mat) in enumerate(zip(axes[0], panels, mats)):
+        im = ax.imshow(np.ma.masked_array(mat, mask=~off_diag), vmin=0.0, vmax=vmax, cmap=cmap)
         _expert_ticks(ax, names if e <= 40 else [""] * e, y=i_ax == 0)
         if i_ax:
             ax.set_yticks(list(range(e)) if e <= 40 else [])
@@ -100,9 +121,11 @@ def plot_similarity(
         if e <= 12:
             for i in range(e):
                 for j in range(e):
-                    colour = "black" if mat[i, j] > 0.6 else "white"
+                    if i == j:
+                        continue
+                    colour = "black" if mat[i, j] > 0.6 * vmax else "white"
                     ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="|cos| between prototypes")
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="|cos| between prototypes (diagonal = 1, grey)")
     scope = f"{kind} modules" if kind else f"all {len(after.modules)} modules"
     title = f"Arrow prototype similarity (mean over {scope})"
     if before is None and after.gks:
@@ -150,26 +173,40 @@ def plot_expert_usage(stats: RoutingStats, path: str | os.PathLike, title_note: 
     fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="share of top-k selections")
     tokens = next(iter(stats.modules.values())).tokens
     k = next(iter(stats.modules.values())).top_k
-    fig.suptitle(f"Expert usage per layer ({tokens} tokens, top-{k}){title_note}", fontsize=11)
+    fig.suptitle(_title(f"Expert usage per layer ({tokens} tokens, top-{k})", title_note), fontsize=11)
     return _save(fig, path)
 
 
 def plot_routing_entropy(stats: RoutingStats, path: str | os.PathLike, title_note: str = "") -> str:
-    """Mean routing entropy (left) and mean top-1 weight (right) per layer, one line per module kind."""
+    """Mean routing entropy (left) and mean top-1 weight (right) per layer, one line per module kind.
+
+    Module kinds often route alike, so each line has its own colour, line style and hollow marker of its own size,
+    and the kinds are shifted slightly apart along the layer axis: a line lying on another stays visible.
+    """
     plt = _pyplot()
     if not stats.modules:
         raise ValueError("no routing recorded: run the model inside record_routing(model) first")
     k = next(iter(stats.modules.values())).top_k
-    fig, (ax_h, ax_w) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    for kind in stats.kinds:
+    fig, (ax_h, ax_w) = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
+    kinds = stats.kinds
+    for i, kind in enumerate(kinds):
         layers, h = stats.per_layer("mean_entropy", kind)
         _, w = stats.per_layer("mean_top1_weight", kind)
-        xs = [-1 if layer is None else layer for layer in layers]
-        ax_h.plot(xs, h, marker="o", label=kind)
-        ax_w.plot(xs, w, marker="o", label=kind)
+        shift = 0.08 * (i - (len(kinds) - 1) / 2)
+        xs = [(-1 if layer is None else layer) + shift for layer in layers]
+        style = {
+            "marker": _MARKERS[i % len(_MARKERS)],
+            "markersize": 9 - 1.5 * (i % 4),
+            "markerfacecolor": "none",
+            "linestyle": _LINESTYLES[i % len(_LINESTYLES)],
+            "linewidth": 1.4,
+            "label": kind,
+        }
+        ax_h.plot(xs, h, **style)
+        ax_w.plot(xs, w, **style)
     if k > 1:
-        ax_h.axhline(math.log(k), color="grey", ls="--", lw=1, label=f"log {k} (uniform)")
-    ax_w.axhline(1.0 / k, color="grey", ls="--", lw=1, label=f"1/{k} (uniform)")
+        ax_h.axhline(math.log(k), color="grey", ls=(0, (6, 3)), lw=1)
+    ax_w.axhline(1.0 / k, color="grey", ls=(0, (6, 3)), lw=1, label=f"uniform weights (log {k} / 1/{k})")
     for ax, ylabel, title in (
         (ax_h, "entropy of the k weights (nats)", "Routing entropy (lower = more decisive)"),
         (ax_w, "mean top-1 weight", "Weight of the first expert"),
@@ -179,8 +216,10 @@ def plot_routing_entropy(stats: RoutingStats, path: str | os.PathLike, title_not
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Routing decisiveness per layer (top-{k}){title_note}", fontsize=11)
+        ax.margins(y=0.1)
+    # One legend below both panels, outside the data, so that it never covers a line.
+    fig.legend(*ax_w.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(kinds) + 1, 5), fontsize=8)
+    fig.suptitle(_title(f"Routing decisiveness per layer (top-{k})", title_note), fontsize=11)
     return _save(fig, path)
 
 
@@ -220,7 +259,7 @@ def plot_gks_routing(before: RoutingStats, after: RoutingStats, path: str | os.P
         ax.grid(axis="y", alpha=0.3)
     ax_h.set_title("Routing entropy (lower = more decisive)", fontsize=10)
     ax_w.set_title("Weight of the first expert", fontsize=10)
-    fig.suptitle(f"Routing without vs with GenKnowSub (top-{k}){title_note}", fontsize=11)
+    fig.suptitle(_title(f"Routing without vs with GenKnowSub (top-{k})", title_note), fontsize=11)
     return _save(fig, path)
 
 
@@ -246,7 +285,7 @@ def write_demo_plots(
         cmp = compare_gks(task_dirs, general_dirs, gks=lib.gks or "param")
         paths.append(plot_similarity(cmp.after, os.path.join(out_dir, "prototype_similarity.png"), cmp.before))
     else:
-        paths.append(plot_similarity(lib.stats(), os.path.join(out_dir, "prototype_similarity.png")))
+        paths.append(plot_similarity(library_stats(lib), os.path.join(out_dir, "prototype_similarity.png")))
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab:
         gen = torch.Generator().manual_seed(seed)
@@ -254,7 +293,7 @@ def write_demo_plots(
         ids = ids.to(next(model.parameters()).device)
         with torch.no_grad(), record_routing(model, lib.expert_names) as stats:
             model(ids)
-        note = " — random tokens, random model"
+        note = "random tokens, random model"
         paths.append(plot_expert_usage(stats, os.path.join(out_dir, "expert_usage.png"), note))
         paths.append(plot_routing_entropy(stats, os.path.join(out_dir, "routing_entropy.png"), note))
         if cmp is not None:
@@ -266,11 +305,9 @@ def write_demo_plots(
 def routing_without_gks(model: torch.nn.Module, before_library, ids: torch.Tensor) -> RoutingStats:
     """Routing of ``ids`` through a copy of the patched ``model`` re-patched with ``before_library`` (same top-k and
     temperature); ``model`` itself is not touched."""
-    from .patching import _STATE, patch_model, patched_modules, unpatch_model
-
-    st = next(iter(patched_modules(model).values())).__dict__[_STATE]
+    layer = next(iter(patched_layers(model).values()))
     other = unpatch_model(copy.deepcopy(model))
-    patch_model(other, before_library, top_k=st.top_k, temperature=st.temperature, mixing=st.mixing)
+    patch_model(other, before_library, **layer.options)
     with torch.no_grad(), record_routing(other, before_library.expert_names) as stats:
         other(ids)
     return stats

@@ -1,0 +1,50 @@
+"""How much memory this process may still use, so that a command can refuse a model that would not fit before it
+starts building it (instead of being killed half-way)."""
+
+from __future__ import annotations
+
+import os
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (no limit) and anything unexpected: unknown
+
+
+def available_bytes() -> int | None:
+    """The smaller of the system's available memory (``MemAvailable`` in /proc/meminfo) and what the process's cgroup
+    limit leaves (cgroup v2 ``memory.max`` less ``memory.current``, or v1 ``memory.limit_in_bytes`` less
+    ``memory.usage_in_bytes``); None where neither can be read (non-Linux systems)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        limit = _read_int(os.path.join("/sys/fs/cgroup", limit_file))
+        usage = _read_int(os.path.join("/sys/fs/cgroup", usage_file))
+        if limit is not None and usage is not None and limit < 1 << 60:  # v1 writes a huge number for "no limit"
+            found.append(max(0, limit - usage))
+            break
+    return min(found) if found else None
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as a short human-readable size (``"15.3 GB"``, ``"312 MB"``)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+__all__ = ["available_bytes", "human_bytes"]
