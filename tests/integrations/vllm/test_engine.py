@@ -3,7 +3,9 @@ patched with patch_model in transformers, and per-token routing (2 tensor-parall
 
 from __future__ import annotations
 
+import gc
 import importlib
+import os
 import sys
 
 import pytest
@@ -52,7 +54,13 @@ class Served:
         self.llm = make_llm(self.ckpt.path, library, top_k=TOP_K, temperature=TEMPERATURE, **kwargs)
 
     def close(self) -> None:
+        """Stop the engine; a LoraLibrary given as an object was saved to a temporary file, which goes with the LLM."""
+        library = self.llm.llm_engine.model_config.hf_config.genknowsub_fast["library"]
         shutdown(self.llm)
+        del self.llm
+        gc.collect()
+        if library != self.ckpt.library_path:
+            assert not os.path.exists(library), "make_llm's temporary library file outlived its LLM"
 
 
 @pytest.fixture(scope="module", params=["phi3", "phi2"])
@@ -106,3 +114,14 @@ def test_public_module_does_not_shadow_vllm():
     assert vllm.__name__ == "vllm" and hasattr(vllm, "LLM")
     assert "genknowsub_fast" not in (vllm.__file__ or "")
     assert sys.modules["vllm"] is vllm
+
+
+def test_plugin_registration_is_idempotent():
+    from vllm import ModelRegistry
+
+    from genknowsub_fast.integrations.vllm import plugin
+    from genknowsub_fast.integrations.vllm.options import ROUTED_ARCHITECTURES
+
+    plugin.register()
+    plugin.register()
+    assert set(ROUTED_ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
