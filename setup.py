@@ -5,6 +5,7 @@ The compiled prototype extension (csrc/) is built here when torch is importable 
 JIT-built on first use, or the torch.linalg path runs with a one-line notice.
 """
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,39 +13,31 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-CUDA_ONLY = ("prototypes_cuda_binding.cpp",)
 
 
-def _host_cflags() -> list[str]:
-    # Same rule as genknowsub_fast/backends/extension.py::host_cflags (setup.py cannot import the package).
-    # at::parallel_for is a header template: without -fopenmp it runs serially.
-    flags = ["-O3"]
-    if sys.platform.startswith("linux"):
-        try:
-            import torch
+def _load_build_rule():
+    """genknowsub_fast/backends/build_rule.py, loaded by path: the package is not importable while it is being built."""
+    path = ROOT / "genknowsub_fast" / "backends" / "build_rule.py"
+    spec = importlib.util.spec_from_file_location("_genknowsub_fast_build_rule", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-            if torch.backends.openmp.is_available():
-                flags.append("-fopenmp")
-        except ImportError:
-            pass
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        words = set()
-    if {"avx2", "fma"} <= words:
-        flags += ["-mavx2", "-mfma"]
-    return flags
+
+rule = _load_build_rule()
 
 
 def extension_modules() -> tuple[list, dict]:
     """(ext_modules, cmdclass) for the optional csrc/ extension; empty when it cannot be built here.
 
     Builds ``genknowsub_fast._C`` (a shared library of torch ops, loaded with torch.ops.load_library): the CPU sources,
-    plus the CUDA kernel and its binding when torch has CUDA and a CUDA toolkit is found. A failed build prints one
-    line and the install goes on (the package then JIT-builds on first use or runs its torch path).
+    plus the CUDA kernel and its binding when torch has CUDA and a CUDA toolkit is found. The flags are those of
+    genknowsub_fast/backends/build_rule.py (no instruction-set flag: the vector kernels are chosen at run time). A
+    failed build prints one line and the install goes on (the package then JIT-builds on first use or runs its torch
+    path).
     ``GENKNOWSUB_FAST_EXTENSION=off`` skips the build.
     """
-    if os.environ.get("GENKNOWSUB_FAST_EXTENSION", "").strip().lower() in ("off", "0", "false", "no"):
+    if rule.extension_disabled():
         return [], {}
     try:
         import torch
@@ -52,18 +45,18 @@ def extension_modules() -> tuple[list, dict]:
     except ImportError:
         return [], {}
     csrc = ROOT / "csrc"
-    cpp = sorted(f"csrc/{p.name}" for p in csrc.glob("*.cpp") if p.name not in CUDA_ONLY)
+    cpp = [f"csrc/{p.name}" for p in rule.cpu_sources(csrc)]
     if not cpp:
         return [], {}
-    cflags = _host_cflags()
+    cflags = rule.cxx_flags()
     if torch.version.cuda and CUDA_HOME:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = CUDAExtension(
             "genknowsub_fast._C",
-            cpp + sorted(f"csrc/{p.name}" for p in csrc.glob("*.cu")) + [f"csrc/{n}" for n in CUDA_ONLY],
+            cpp + [f"csrc/{p.name}" for p in rule.cuda_sources(csrc)],
             include_dirs=[str(csrc)],
             extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"] if "-fopenmp" in cflags else [],
+            extra_link_args=rule.link_flags(),
         )
     else:
         ext = CppExtension(
@@ -71,7 +64,7 @@ def extension_modules() -> tuple[list, dict]:
             cpp,
             include_dirs=[str(csrc)],
             extra_compile_args=cflags,
-            extra_link_args=["-fopenmp"] if "-fopenmp" in cflags else [],
+            extra_link_args=rule.link_flags(),
         )
 
     class OptionalBuildExtension(BuildExtension):

@@ -1,149 +1,142 @@
 #!/usr/bin/env bash
-# GPU checks of the Triton backend, as one prepared run for a machine with one NVIDIA GPU (H100/H200) and no network.
+# GPU checks of the Triton backend and the CUDA prototype kernel, as one prepared run for a machine with one NVIDIA
+# GPU (H100/H200) and no network. The stage timeouts add up to under 5 minutes (10 + 15 + 110 + 20 + 100 + 30 + 5 s),
+# so a caller with a 7-minute limit always gets the outputs back:
 #
-#   bash benchmarks/gpu_check.sh                # from the repository root
+#   bash benchmarks/gpu_check.sh            # from anywhere; it works in the repository root
 #
-# What it runs (about 6-8 minutes on an H100; stage timeouts 240 s + 300 s, so a device call with timeout_s=600 always
-# returns the outputs):
-#   1. the GPU tests: python -m pytest tests -m gpu (Triton kernels vs the float64 reference in bf16/fp16/fp32 with
-#      tests/tolerances.py, CUDA-graph capture, torch.compile, no host sync, offsets past 2^31 elements, end-to-end
-#      patched Phi-3 with backend="triton" vs backend="torch");
-#   2. the AOT compile + ptxas -v spill check of every dispatch-table configuration (sm_80, sm_90, plus the --extra
-#      edge/forced-regime set), in the background while stage 1 runs (it needs CPUs only);
-#   3. the GPU benchmarks, benchmarks/test_bench_triton.py (op level at Phi-3-mini shapes, bf16, E=10 r=4 and E=64 r=8,
-#      k=3, T in {1, 16, 256, 4096}: base / PEFT / torch backend / Triton, CUDA graphs at T=1; model level: random
-#      Phi-3-mini, 32 layers, prefill 512 and decode 32: base / PEFT / patched) with a pytest-benchmark JSON;
-#   4. benchmarks/write_results.py on that JSON -> RESULTS_gpu.md (ratios measured side by side, device name).
+# Stages (each under `timeout -s INT`, so pytest still writes its JUnit XML and the benchmark its JSON when a stage
+# runs long; every pytest test also has its own timeout, and every test name is logged as it passes):
+#   0. preflight (seconds): CUDA device, torch, triton, transformers, peft with ArrowConfig, pytest, pytest-timeout;
+#      anything missing ends the run with status 2 and names it;
+#   1. install the package editable without dependencies and without compiling; in the background, build the
+#      compiled extension with its CUDA kernel for this GPU's architecture (setup.py build_ext --inplace);
+#   2. the Triton tests on the GPU: the edge-shape kernel tests of tests/triton_kernels (they run on CUDA when there
+#      is a device, in bf16 too) and every `-m gpu` test there (Phi-3 shapes, CUDA graphs, torch.compile, no host
+#      sync, offsets past 2^31, end-to-end patched Phi-3);
+#   3. the benchmarks, python -m benchmarks.bench_gpu (alternating base/ours under CUDA graphs, rotated weights,
+#      outputs checked at the benchmark shapes) and the cost model's predictions for this GPU;
+#   4. the CUDA prototype tests with the extension built in stage 1 (GKF_GPU_CHECK_EXTENSION=off skips this stage
+#      and says so);
+#   5. benchmarks/write_results.py: RESULTS_gpu.md from the benchmark JSON (device, torch and triton versions).
+# The AOT compile + spill check needs no GPU: it runs in `make test` under the device image's Triton.
 #
-# Outputs go to $OUT when set (the device tool brings that folder back), else to benchmarks/results/gpu/:
-#   gpu_check.log (everything), gpu_tests.xml (JUnit), aot.txt + aot.json, bench_gpu.json, RESULTS_gpu.md.
-#
-# Nothing is installed from the network. The machine's python3 must have torch (CUDA), triton, transformers, peft
-# (>= 0.17: ArrowConfig / create_arrow_model), pytest and pytest-benchmark; the device image has all of them (check
-# peft's version in the log's first lines). A missing or too-old package travels as wheels in .whl/ (carry ".whl";
-# see /work/.library/device/README.md): every .whl/*.whl is installed into /tmp/site first. Only the working tree
-# is needed otherwise: do NOT carry .venv (a CPU build of torch for another Python).
-# The package is installed editable without dependencies and without the C++/CUDA extension (set
-# GKF_GPU_CHECK_EXTENSION=on to build it as well: several minutes of nvcc). GKF_GPU_CHECK_STAGES="tests aot bench"
-# picks stages (default: all three; "results" always runs when bench_gpu.json exists).
+# Outputs go to $OUT when that variable is set, else to benchmarks/results/gpu/ in the repository: gpu_check.log,
+# gpu_tests.xml, proto_tests.xml, ext_build.log, bench_gpu.json, gpu_model.txt, RESULTS_gpu.md.
+# Exit status: 0 all passed, 1 a stage failed or timed out, 2 the preflight found something missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
-STAGES="${GKF_GPU_CHECK_STAGES:-tests aot bench}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 : >"$LOG"
-say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
-has() { [[ " $STAGES " == *" $1 "* ]]; }
+T0=$SECONDS
+say() { echo "== [$((SECONDS - T0)) s] $*" | tee -a "$LOG"; }
+status=0
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-    say "installing carried wheels from .whl/ into /tmp/site"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        2>&1 | tee -a "$LOG"
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-say "environment"
-{
-    nvidia-smi -L || true
-    "$PY" - <<'EOF'
+# 0. Preflight -------------------------------------------------------------------------------------------------------
+say "preflight"
+if ! timeout 60 "$PY" - 2>&1 <<'EOF' | tee -a "$LOG"; then
 import importlib
-for name in ("torch", "triton", "transformers", "peft", "pytest", "pytest_benchmark"):
+import sys
+
+missing = []
+for name in ("torch", "triton", "transformers", "peft", "pytest", "pytest_timeout", "safetensors"):
     try:
-        m = importlib.import_module(name)
-        print(f"{name} {getattr(m, '__version__', '?')}")
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '')}")
     except Exception as exc:  # noqa: BLE001
-        print(f"{name} MISSING ({exc})")
-import torch
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+        missing.append(f"{name} ({type(exc).__name__}: {exc})")
 try:
     from peft import ArrowConfig, create_arrow_model  # noqa: F401
-    print("peft Arrow: available")
-except ImportError as exc:
-    print(f"peft Arrow: MISSING ({exc}): carry a peft>=0.17 wheel in .whl/")
-EOF
-} 2>&1 | tee -a "$LOG"
-
-ext="${GKF_GPU_CHECK_EXTENSION:-off}"
-if [[ -z "${GKF_GPU_CHECK_SKIP_INSTALL:-}" ]]; then  # set it where the package is installed already (a dry run here)
-    say "installing genknowsub_fast (editable, no deps, no network)"
-    GENKNOWSUB_FAST_EXTENSION="$ext" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-        2>&1 | tail -5 | tee -a "$LOG"
-fi
-export GENKNOWSUB_FAST_EXTENSION="$ext"
-check_import() {
-    "$PY" -c "import genknowsub_fast.triton_kernels.custom_ops, genknowsub_fast as g; print('import ok', g.__file__)" \
-        2>&1 | tee -a "$LOG"
-    return "${PIPESTATUS[0]}"
-}
-if ! check_import; then
-    # Fallback without pip: the source tree itself on PYTHONPATH, with triton_kernels/ linked where it installs.
-    say "pip install failed: running from the source tree (genknowsub_fast/triton_kernels -> ../triton_kernels)"
-    [[ -e genknowsub_fast/triton_kernels ]] || ln -s ../triton_kernels genknowsub_fast/triton_kernels
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    check_import || { say "FATAL: the package does not import"; exit 1; }
-fi
-
-status=0
-aot_pid=""
-if has aot; then
-    say "AOT compile + ptxas spill check (background, CPU only)"
-    (env -u TRITON_INTERPRET timeout 220 "$PY" -m genknowsub_fast.triton_kernels.aot --arch 80 90 --extra --jobs 8 \
-        --json "$OUT_DIR/aot.json" >"$OUT_DIR/aot.txt" 2>&1; echo "aot exit code $?" >>"$OUT_DIR/aot.txt") &
-    aot_pid=$!
-fi
-
-if has tests; then
-    say "GPU tests: pytest tests -m gpu"
-    xdist=()
-    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # parallel Triton JIT compiles; one GPU is enough
-    timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT_DIR/gpu_tests.xml" \
-        -o junit_family=xunit1 2>&1 | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    say "GPU tests exit code $rc"
-    [[ $rc -eq 0 ]] || status=1
-fi
-
-if [[ -n "$aot_pid" ]]; then
-    wait "$aot_pid"
-    # The summary lines: failures (ERROR/SPILL) and the last lines (exit code).
-    { grep -E "ERROR|SPILL" "$OUT_DIR/aot.txt" | head -40; tail -3 "$OUT_DIR/aot.txt"; } | tee -a "$LOG"
-    "$PY" - "$OUT_DIR/aot.json" <<'EOF' 2>&1 | tee -a "$LOG"
-import collections, json, sys
+except Exception as exc:  # noqa: BLE001
+    missing.append(f"peft.ArrowConfig / create_arrow_model (peft >= 0.17): {exc}")
 try:
-    res = json.load(open(sys.argv[1]))
-except OSError as exc:
-    sys.exit(f"no AOT results: {exc}")
-by = collections.defaultdict(list)
-for r in res:
-    by[(r["arch"], r["problem"], r["kernel"])].append(r)
-for (arch, prob, kernel), rs in sorted(by.items()):
-    regs = [r["registers"] for r in rs if r["registers"] > 0]
-    spills = sum(1 for r in rs if r["spill_stores"] > 0 or r["spill_loads"] > 0)
-    errors = sum(1 for r in rs if r["error"])
-    span = f"{min(regs)}-{max(regs)}" if regs else "n/a"
-    spilled = spills if regs else "n/a"  # forced-regime configs get no ptxas -v pass unless --ptxas-edge
-    print(f"sm_{arch} {prob:5s} {kernel:26s} configs={len(rs):3d} regs={span:8s} spilling={spilled} errors={errors}")
+    import torch
+
+    if not torch.cuda.is_available():
+        missing.append(f"a CUDA device (torch {torch.__version__} sees none)")
+    else:
+        print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+except Exception:  # noqa: BLE001
+    pass
+if missing:
+    print("MISSING: " + "; ".join(missing))
+    sys.exit(2)
 EOF
-    grep -q "aot exit code 0" "$OUT_DIR/aot.txt" || status=1
+    say "preflight failed: nothing was run"
+    exit 2
 fi
 
-if has bench; then
-    say "GPU benchmarks: benchmarks/test_bench_triton.py"
-    timeout 300 "$PY" -m pytest benchmarks/test_bench_triton.py -q -p no:cacheprovider --benchmark-only \
-        --benchmark-json="$OUT_DIR/bench_gpu.json" --benchmark-columns=median,iqr,rounds 2>&1 | tee -a "$LOG" | tail -40
-    rc=${PIPESTATUS[0]}
-    say "GPU benchmarks exit code $rc"
+# 1. Install, and build the extension in the background ---------------------------------------------------------------
+say "install: pip install -e . (no dependencies, no network, no compile)"
+GENKNOWSUB_FAST_EXTENSION=off "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 \
+    | tail -3 | tee -a "$LOG"
+ext="${GKF_GPU_CHECK_EXTENSION:-on}"
+build_pid=""
+if [[ "$ext" != "off" ]]; then
+    arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    say "background: build the extension with its CUDA kernel for sm_${arch/./} (log: ext_build.log)"
+    (TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=8 timeout -s INT -k 20 200 "$PY" setup.py build_ext --inplace \
+        >"$OUT_DIR/ext_build.log" 2>&1; echo "build exit code $?" >>"$OUT_DIR/ext_build.log") &
+    build_pid=$!
+fi
+
+run_pytest() {  # name, stage timeout (s), junit file, pytest arguments...
+    local name=$1 limit=$2 xml=$3
+    shift 3
+    say "$name (stage timeout ${limit} s)"
+    timeout -s INT -k 20 "$limit" "$PY" -m pytest -p no:cacheprovider -o junit_family=xunit1 --junitxml="$xml" \
+        --timeout=90 -rfEs "$@" 2>&1 | tee -a "$LOG" | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" | tail -3
+    local rc=${PIPESTATUS[0]}
+    say "$name: exit code $rc"
     [[ $rc -eq 0 ]] || status=1
+}
+
+# 2. Triton tests on the GPU (the extension stays off here: the end-to-end test builds its library on the torch
+# path, so no test waits for a compile) ----------------------------------------------------------------------------
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 12)
+GENKNOWSUB_FAST_EXTENSION=off run_pytest "Triton tests on the GPU" 110 "$OUT_DIR/gpu_tests.xml" "${xdist[@]}" -v \
+    tests/triton_kernels --ignore=tests/triton_kernels/test_aot.py
+
+# 3. Benchmarks and the cost model's predictions ------------------------------------------------------------------------
+say "cost model predictions (benchmarks/gpu_model.py)"
+dev=$("$PY" -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name() else 'h100')")
+"$PY" -m benchmarks.gpu_model --device "$dev" >"$OUT_DIR/gpu_model.txt" 2>&1 || status=1
+say "benchmarks (python -m benchmarks.bench_gpu, stage timeout 100 s)"
+GENKNOWSUB_FAST_EXTENSION=off timeout -s INT -k 20 100 "$PY" -m benchmarks.bench_gpu --rounds 9 \
+    --json "$OUT_DIR/bench_gpu.json" 2>&1 | tee -a "$LOG" | tail -4
+rc=${PIPESTATUS[0]}
+say "benchmarks: exit code $rc"
+[[ $rc -eq 0 ]] || status=1
+
+# 4. CUDA prototype tests with the built extension ------------------------------------------------------------------
+if [[ -n "$build_pid" ]]; then
+    wait "$build_pid"
+    tail -3 "$OUT_DIR/ext_build.log" | tee -a "$LOG"
+    # setup.py reports a failed build with one line and exit code 0 (the extension is optional): look for the library.
+    if grep -q "build exit code 0" "$OUT_DIR/ext_build.log" && compgen -G "genknowsub_fast/_C*.so" >/dev/null; then
+        run_pytest "CUDA prototype tests" 30 "$OUT_DIR/proto_tests.xml" -v tests/backends/test_prototype_ext.py -m gpu
+    else
+        say "CUDA prototype tests: not run, the extension was not built (see ext_build.log)"
+        status=1
+    fi
+else
+    say "CUDA prototype tests: not run (GKF_GPU_CHECK_EXTENSION=off)"
 fi
 
+# 5. Results -----------------------------------------------------------------------------------------------------
 if [[ -f "$OUT_DIR/bench_gpu.json" ]]; then
     say "write_results.py -> $OUT_DIR/RESULTS_gpu.md"
     "$PY" benchmarks/write_results.py "$OUT_DIR/bench_gpu.json" -o "$OUT_DIR/RESULTS_gpu.md" \
         --command "bash benchmarks/gpu_check.sh" 2>&1 | tee -a "$LOG"
-    grep -E "missed|met" "$OUT_DIR/RESULTS_gpu.md" | tee -a "$LOG" || true
+    grep -E "missed|met|FAILED" "$OUT_DIR/RESULTS_gpu.md" | tee -a "$LOG" | head -60 || true
+else
+    say "no bench_gpu.json: the benchmark stage wrote nothing"
+    status=1
 fi
 say "done (status $status); outputs in $OUT_DIR"
 exit "$status"

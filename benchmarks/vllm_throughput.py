@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
-    from benchmarks.write_results import set_block
+    from benchmarks.write_results import VLLM_BEGIN, VLLM_END, replace_block
     from genknowsub_fast.synthetic import PHI3_SIZES
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,11 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, lib_path, desc = build(workdir)
         result = measure(model_dir, lib_path, PHI3_SIZES["bench"][4], args.repeats)
     block = render(result, desc, "make bench-vllm")
-    path = Path(args.results)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    path.write_text(set_block(text, "vllm-throughput", block))
+    replace_block(args.results, VLLM_BEGIN, VLLM_END, block, append=True)
     print(block)
-    print(f"wrote the vllm-throughput block of {path}")
+    print(f"wrote the vllm-throughput block of {args.results}")
     return 0
 
 

@@ -24,11 +24,13 @@ TARGETS = [
     # Prototypes (issue 4): ≥ 20× faster than PEFT's power-iteration loop, ≥ 3× faster than the torch.linalg composite.
     ("prototypes ", "", ("ours", "peft", 0.05)),
     ("prototypes ", "", ("ours", "torch", 1 / 3)),
-    # GPU (benchmarks/test_bench_triton.py, bf16): "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base
+    # GPU (benchmarks/bench_gpu.py, bf16): "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base
     # tokens/s" is ≤ 1/0.90 of its time.
     ("gpu op ", " T=256 ", ("ours", "base", 1.05)),
     ("gpu op ", " T=4096 ", ("ours", "base", 1.05)),
     ("gpu op ", " T=4096 ", ("ours", "peft", 0.05)),
+    ("gpu op ", " T=256 ", ("ours_fused", "base", 1.05)),
+    ("gpu op ", " T=4096 ", ("ours_fused", "base", 1.05)),
     ("gpu op ", " T=1 ", ("ours_graph", "base_graph", 1.15)),
     ("gpu model decode", "", ("ours", "base", 1 / 0.90)),
 ]
@@ -75,17 +77,31 @@ def _groups(data: dict) -> tuple[dict[str, dict[str, float]], set[str]]:
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         impl = info.get("impl") or bench["name"]
-        # GPU benchmarks time `calls` back-to-back calls per round (one device sync each): report per call.
+        # Benchmarks that time `calls` back-to-back calls per round report per call.
         groups[bench.get("group") or bench["name"]][impl] = bench["stats"]["median"] / info.get("calls", 1)
         if info.get("device"):
             devices.add(info["device"])
     return groups, devices
 
 
+def _extras(data: dict) -> dict[tuple[str, str], dict]:
+    """extra_info by (group, impl), for the GPU columns (output check, predicted ratio)."""
+    out = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        out[(bench.get("group") or bench["name"], info.get("impl") or bench["name"])] = info
+    return out
+
+
+def base_of(impl: str, impls: dict[str, float]) -> str:
+    """The row a ratio is taken against: a CUDA-graph row against the graphed base, any other against "base"."""
+    return "base_graph" if impl.endswith("_graph") and "base_graph" in impls else "base"
+
+
 def _verdicts(group: str, impl: str, impls: dict[str, float]) -> str:
     out = []
     for t_impl, ref, limit in _targets(group):
-        if impl == t_impl and ref in impls:
+        if impl == t_impl and ref in impls and impl in impls:
             ratio = impls[impl] / impls[ref]
             out.append(f"≤ {limit:.2f}× {ref}: {'met' if ratio <= limit else 'missed'}")
     return "; ".join(out)
@@ -107,7 +123,7 @@ def summary(data: dict) -> str:
         ours = next((i for i in ("ours", "ours_graph") if i in impls), None)
         if ours is None:
             continue
-        base = "base_graph" if ours == "ours_graph" and "base_graph" in impls else "base"
+        base = base_of(ours, impls)
         vs_base = f"{impls[ours] / impls[base]:.2f}" if base in impls else ""
         vs_peft = f"{impls[ours] / impls['peft']:.3f}" if "peft" in impls else ""
         lines.append(f"| {group} | {vs_base} | {vs_peft} | {_verdicts(group, ours, impls)} |")
@@ -115,49 +131,57 @@ def summary(data: dict) -> str:
 
 
 README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
-# Blocks of RESULTS.md written by other scripts from their own runs (not from this JSON), kept when RESULTS.md is
-# rewritten: "vllm-throughput" by benchmarks/vllm_throughput.py (make bench-vllm).
-KEPT_BLOCKS = ("vllm-throughput",)
+# RESULTS.md blocks written by other scripts from their own runs; main() keeps them when it rewrites the file:
+# benchmarks/eval_compare.py's and benchmarks/vllm_throughput.py's (make bench-vllm).
+EVAL_BEGIN, EVAL_END = "<!-- eval-compare -->", "<!-- /eval-compare -->"
+VLLM_BEGIN, VLLM_END = "<!-- vllm-throughput -->", "<!-- /vllm-throughput -->"
+KEPT_BLOCKS = ((EVAL_BEGIN, EVAL_END), (VLLM_BEGIN, VLLM_END))
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name} -->", f"<!-- /{name} -->"
+def replace_block(path: str, begin: str, end: str, content: str, append: bool = False) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of file ``path`` with ``content``.
+
+    Without the markers: ValueError, or with ``append`` the marked block is added at the end (the file is created).
+    """
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+    elif append:
+        head, tail = (text.rstrip("\n") + "\n\n" if text else ""), "\n"
+    else:
+        raise ValueError(f"{path} has no {begin} ... {end} block to fill")
+    body = content.strip("\n")
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{body}\n{end}{tail}")
 
 
-def get_block(text: str, name: str) -> str | None:
-    """The block ``<!-- name --> ... <!-- /name -->`` of ``text``, markers included, or None."""
-    begin, end = _markers(name)
-    if begin not in text or end not in text.split(begin, 1)[1]:
-        return None
+def kept_block(path: str, begin: str = EVAL_BEGIN, end: str = EVAL_END) -> str:
+    """The marked block of ``path`` (markers included), or "" when there is none."""
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        return ""
     return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
-
-
-def set_block(text: str, name: str, content: str) -> str:
-    """``text`` with the block ``name`` holding ``content``: replaced where it is, else appended at the end."""
-    begin, end = _markers(name)
-    block = f"{begin}\n{content.strip()}\n{end}"
-    old = get_block(text, name)
-    if old is not None:
-        return text.replace(old, block, 1)
-    return f"{text.rstrip()}\n\n{block}\n"
 
 
 def update_readme(path: str, table: str) -> None:
     """Replace the text between the README's speed-table markers with ``table``."""
-    with open(path) as f:
-        text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block to fill")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+    replace_block(path, README_BEGIN, README_END, table)
 
 
 def render(data: dict, command: str) -> str:
     """The markdown report for one pytest-benchmark JSON document."""
     groups, devices = _groups(data)
-    v = _versions()
+    extras = _extras(data)
+    gpu_cols = any("predicted_ratio" in i or "output_check" in i for i in extras.values())
+    # Versions of the machine that ran the benchmarks when the JSON records them (bench_gpu.py), else of this one.
+    v = {**_versions(), **data.get("versions", {})}
     machine = data.get("machine_info", {})
     lines = [
         "# Benchmark results",
@@ -173,16 +197,21 @@ def render(data: dict, command: str) -> str:
         f"- run started: {data.get('datetime', 'n/a')}",
         f"- command: `{command}`",
         "",
-        "| case | impl | median | × base | × PEFT | target |",
-        "|---|---|---:|---:|---:|---|",
+        "| case | impl | median | × base | × PEFT | target |" + (" predicted × base | output check |" * gpu_cols),
+        "|---|---|---:|---:|---:|---|" + ("---:|---|" * gpu_cols),
     ]
     for group in sorted(groups):
         impls = groups[group]
         for impl, med in impls.items():
-            vs_base = f"{med / impls['base']:.3f}" if "base" in impls else ""
+            base = base_of(impl, impls)
+            vs_base = f"{med / impls[base]:.3f}" if base in impls else ""
             vs_peft = f"{med / impls['peft']:.3f}" if "peft" in impls else ""
             verdict = _verdicts(group, impl, impls)
-            lines.append(f"| {group} | {impl} | {_fmt(med)} | {vs_base} | {vs_peft} | {verdict} |")
+            line = f"| {group} | {impl} | {_fmt(med)} | {vs_base} | {vs_peft} | {verdict} |"
+            if gpu_cols:
+                info = extras.get((group, impl), {})
+                line += f" {info.get('predicted_ratio', '')} | {info.get('output_check', '')} |"
+            lines.append(line)
     lines.append("")
     return "\n".join(lines)
 
@@ -207,15 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json) as f:
         data = json.load(f)
     text = render(data, args.command)
-    if os.path.exists(args.output):
-        with open(args.output) as f:
-            previous = f.read()
-        for name in KEPT_BLOCKS:
-            block = get_block(previous, name)
-            if block is not None:
-                text = set_block(text, name, block.split("\n", 1)[1].rsplit("\n", 1)[0])
+    # The other scripts' sections survive a rerun of the benchmarks.
+    kept = [b for b in (kept_block(args.output, begin, end) for begin, end in KEPT_BLOCKS) if b]
     with open(args.output, "w") as f:
-        f.write(text)
+        f.write(text + "".join(f"\n{b}\n" for b in kept))
     print(f"wrote {args.output} ({len(data['benchmarks'])} benchmarks)")
     if args.readme:
         update_readme(args.readme, summary(data))

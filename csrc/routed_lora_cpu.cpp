@@ -1,261 +1,327 @@
-// Fused Arrow-routed LoRA delta on the CPU: y += Σ_{j∈top-k(|x·P|)} w_j · (s·Bᵀ)_{idx_j}ᵀ (A_{idx_j} x), per token.
+// Fused Arrow-routed LoRA delta on the CPU, in float32, bfloat16 and float16:
+//   y += Σ_{j ∈ top-k(|x·P|)} w_j · (s·Bᵀ)_{idx_j}ᵀ (A_{idx_j} x), per token.
 //
 // Why a C++ kernel: the portable torch path spends ~8 µs per op dispatch on 10+ small ops per layer (decode is
-// dominated by that) and its dense expand multiplies by all E·r columns although only k·r are non-zero per token
-// (3.3x the needed FLOPs at E=10, r=8, k=3). Here one call does, per token:
-//   1. routing logits |x·p_e| (in-kernel dot products; one MKL GEMM for large T),
-//   2. top-k (ties to the lower index) and softmax over the k with temperature,
-//   3. the shrink of the k selected experts only (k·r dot products),
-//   4. the expand of the k selected experts only (k·r axpys into y), tiled over d_out so the B rows stay in L1/L2
-//      while every token of a tile uses them.
-// Layout (see genknowsub_fast/backends/packing.py): route_shrink (E + E·r, d_in) = [P ; A rows],
-// b_t (E, r, d_out) = s_e · B_eᵀ. All float32, contiguous.
+// dominated by that) and its dense expand multiplies by all E·r columns although only k·r are non-zero per token.
+// One call here does, per token:
+//   1. routing scores x·p_e in float32 (x converted exactly; prototypes are float32), unless the caller passes them
+//      (tensor-parallel layers sum them over shards first);
+//   2. top-k of |score| (ties to the lower index) and softmax over the k in float64;
+//   3. the shrink of the k selected experts only (k·r dot products, float32 sums);
+//   4. the expand of the k selected experts only, tiled over d_out; the delta is summed in float32 and added to y
+//      with one rounding per element.
+// This file checks the arguments, chooses the schedule and runs the threads; the arithmetic is in
+// routed_lora_impl.h, compiled once per instruction set (routed_lora_isa_*.cpp) and chosen at run time (cpu_isa.h).
+//
+// Build with -DGKF_PHASE_TIMING for a timing build: it adds the op routed_lora_phase_ns() -> int[] (nanoseconds per
+// phase since the last call: scores, route, shrink, coefficients, expand), which benchmarks/cpu_kernel_phases.py reads.
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <vector>
 
-namespace gkf_cpu {
+#include "cpu_isa.h"
+#include "routed_lora_kernels.h"
 
-// Up to this many experts, routing logits are computed per token inside the shrink pass (see routed_lora_delta_).
-constexpr int64_t kPerTokenLogitsMaxE = 32;
-// Above this many bytes of B, the expand walks all tokens per d_out tile (see routed_lora_delta_).
+namespace gkf_rl {
+namespace {
+
+// Up to this many experts, the scores are computed per token inside the route pass while its x row is in L1 (one pass
+// over x). Above it, one GEMM for T >= kScoresGemmMinT, else a pass parallel over tokens × experts.
+constexpr int64_t kScoresInPassMaxE = 32;
+constexpr int64_t kScoresGemmMinT = 32;
+// The shrink runs grouped by expert (each expert's A rows read once, for all the tokens that chose it) when experts
+// are chosen by at least kGroupedMinUses tokens on average and all of A is bigger than L2. Measured with the timing
+// build (benchmarks/cpu_kernel_phases.py, float32, qkv 3072 → 9216, T = 512, one thread of a loaded 2-core machine):
+// E = 256, r = 16 (A 50 MB): per token 40-44 ms, grouped 19-23 ms; E = 64, r = 8 (A 6.3 MB): 11.3 → 7.3 ms.
+constexpr int64_t kGroupedMinUses = 2;
+constexpr int64_t kGroupedMinABytes = int64_t(1) << 20;
+// Above this many bytes of Bᵀ, the expand walks all tokens per d_out tile (see the expand below), or, when experts are
+// chosen by kGroupedMinUses tokens on average, runs grouped by expert into float32 column chunks of at most
+// kDeltaBytes for all tokens (the chunk stays in L2). Same set-up as above, E = 256, r = 16 (Bᵀ 151 MB): expand
+// 144-163 ms walking tiles, 91-98 ms grouped (two threads); chunks of 128 KB / 256 KB / 1 MB / 4 MB: 90 / 66-73 /
+// 90-104 / 89-91 ms (one thread). Reading Bᵀ once takes ~25 ms there (6 GB/s).
 constexpr int64_t kExpandAllTokensBytes = int64_t(4) << 20;
+constexpr int64_t kDeltaBytes = int64_t(256) << 10;
+constexpr int64_t kTile = 64;
+// Calls with less work than this many multiply-adds (every Phi-3-mini module at T = 1, up to E = 256, r = 16) run on the
+// calling thread alone. Decode-sized calls take 17-30 µs on one thread (qkv, E = 10, r = 4, T = 1), while a parallel
+// region that has to wake a worker cost up to 30-60 ms per call right after an MKL GEMM on a loaded 2-core machine
+// (the base F.linear + op: 59-96 ms against 29-40 ms for F.linear alone; OMP_WAIT_POLICY=passive or one thread
+// removed the difference).
+constexpr int64_t kSerialMaxFma = int64_t(1) << 22;
 
-// Dot products of one vector x with `n` rows (n <= 4) sharing the loads of x. With AVX2 + FMA: 4 rows × 2 vector
-// accumulators = 8 independent FMA chains, enough to hide the FMA latency (4 cycles × 2 ports); a single accumulator
-// ran at 1/8 of that. Without AVX2 a plain loop that the compiler vectorizes as it can.
-static inline void dot_rows(const float* x, const float* const* rows, int n, int64_t d, float* out) {
-  int64_t i = 0;
-  float part[4] = {0.f, 0.f, 0.f, 0.f};
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0[4], acc1[4];
-  for (int q = 0; q < 4; ++q) acc0[q] = acc1[q] = _mm256_setzero_ps();
-  if (n == 4) {
-    for (; i + 16 <= d; i += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-      for (int q = 0; q < 4; ++q) {
-        acc0[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(rows[q] + i), acc0[q]);
-        acc1[q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(rows[q] + i + 8), acc1[q]);
-      }
-    }
+// at::parallel_for, or one call on this thread for small work.
+template <class F>
+void run(bool serial, int64_t n, int64_t grain, const F& f) {
+  if (serial) {
+    if (n > 0) f(0, n);
   } else {
-    for (; i + 16 <= d; i += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-      for (int q = 0; q < n; ++q) {
-        acc0[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(rows[q] + i), acc0[q]);
-        acc1[q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(rows[q] + i + 8), acc1[q]);
-      }
-    }
+    at::parallel_for(0, n, grain, f);
   }
-  for (int q = 0; q < n; ++q) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(acc0[q], acc1[q]));
-    for (int l = 0; l < 8; ++l) part[q] += lanes[l];
-  }
+}
+
+#ifdef GKF_PHASE_TIMING
+// Timing build only: GKF_FORCE_SHRINK=token|grouped|pairs and GKF_FORCE_EXPAND=tiles|grouped override the schedule.
+int forced(const char* var, const char* a, const char* b, const char* c = nullptr) {
+  const char* v = std::getenv(var);
+  if (v == nullptr) return -1;
+  const std::string s(v);
+  return s == a ? 0 : s == b ? 1 : (c != nullptr && s == c) ? 2 : -1;
+}
 #endif
-  for (int q = 0; q < n; ++q) {
-    float s = part[q];
-    for (int64_t j = i; j < d; ++j) s += x[j] * rows[q][j];
-    out[q] = s;
-  }
-}
 
-// y[0..w) += Σ_q coef[q] · rows[q][0..w): with AVX2 a 32-float block of y stays in 4 registers across all rows, so each
-// FMA costs one load (the B element) instead of load y + load B + store y.
-static inline void axpy_rows(float* y, const float* const* rows, const float* coef, int64_t n, int64_t w) {
-  int64_t q0 = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  for (; q0 + 32 <= w; q0 += 32) {
-    __m256 a0 = _mm256_loadu_ps(y + q0), a1 = _mm256_loadu_ps(y + q0 + 8);
-    __m256 a2 = _mm256_loadu_ps(y + q0 + 16), a3 = _mm256_loadu_ps(y + q0 + 24);
-    for (int64_t k = 0; k < n; ++k) {
-      const __m256 c = _mm256_set1_ps(coef[k]);
-      const float* b = rows[k] + q0;
-      a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(b), a0);
-      a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(b + 8), a1);
-      a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(b + 16), a2);
-      a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(b + 24), a3);
-    }
-    _mm256_storeu_ps(y + q0, a0);
-    _mm256_storeu_ps(y + q0 + 8, a1);
-    _mm256_storeu_ps(y + q0 + 16, a2);
-    _mm256_storeu_ps(y + q0 + 24, a3);
+#ifdef GKF_PHASE_TIMING
+std::atomic<int64_t> g_phase_ns[5];
+struct PhaseClock {
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  void lap(int phase) {
+    const auto now = std::chrono::steady_clock::now();
+    g_phase_ns[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - t0).count();
+    t0 = now;
   }
+};
+#else
+struct PhaseClock {
+  void lap(int) {}
+};
 #endif
-  for (int64_t k = 0; k < n; ++k) {
-    const float c = coef[k];
-    const float* b = rows[k];
-    for (int64_t q = q0; q < w; ++q) y[q] += c * b[q];
+
+const Kernels& kernels_for(gkf_isa::Isa isa) {
+  switch (isa) {
+    case gkf_isa::Isa::kAvx512:
+      return kernels_avx512();
+    case gkf_isa::Isa::kAvx2:
+      return kernels_avx2();
+    case gkf_isa::Isa::kScalar:
+      break;
+  }
+  return kernels_scalar();
+}
+
+DType dtype_of(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return DType::kF32;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kHalf:
+      return DType::kF16;
+    default:
+      TORCH_CHECK(false, "routed_lora_delta_: x must be float32, bfloat16 or float16, got ", s);
   }
 }
 
-static void dot_many(const float* x, const float* const* rows, int64_t n, int64_t d, float* out) {
-  for (int64_t q = 0; q < n; q += 4) dot_rows(x, rows + q, static_cast<int>(std::min<int64_t>(4, n - q)), d, out + q);
+void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
+                const at::Tensor& b_t, int64_t top_k, double temperature, const std::optional<at::Tensor>& scores) {
+  const char* op = "routed_lora_delta_";
+  for (const at::Tensor* t : {&y, &x, &prototypes, &a, &b_t})
+    TORCH_CHECK(t->device().is_cpu(), op, ": CPU tensors only");
+  dtype_of(x.scalar_type());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && a.scalar_type() == x.scalar_type() &&
+                  b_t.scalar_type() == x.scalar_type(),
+              op, ": y, a and b_t must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(prototypes.scalar_type() == at::kFloat, op, ": prototypes must be float32");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && prototypes.dim() == 2 && a.dim() == 3 && b_t.dim() == 3, op,
+              ": expected x (T, d_in), y (T, d_out), prototypes (E, d_in), a (E, r, d_in), b_t (E, r, d_out)");
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && prototypes.is_contiguous() && a.is_contiguous(), op,
+              ": x, y, prototypes and a must be contiguous");
+  const int64_t e = a.size(0), r = a.size(1), d_in = a.size(2);
+  TORCH_CHECK(e >= 1 && r >= 1, op, ": a needs E >= 1 experts of rank >= 1, got ", a.sizes());
+  TORCH_CHECK(x.size(1) == d_in && prototypes.size(0) == e && prototypes.size(1) == d_in, op, ": x ", x.sizes(),
+              ", prototypes ", prototypes.sizes(), " and a ", a.sizes(), " do not match");
+  TORCH_CHECK(b_t.size(0) == e && b_t.size(1) == r && y.size(0) == x.size(0) && y.size(1) == b_t.size(2), op,
+              ": b_t ", b_t.sizes(), " and y ", y.sizes(), " do not match a ", a.sizes(), " and x ", x.sizes());
+  // b_t may have a padded row stride (packing.py pads it on the CPU); rows must be unit-stride.
+  TORCH_CHECK(b_t.stride(2) == 1 && b_t.stride(1) >= b_t.size(2) && b_t.stride(0) == r * b_t.stride(1), op,
+              ": b_t rows must be unit-stride with one row stride, got strides ", b_t.strides());
+  TORCH_CHECK(top_k >= 1 && top_k <= e, op, ": top_k must be in [1, ", e, "], got ", top_k);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be finite and > 0");
+  TORCH_CHECK(x.size(0) * top_k < std::numeric_limits<int32_t>::max(), op, ": too many tokens");
+  if (scores.has_value()) {
+    const at::Tensor& s = *scores;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 &&
+                    s.size(0) == x.size(0) && s.size(1) == e,
+                op, ": scores must be a contiguous float32 CPU tensor of shape (", x.size(0), ", ", e, "), got ",
+                s.sizes(), " ", s.scalar_type());
+  }
 }
 
-// top-k of logits[0..e) with ties to the lower index, then softmax of logit/temperature over the k.
-static void topk_softmax(const float* logits, int64_t e, int64_t k, double temperature, int64_t* idx, float* w) {
-  // k rounds of "largest not yet taken": strict > keeps the lower index on ties. E and k are small (<= a few 100).
-  uint64_t taken_small = 0;
-  std::vector<char> taken_big;
-  if (e > 64) taken_big.assign(e, 0);
-  auto is_taken = [&](int64_t i) { return e > 64 ? taken_big[i] != 0 : ((taken_small >> i) & 1ULL) != 0; };
-  auto take = [&](int64_t i) {
-    if (e > 64) taken_big[i] = 1; else taken_small |= (1ULL << i);
-  };
-  for (int64_t j = 0; j < k; ++j) {
-    int64_t best = -1;
-    float bv = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < e; ++i) {
-      if (is_taken(i)) continue;
-      if (best < 0 || logits[i] > bv) {  // NaN logits never win a comparison but still fill a slot
-        best = i;
-        bv = logits[i];
-      }
-    }
-    idx[j] = best;
-    take(best);
-  }
-  const double top = logits[idx[0]];
-  double sum = 0.0;
-  for (int64_t j = 0; j < k; ++j) {
-    const double v = std::exp((static_cast<double>(logits[idx[j]]) - top) / temperature);
-    w[j] = static_cast<float>(v);
-    sum += v;
-  }
-  for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(w[j] / sum);
-}
+}  // namespace
 
-void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& route_shrink, const at::Tensor& b_t,
-                        int64_t top_k, double temperature, bool weights_mixing) {
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "routed_lora_delta_: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
-                  route_shrink.scalar_type() == at::kFloat && b_t.scalar_type() == at::kFloat,
-              "routed_lora_delta_: float32 tensors only");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && b_t.dim() == 3 && route_shrink.dim() == 2, "routed_lora_delta_: ranks");
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && route_shrink.is_contiguous(),
-              "routed_lora_delta_: x, y and route_shrink must be contiguous");
-  // b_t may have a padded row stride (packing.py pads it on the CPU, see there); rows must be dense.
-  TORCH_CHECK(b_t.stride(2) == 1 && b_t.stride(0) == b_t.size(1) * b_t.stride(1) && b_t.stride(1) >= b_t.size(2),
-              "routed_lora_delta_: b_t rows must be dense with one row stride");
-  const int64_t t = x.size(0), d_in = x.size(1), e = b_t.size(0), r = b_t.size(1), d_out = b_t.size(2);
-  TORCH_CHECK(route_shrink.size(0) == e + e * r && route_shrink.size(1) == d_in, "routed_lora_delta_: route_shrink");
-  TORCH_CHECK(y.size(0) == t && y.size(1) == d_out, "routed_lora_delta_: y shape");
-  TORCH_CHECK(top_k >= 1 && top_k <= e, "routed_lora_delta_: top_k out of range");
-  TORCH_CHECK(temperature > 0, "routed_lora_delta_: temperature must be > 0");
+void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
+                        const at::Tensor& b_t, int64_t top_k, double temperature, bool weights_mixing,
+                        const std::optional<at::Tensor>& scores) {
+  check_args(y, x, prototypes, a, b_t, top_k, temperature, scores);
+  const int64_t t = x.size(0), d_in = x.size(1), e = a.size(0), r = a.size(1), d_out = b_t.size(2), k = top_k;
   if (t == 0) return;
+  const Kernels& kern = kernels_for(gkf_isa::active());
+  const int64_t threads = at::get_num_threads(), kr = k * r, esz = x.element_size();
+  std::vector<int32_t> idx(t * k);
+  std::vector<float> w(t * k), h(t * kr), g(t * kr);
+  Problem p{dtype_of(x.scalar_type()), t, d_in, d_out, e, r, k, b_t.stride(1), x.data_ptr(), y.data_ptr(),
+            prototypes.data_ptr<float>(), a.data_ptr(), b_t.data_ptr(), temperature, idx.data(), w.data(),
+            h.data(), g.data()};
+  PhaseClock clock;
+  const bool serial = t * ((scores.has_value() ? 0 : e * d_in) + kr * (d_in + d_out)) <= kSerialMaxFma;
 
-  const float* xp = x.data_ptr<float>();
-  const float* rs = route_shrink.data_ptr<float>();
-  const float* bt = b_t.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t kr = top_k * r;
-  const int64_t ld = b_t.stride(1);
-
-  // 1. routing logits (T, E). With many experts and tokens, one MKL GEMM up front (measured faster at E=64). Otherwise
-  // each token's logits are computed in the per-token pass below, while its x row is in L1, saving a pass over x.
-  const bool logits_gemm = t >= 32 && e > kPerTokenLogitsMaxE;
-  at::Tensor logits_t;
-  const float* logits_all = nullptr;
-  if (logits_gemm) {
-    logits_t = at::mm(x, route_shrink.narrow(0, 0, e).t()).abs_().contiguous();
-    logits_all = logits_t.data_ptr<float>();
+  // 1. routing scores (T, E), signed: given, one float32 GEMM, a pass over tokens × experts, or (small E) inside the
+  // route pass below.
+  at::Tensor s_t;
+  const float* s = nullptr;
+  if (scores.has_value()) {
+    s = scores->data_ptr<float>();
+  } else if (e > kScoresInPassMaxE && t >= kScoresGemmMinT) {
+    // bfloat16 / float16 x converted to float32 exactly, then MKL's sgemm: E = 256, d_in = 3072, T = 512 took 24-37 ms
+    // on one thread in the set-up above (16 GFMA/s; the base qkv layer ran 1000-1065 ms there). Float32 throughout,
+    // as the routing rules ask; the bfloat16 dot instructions would round x·p's products of float32 prototypes.
+    s_t = at::mm(x.scalar_type() == at::kFloat ? x : x.to(at::kFloat), prototypes.t()).contiguous();
+    s = s_t.data_ptr<float>();
+  } else if (e > kScoresInPassMaxE) {
+    s_t = at::empty({t, e}, x.options().dtype(at::kFloat));
+    float* out = s_t.data_ptr<float>();
+    constexpr int64_t kChunk = 32;
+    const int64_t chunks = (e + kChunk - 1) / kChunk;
+    run(serial, t * chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int64_t i = u / chunks, e0 = (u % chunks) * kChunk, e1 = std::min(e, e0 + kChunk);
+        kern.scores(p, i, i + 1, e0, e1, out + i * e + e0, e);
+      }
+    });
+    s = out;
   }
-  std::vector<const float*> proto_rows(e);
-  for (int64_t i = 0; i < e; ++i) proto_rows[i] = rs + i * d_in;
+  clock.lap(0);
 
-  // 2-3. per token: top-k, softmax, shrink of the selected experts → expand coefficients g (T, k·r) and rows (T, k).
-  // Token by token over all of d_in: blocking tokens × d_in chunks so that a chunk of all E·r A rows stays in L2 was
-  // slower (E=64, r=8, T=512, 3072→3072: 2.4 ms against 1.5 ms; the short chunks cost more than the L3 reads saved).
-  std::vector<int64_t> idx(t * top_k);
-  std::vector<float> g(t * kr);
-  at::parallel_for(0, t, 8, [&](int64_t lo, int64_t hi) {
-    std::vector<float> w(top_k), h(kr), hmix(r), token_logits(e);
-    std::vector<const float*> rows(kr);
-    for (int64_t i = lo; i < hi; ++i) {
-      int64_t* id = idx.data() + i * top_k;
-      const float* li = logits_all ? logits_all + i * e : token_logits.data();
-      if (!logits_all) {
-        dot_many(xp + i * d_in, proto_rows.data(), e, d_in, token_logits.data());
-        for (int64_t q = 0; q < e; ++q) token_logits[q] = std::fabs(token_logits[q]);
+  // 2-3. top-k + softmax, and the shrink h = A_idx x of the selected experts. Three schedules:
+  //  - per token (route and shrink in one pass, x row in L1) when there are enough tokens for the threads;
+  //  - grouped by expert when A does not fit L2 and experts are chosen by several tokens: each expert's r rows are
+  //    read once for all its tokens instead of once per token;
+  //  - few tokens (decode): the k·r dot products of the token(s) split across threads in blocks of 4 rows.
+  const bool many_uses = t * k >= kGroupedMinUses * e;
+  bool grouped = many_uses && e * r * d_in * esz > kGroupedMinABytes;
+  bool per_token = !grouped && t >= 2 * threads;
+  bool expand_grouped = many_uses && e * r * d_out * esz > kExpandAllTokensBytes;
+#ifdef GKF_PHASE_TIMING
+  if (const int f = forced("GKF_FORCE_SHRINK", "token", "grouped", "pairs"); f >= 0) {
+    per_token = f == 0;
+    grouped = f == 1;
+  }
+  if (const int f = forced("GKF_FORCE_EXPAND", "tiles", "grouped"); f >= 0) expand_grouped = f == 1;
+#endif
+  run(serial, t, 4, [&](int64_t lo, int64_t hi) { kern.route(p, s, lo, hi, per_token); });
+  const int64_t n_pairs = t * k;
+  std::vector<int32_t> by_expert;  // the (token, slot) pairs sorted by expert (a counting sort)
+  if (grouped || expand_grouped) {
+    by_expert.resize(n_pairs);
+    std::vector<int64_t> start(e + 1, 0);
+    for (int64_t u = 0; u < n_pairs; ++u) ++start[idx[u] + 1];
+    for (int64_t j = 0; j < e; ++j) start[j + 1] += start[j];
+    for (int64_t u = 0; u < n_pairs; ++u) by_expert[start[idx[u]]++] = static_cast<int32_t>(u);
+  }
+  clock.lap(1);
+  if (grouped) {
+    run(serial, n_pairs, 16, [&](int64_t lo, int64_t hi) {
+      kern.shrink_pairs(p, by_expert.data() + lo, hi - lo, 0, r);
+    });
+  } else if (!per_token) {
+    const int64_t blocks = (r + 3) / 4;
+    run(serial, n_pairs * blocks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t u = lo; u < hi; ++u) {
+        const int32_t pair = static_cast<int32_t>(u / blocks);
+        const int64_t c0 = (u % blocks) * 4;
+        kern.shrink_pairs(p, &pair, 1, c0, std::min(r, c0 + 4));
       }
-      topk_softmax(li, e, top_k, temperature, id, w.data());
-      for (int64_t j = 0; j < top_k; ++j)
-        for (int64_t c = 0; c < r; ++c) rows[j * r + c] = rs + (e + id[j] * r + c) * d_in;
-      dot_many(xp + i * d_in, rows.data(), kr, d_in, h.data());
-      float* gi = g.data() + i * kr;
-      if (weights_mixing) {  // merged A applied once, then every selected B weighted by w_j
-        std::fill(hmix.begin(), hmix.end(), 0.f);
-        for (int64_t j = 0; j < top_k; ++j)
-          for (int64_t c = 0; c < r; ++c) hmix[c] += w[j] * h[j * r + c];
-        for (int64_t j = 0; j < top_k; ++j)
-          for (int64_t c = 0; c < r; ++c) gi[j * r + c] = w[j] * hmix[c];
-      } else {
-        for (int64_t j = 0; j < top_k; ++j)
-          for (int64_t c = 0; c < r; ++c) gi[j * r + c] = w[j] * h[j * r + c];
+    });
+  }
+  clock.lap(2);
+
+  // Expand coefficients: "output" mixing w_j · h_j; "weights" mixing (merged A applied once, then every selected B
+  // weighted by w_j) w_j · Σ_i w_i h_i.
+  for (int64_t i = 0; i < t; ++i) {
+    const float* wi = w.data() + i * k;
+    const float* hi = h.data() + i * kr;
+    float* gi = g.data() + i * kr;
+    if (weights_mixing) {
+      for (int64_t c = 0; c < r; ++c) {
+        float m = 0.f;
+        for (int64_t j = 0; j < k; ++j) m += wi[j] * hi[j * r + c];
+        for (int64_t j = 0; j < k; ++j) gi[j * r + c] = wi[j] * m;
       }
+    } else {
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < r; ++c) gi[j * r + c] = wi[j] * hi[j * r + c];
     }
-  });
+  }
+  clock.lap(3);
 
-  // 4. expand. Work = (token block × group of 64-float d_out tiles); inside a task, tiles in order and, per tile, every
-  // token of the block. A tile of all E·r B rows (20 KB at E·r = 80, with the padded row stride of packing.py) stays
-  // in L1 across the block's tokens, and each token's y row is walked sequentially tile after tile, which the hardware
-  // prefetcher follows (walking all tokens per tile instead, T = 512 ran at 9 GFMA/s on one core, latency-bound on y).
-  // Few tokens (decode): split d_out across threads instead. No two tasks write the same y element.
-  // When all of B (E·r·d_out floats) is larger than kExpandAllTokensBytes, every token block streamed the whole of B
-  // from memory again: one block of all tokens instead reads B once, and the software prefetch of the next token's y
-  // segment (below) hides the latency that made walking all tokens per tile slow (T = 512, E = 64, r = 8,
-  // d_out = 16384: expand 20 → 8.9 ms).
-  constexpr int64_t kTile = 64;
-  const int64_t kTokBlock = e * r * d_out * static_cast<int64_t>(sizeof(float)) > kExpandAllTokensBytes ? t : 32;
+  // 4. expand. Work = (token block × group of 64-column d_out tiles); inside a task, tiles in order and, per tile,
+  // every token of the block. A tile of all E·r Bᵀ rows (20 KB at E·r = 80 in float32, with the padded row stride of
+  // packing.py) stays in L1 across the block's tokens, and each token's y row is walked sequentially tile after tile,
+  // which the hardware prefetcher follows (walking all tokens per tile instead, T = 512 ran at 9 GFMA/s on one core,
+  // latency-bound on y). Few tokens (decode): split d_out across threads instead. No two tasks write the same y
+  // element. When all of Bᵀ is larger than kExpandAllTokensBytes, every token block streamed the whole of Bᵀ from
+  // memory again: one block of all tokens instead reads it once, and the prefetch of the next token's y segment
+  // hides the latency that made walking all tokens per tile slow (fp32, T = 512, E = 64, r = 8, d_out = 16384:
+  // expand 20 → 8.9 ms).
+  if (expand_grouped) {
+    int64_t delta_bytes = kDeltaBytes;
+#ifdef GKF_PHASE_TIMING
+    if (const char* v = std::getenv("GKF_DELTA_KB")) delta_bytes = std::atoll(v) << 10;
+#endif
+    const int64_t chunk = std::max<int64_t>(64, std::min<int64_t>(4096, delta_bytes / (4 * t) / 64 * 64));
+    const int64_t n_chunks = (d_out + chunk - 1) / chunk;
+    run(serial, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> delta(t * chunk);
+      for (int64_t c = lo; c < hi; ++c)
+        kern.expand_pairs(p, by_expert.data(), n_pairs, c * chunk, std::min(d_out, (c + 1) * chunk), delta.data());
+    });
+    clock.lap(4);
+    return;
+  }
+  const int64_t tok_block = e * r * d_out * esz > kExpandAllTokensBytes ? t : 32;
   const int64_t n_tiles = (d_out + kTile - 1) / kTile;
-  const int64_t n_blocks = (t + kTokBlock - 1) / kTokBlock;
-  const int64_t threads = at::get_num_threads();
+  const int64_t n_blocks = (t + tok_block - 1) / tok_block;
   const int64_t n_groups = n_blocks >= 2 * threads ? 1 : std::min(n_tiles, 4 * threads);
   const int64_t tiles_per_group = (n_tiles + n_groups - 1) / n_groups;
-  at::parallel_for(0, n_blocks * n_groups, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<const float*> rows(kr);
+  run(serial, n_blocks * n_groups, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t blk = task / n_groups, grp = task % n_groups;
-      const int64_t tile0 = grp * tiles_per_group, tile1 = std::min(n_tiles, tile0 + tiles_per_group);
-      const int64_t i0 = blk * kTokBlock, i1 = std::min(t, i0 + kTokBlock);
-      for (int64_t tile = tile0; tile < tile1; ++tile) {
-        const int64_t c0 = tile * kTile, width = std::min(d_out, c0 + kTile) - c0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t* id = idx.data() + i * top_k;
-          for (int64_t j = 0; j < top_k; ++j)
-            for (int64_t c = 0; c < r; ++c) rows[j * r + c] = bt + (id[j] * r + c) * ld + c0;
-#if defined(__AVX2__) && defined(__FMA__)
-          // Prefetch the next token's y segment, a different row that the hardware prefetcher does not guess
-          // (T=512, E=64, r=8, d_out=3072: expand 2.8 → 1.8 ms).
-          if (i + 1 < i1) {
-            const char* nxt = reinterpret_cast<const char*>(yp + (i + 1) * d_out + c0);
-            for (int64_t off = 0; off < width * 4; off += 64) _mm_prefetch(nxt + off, _MM_HINT_T0);
-          }
-#endif
-          axpy_rows(yp + i * d_out + c0, rows.data(), g.data() + i * kr, kr, width);
-        }
-      }
+      const int64_t c0 = std::min(d_out, grp * tiles_per_group * kTile);
+      const int64_t c1 = std::min(d_out, c0 + tiles_per_group * kTile);
+      const int64_t i0 = blk * tok_block, i1 = std::min(t, i0 + tok_block);
+      if (c0 < c1) kern.expand(p, i0, i1, c0, c1, kTile);
     }
   });
+  clock.lap(4);
 }
 
-}  // namespace gkf_cpu
+#ifdef GKF_PHASE_TIMING
+std::vector<int64_t> routed_lora_phase_ns() {
+  std::vector<int64_t> out;
+  for (auto& v : g_phase_ns) out.push_back(v.exchange(0));
+  return out;
+}
+#endif
+
+}  // namespace gkf_rl
 
 TORCH_LIBRARY_FRAGMENT(genknowsub_fast_C, m) {
   m.def(
-      "routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor route_shrink, Tensor b_t, int top_k, float temperature, "
-      "bool weights_mixing) -> ()");
+      "routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor prototypes, Tensor a, Tensor b_t, int top_k, "
+      "float temperature, bool weights_mixing, Tensor? scores=None) -> ()");
+#ifdef GKF_PHASE_TIMING
+  m.def("routed_lora_phase_ns() -> int[]", &gkf_rl::routed_lora_phase_ns);
+#endif
 }
 
-TORCH_LIBRARY_IMPL(genknowsub_fast_C, CPU, m) { m.impl("routed_lora_delta_", &gkf_cpu::routed_lora_delta_); }
+TORCH_LIBRARY_IMPL(genknowsub_fast_C, CPU, m) { m.impl("routed_lora_delta_", &gkf_rl::routed_lora_delta_); }

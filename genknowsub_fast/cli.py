@@ -1,4 +1,4 @@
-"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``.
+"""The ``genknowsub-fast`` command: ``demo``, ``build``, ``info``, ``inspect``, ``eval``.
 
 Every argument and output path is checked before any work; every error is one line on stderr and exit code 2 (pass
 ``--traceback`` before the subcommand to see the full traceback of an unexpected error instead).
@@ -108,6 +108,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from .evaluate_cli import add_arguments
+
+    add_arguments(p)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate_cli import run
+
+    return run(args)
+
+
 # name → (add_arguments(parser), run(args) -> exit code, help)
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {
     "demo": (_add_demo, _run_demo, "random Phi-3 + synthetic adapters → GKS library → patched model vs PEFT"),
@@ -118,6 +130,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
         _run_inspect,
         "prototype similarity, ΔW spectra and routing statistics of a library (+ PNG plots)",
     ),
+    "eval": (_add_eval, _run_eval, "zero-shot multiple-choice accuracy of a model patched with a library (JSONL)"),
 }
 
 

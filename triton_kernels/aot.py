@@ -8,9 +8,11 @@ JITFunctions this needs); the tests run it as a subprocess::
 
     python -m genknowsub_fast.triton_kernels.aot --arch 80 90 --json out.json
 
-The problem set is the benchmark set of DESIGN.md (Phi-3-mini projections, E=10 r=4 and E=64 r=8, k=3,
-T in {1, 16, 256, 4096}), plus T=7 (a token count that is neither 1 nor a multiple of 16) and T=16384 (enough token
-blocks that the route pass runs without split-K on these parts), in float16, bfloat16 and float32, both mixing modes.
+The problem set is the GPU benchmark set (``benchmarks/phi3_shapes.py``: Phi-3-mini projections, E=10 r=4 and E=64
+r=8, k=3, T in {1, 16, 256, 4096}), plus T=7 (a token count that is neither 1 nor a multiple of 16), T=17 (the first
+prefill count) and T=16384 (enough token blocks that the route pass runs without split-K on these parts), in float16,
+bfloat16 and float32, both mixing modes; the fused-base dense expand the benchmarks time ("ours_fused"); and
+caller-given scores in each regime.
 """
 
 from __future__ import annotations
@@ -31,16 +33,26 @@ import torch
 
 from . import launch as launch_mod
 from .dispatch import choose_plan
-from .linear import add_routed_delta_
+from .linear import add_delta_
 
 PHI3_MINI = {"qkv_proj": (3072, 9216), "o_proj": (3072, 3072), "gate_up_proj": (3072, 16384), "down_proj": (8192, 3072)}
 EXPERT_SETS = ((10, 4), (64, 8))
 TOP_K = 3
-TOKENS = (1, 7, 16, 256, 4096, 16384)
+TOKENS = (1, 7, 16, 17, 256, 4096, 16384)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The Triton of the GPU machine's image: the compile and spill check must run under it, since register allocation
+# differs between versions (issue 17 found two configurations of the earlier table that spilled 4 bytes under 3.6.0
+# only).
+DEVICE_TRITON = "3.6.0"
 # SM counts of the parts these architectures are benchmarked on (A100 SXM: 108, H100 SXM: 132; vendor data sheets);
 # they only size split-K.
 NUM_SMS = {80: 108, 90: 132}
+# Table problems beyond the plain table calls (d_in, d_out, E, r, k, T, fuse_base, has_scores): the fused-base dense
+# expand at the benchmark shapes, and caller-given scores in each regime. They must not spill either.
+VARIANT_PROBLEMS = tuple(
+    [(d_in, d_out, 10, 4, TOP_K, t, True, False) for (d_in, d_out) in PHI3_MINI.values() for t in (256, 4096)]
+    + [(3072, 9216, e, r, TOP_K, t, None, True) for (e, r) in EXPERT_SETS for t in (1, 16, 256, 4096)]
+)  # fmt: skip
 # Extra problems (d_in, d_out, E, r, k, T, regime): what the interpreter tests run (E=1, r=1, k=1, k=E, k·r=128,
 # d not a multiple of 16, every regime forced), which the interpreter accepts but a GPU compiler may not (block dims
 # below 16, size-1 aranges, reshapes with unit dims); the forced regimes of tests/triton_kernels/test_gpu.py at
@@ -51,8 +63,8 @@ NUM_SMS = {80: 108, 90: 132}
 EXTRA_PROBLEMS = tuple(
     [(d_in, d_out, e, r, k, t, reg) for (d_in, d_out, e, r, k, t) in (
         (19, 23, 1, 1, 1, 1), (37, 70, 4, 3, 4, 7), (20, 40, 9, 32, 4, 2), (20, 40, 9, 32, 4, 35),
-    ) for reg in ("dense", "gather", "grouped")]
-    + [(3072, 1040, 64, 8, 3, t, reg) for t in (1, 300) for reg in ("dense", "gather", "grouped")]
+    ) for reg in ("decode", "dense", "grouped")]
+    + [(3072, 1040, 64, 8, 3, t, reg) for t in (1, 300) for reg in ("decode", "dense", "grouped")]
     + [(3072, 9216, 10, 8, 3, t, None) for t in (1, 16, 512)]
     + [(8192, 3072, 10, 8, 3, t, None) for t in (1, 512)]
     + [(64, 192, 5, 4, 3, t, None) for t in (1, 24)]
@@ -77,41 +89,57 @@ class CompileResult:
     spill_loads: int = -1
     error: str = ""
     seconds: float = 0.0
+    triton_version: str = ""
 
 
-def _record(arch, d_in, d_out, e, r, k, t, dtype, mix_weights, regime=None) -> list[launch_mod.Launch]:
-    """The launches of one routed-delta call (table plan, or ``regime`` forced) on meta tensors."""
+def _record(
+    arch, d_in, d_out, e, r, k, t, dtype, mix_weights, regime=None, fuse_base=None, has_scores=False
+) -> list[launch_mod.Launch]:
+    """The launches of one routed-delta call (table plan, or ``regime`` / ``fuse_base`` forced) on meta tensors."""
     meta = torch.device("meta")
-    plan = choose_plan(t, e, r, k, d_in, d_out, dtype, (arch // 10, arch % 10), NUM_SMS[arch], regime)
+    cap = (arch // 10, arch % 10)
+    plan = choose_plan(t, e, r, k, d_in, d_out, dtype, cap, NUM_SMS[arch], has_scores, regime, None, fuse_base)
     x = torch.empty(t, d_in, device=meta, dtype=dtype)
-    rs = torch.empty(e + e * r, d_in, device=meta, dtype=dtype)
+    prototypes = torch.empty(e, d_in, device=meta, dtype=torch.float32)
+    pieces = prototypes if dtype == torch.float32 else torch.empty(3 * e, d_in, device=meta, dtype=dtype)
+    a = torch.empty(e * r, d_in, device=meta, dtype=dtype)
     b_t = torch.empty(e, r, d_out, device=meta, dtype=dtype)
     y = torch.empty(t, d_out, device=meta, dtype=dtype)
+    weight = torch.empty(d_out, d_in, device=meta, dtype=dtype)
+    bias = torch.empty(d_out, device=meta, dtype=dtype)
+    scores = torch.empty(t, e, device=meta, dtype=torch.float32) if has_scores else None
     with launch_mod.recording() as rec:
-        add_routed_delta_(y, x, rs, b_t, e, r, k, 1.0, mix_weights, True, plan)
+        add_delta_(y, x, prototypes, pieces, 1.0, a, b_t, k, 1.0, mix_weights, plan, True, scores, weight, bias)
     return rec
 
 
 def record_table_launches(
-    arch: int, dtypes: tuple[torch.dtype, ...] = DTYPES, extra: bool = False
+    arch: int,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    extra: bool = False,
+    extra_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> list[launch_mod.Launch]:
     """Every launch the dispatch table makes for the problem set on ``arch``, recorded on meta tensors.
 
-    With ``extra`` the launches of :data:`EXTRA_PROBLEMS` follow; each launch's ``tag`` says "table" (a configuration
-    the dispatch table picks) or "edge" (a forced regime).
+    With ``extra`` the launches of :data:`EXTRA_PROBLEMS` follow, in ``extra_dtypes`` (default: ``dtypes``); each
+    launch's ``tag`` says "table" (a configuration the dispatch table picks) or "edge" (a forced regime).
     """
     launches = []
-    for d_in, d_out in PHI3_MINI.values():
+    for i, (d_in, d_out) in enumerate(PHI3_MINI.values()):
         for e, r in EXPERT_SETS:
             for t in TOKENS:
                 for dtype in dtypes:
-                    for mix_weights in (False, True):
+                    # "weights" mixing changes only the epilogue: compiled for the first projection.
+                    for mix_weights in (False, True) if i == 0 else (False,):
                         launches.extend(_record(arch, d_in, d_out, e, r, TOP_K, t, dtype, mix_weights))
+    for d_in, d_out, e, r, k, t, fuse, scores in VARIANT_PROBLEMS:
+        for dtype in dtypes:
+            launches.extend(_record(arch, d_in, d_out, e, r, k, t, dtype, False, None, fuse, scores))
     for ln in launches:
         ln.tag = "table"
     if extra:
         for d_in, d_out, e, r, k, t, regime in EXTRA_PROBLEMS:
-            for dtype in dtypes:
+            for dtype in extra_dtypes or dtypes:
                 for mix_weights in (False, True):
                     rec = _record(arch, d_in, d_out, e, r, k, t, dtype, mix_weights, regime)
                     for ln in rec:
@@ -202,6 +230,7 @@ def _compile_one(payload: tuple[int, int]) -> CompileResult:
         num_warps=options.num_warps,
         num_stages=options.num_stages,
         problem=ln.tag or "table",
+        triton_version=triton.__version__,
     )
     t0 = time.perf_counter()
     try:
@@ -223,7 +252,12 @@ _PTXAS_EDGE = False
 
 
 def compile_table(
-    archs: list[int], jobs: int, dtypes: tuple[torch.dtype, ...] = DTYPES, kernel_filter: str = "", extra: bool = False
+    archs: list[int],
+    jobs: int,
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    kernel_filter: str = "",
+    extra: bool = False,
+    extra_dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> list[CompileResult]:
     """Compile every unique configuration of the table (and with ``extra`` of EXTRA_PROBLEMS) for each arch.
 
@@ -233,7 +267,8 @@ def compile_table(
     global _WORKER_LAUNCHES
     results = []
     for arch in archs:
-        launches = [ln for ln in record_table_launches(arch, dtypes, extra) if kernel_filter in ln.name]
+        launches = record_table_launches(arch, dtypes, extra, extra_dtypes)
+        launches = [ln for ln in launches if kernel_filter in ln.name]
         _WORKER_LAUNCHES = unique_configs(launches, arch)
         payloads = [(arch, i) for i in range(len(_WORKER_LAUNCHES))]
         if jobs > 1:
@@ -261,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=["float16", "bfloat16", "float32"], help="only these dtypes")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--extra", action="store_true", help="also EXTRA_PROBLEMS (edge shapes, forced regimes)")
+    parser.add_argument("--extra-dtype", nargs="+", choices=["float16", "bfloat16", "float32"],
+                        help="dtypes of the EXTRA_PROBLEMS (default: those of --dtype)")  # fmt: skip
     parser.add_argument("--ptxas-edge", action="store_true", help="registers/spills of forced-regime configs too")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -269,16 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else DTYPES
     global _PTXAS_EDGE
     _PTXAS_EDGE = args.ptxas_edge
-    results = compile_table(args.arch, args.jobs, dtypes, args.kernel, args.extra)
+    extra_dtypes = tuple(getattr(torch, d) for d in args.extra_dtype) if args.extra_dtype else None
+    results = compile_table(args.arch, args.jobs, dtypes, args.kernel, args.extra, extra_dtypes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
     bad = 0
     for r in results:
-        spill = r.spill_stores or r.spill_loads
         if r.error:
             flag = "ERROR " + r.error.splitlines()[0]
-        elif spill:
+        elif r.registers < 0:
+            flag = "compiled (no ptxas -v: forced regime)"  # -1: not measured, which is neither a spill nor a pass
+        elif r.spill_stores > 0 or r.spill_loads > 0:
             flag = "SPILL" if r.problem == "table" else "spill (forced regime: allowed)"
         else:
             flag = "ok"

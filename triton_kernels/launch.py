@@ -39,7 +39,7 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 
 def check_grid(name: str, grid: tuple[int, ...]) -> None:
     """ValueError when ``grid`` exceeds the CUDA limits (see MAX_GRID)."""
-    if len(grid) > 3 or any(g > m for g, m in zip(grid, MAX_GRID)):
+    if len(grid) > 3 or grid[0] > MAX_GRID[0] or (len(grid) > 1 and max(grid[1:]) > MAX_GRID[1]):
         raise ValueError(f"{name}: grid {tuple(grid)} exceeds the CUDA limits {MAX_GRID[: len(grid)]}")
 
 

@@ -1,12 +1,13 @@
-"""One routed LoRA linear: the base GEMM (cuBLAS through F.linear), then the routed delta added into its output.
+"""One routed LoRA linear: the launch sequence of each regime (see ``dispatch.py`` for how the regime is chosen).
 
-The launch sequence per regime (see ``dispatch.py`` for how the regime is chosen):
+- decode: base GEMM (cuBLAS through F.linear) → ``decode_delta_`` (2 kernels) adds into its output;
+- dense: base GEMM → route pass (1 kernel, 2 with split-K) → dense expand into y; or, with a fused-base plan, route
+  pass → one kernel computing ``x Wᵀ + bias + delta`` (no cuBLAS call, y written once);
+- grouped: base GEMM → route pass (routing only) → ``align_pairs_by_expert`` (torch ops, no host sync) →
+  grouped shrink → grouped expand (atomics into y).
 
-- dense / gather: ``route_shrink`` (1 kernel, 2 with split-K) → ``expand_`` (1 kernel) into y;
-- grouped: ``route_shrink`` in routing-only mode → ``align_pairs_by_expert`` (torch ops, no host sync) →
-  ``grouped_shrink`` → ``grouped_expand_`` (atomics into y).
-
-Nothing here reads a device value back to the host, so the sequence can be captured in a CUDA graph.
+Nothing here reads a device value back to the host, so every sequence can be captured in a CUDA graph. Arguments are
+not checked here: ``genknowsub_fast.backends.triton_ops.prepare`` validates a layer once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .dispatch import MODE_ROUTE, Plan, choose_plan
-from .expand import expand_
+from .decode import decode_delta_
+from .dispatch import REGIMES, Plan, choose_plan
+from .expand import expand_dense_
 from .grouped import align_pairs_by_expert, grouped_expand_, grouped_shrink
 from .route_shrink import route_shrink
 
@@ -48,73 +50,90 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+__all__ = ["REGIMES", "Plan", "add_delta_", "device_info", "plan_for", "routed_linear", "row_major"]
+
+
 def plan_for(
-    x: torch.Tensor, d_out: int, num_experts: int, rank: int, top_k: int, regime: str | None, split_k: int | None
+    x: torch.Tensor,
+    b_t: torch.Tensor,
+    top_k: int,
+    has_scores: bool = False,
+    regime: str | None = None,
+    split: int | None = None,
+    fuse_base: bool | None = None,
 ) -> Plan:
-    """The dispatch-table plan for x (T, d_in) and this module's experts on x's device."""
+    """The (cached) dispatch-table plan for x (T, d_in) and experts ``b_t`` (E, r, d_out) on x's device."""
     capability, num_sms = device_info(x.device)
+    e, r, d_out = b_t.shape
     return choose_plan(
-        x.shape[0], num_experts, rank, top_k, x.shape[1], d_out, x.dtype, capability, num_sms, regime, split_k
+        x.shape[0], e, r, top_k, x.shape[1], d_out, x.dtype, capability, num_sms, has_scores, regime, split, fuse_base
     )
 
 
-def add_routed_delta_(
+def add_delta_(
     y: torch.Tensor,
     x: torch.Tensor,
-    route_shrink_rows: torch.Tensor,
+    prototypes: torch.Tensor,
+    p_route: torch.Tensor,
+    inv_scale: float,
+    a: torch.Tensor,
     b_t: torch.Tensor,
-    num_experts: int,
-    rank: int,
     top_k: int,
     temperature: float,
     mix_weights: bool,
-    accumulate: bool,
     plan: Plan,
+    accumulate: bool,
+    scores: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y (+)= routed LoRA delta`` in place for x (T, d_in) and y (T, d_out), all contiguous; returns y.
+    """``y (+)= routed delta`` in place for x (T, d_in), y (T, d_out); returns y.
 
-    Without ``accumulate`` y's contents are ignored and overwritten (delta-only calls).
+    ``prototypes`` (E, d_in) float32; ``p_route`` what the route pass dots against (the prototypes, or their pieces
+    with ``inv_scale``: ``pieces.split_prototypes``); ``a`` (E·r, d_in); ``b_t`` (E, r, d_out). Without
+    ``accumulate`` y's contents are ignored and overwritten. ``weight``/``bias`` are read only by a fused-base plan,
+    which then writes ``x Wᵀ + bias + delta``.
     """
     if x.shape[0] == 0:
         return y
-    g, idx, w = route_shrink(x, route_shrink_rows, num_experts, rank, top_k, temperature, mix_weights, plan.route)
-    if plan.route.mode != MODE_ROUTE:
-        return expand_(y, g, idx, b_t, num_experts, rank, plan.expand, accumulate)
-    gp = plan.expand.grouped
-    sorted_pairs, block_expert = align_pairs_by_expert(idx, num_experts, gp.block_m)
-    hw = grouped_shrink(x, route_shrink_rows, w, sorted_pairs, block_expert, num_experts, rank, gp)
+    e, r, _ = b_t.shape
+    if plan.regime == "decode":
+        return decode_delta_(y, x, prototypes, a, b_t, top_k, temperature, mix_weights, plan.decode, accumulate, scores)
+    g, idx, w = route_shrink(x, p_route, inv_scale, a, e, r, top_k, temperature, mix_weights, plan.route, scores)
+    if plan.regime == "dense":
+        return expand_dense_(y, g, idx, b_t, plan.expand, accumulate, x, weight, bias)
+    gp = plan.grouped
+    sorted_pairs, block_expert = align_pairs_by_expert(idx, e, gp.block_m)
+    hw = grouped_shrink(x, a, w, sorted_pairs, block_expert, r, gp)
     if not accumulate:
         y.zero_()  # the grouped expand only adds (atomics)
-    return grouped_expand_(y, hw, w, sorted_pairs, block_expert, b_t, rank, mix_weights, gp)
+    return grouped_expand_(y, hw, w, sorted_pairs, block_expert, b_t, r, mix_weights, gp)
 
 
 def routed_linear(
     x: torch.Tensor,
-    route_shrink_rows: torch.Tensor,
+    prototypes: torch.Tensor,
+    p_route: torch.Tensor,
+    inv_scale: float,
+    a: torch.Tensor,
     b_t: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    num_experts: int,
-    rank: int,
     top_k: int,
     temperature: float,
     mix_weights: bool,
-    regime: str | None = None,
-    split_k: int | None = None,
+    plan: Plan,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x Wᵀ + bias + delta`` for x (T, d_in), or only the delta when ``weight`` is None (inputs already checked)."""
-    t = x.shape[0]
-    d_out = b_t.shape[-1]
-    x, route_shrink_rows, b_t = row_major(x), row_major(route_shrink_rows), row_major(b_t)
-    if weight is None:
-        if bias is not None:
-            raise ValueError("bias given without weight")
-        y = torch.empty(t, d_out, device=x.device, dtype=x.dtype)
+    """``x Wᵀ + bias + delta`` for x (T, d_in), or only the delta when ``weight`` is None (arguments already valid)."""
+    fused = weight is not None and plan.expand is not None and plan.expand.fuse_base
+    if weight is None or fused:
+        y = torch.empty(x.shape[0], b_t.shape[-1], device=x.device, dtype=x.dtype)
     else:
         y = F.linear(x, weight, bias)
-    if t == 0:
-        return y
-    plan = plan_for(x, d_out, num_experts, rank, top_k, regime, split_k)
-    return add_routed_delta_(
-        y, x, route_shrink_rows, b_t, num_experts, rank, top_k, temperature, mix_weights, weight is not None, plan
-    )
+    if x.shape[0] == 0:
+        return y.zero_() if fused else y
+    return add_delta_(
+        y, x, prototypes, p_route, inv_scale, a, b_t, top_k, temperature, mix_weights, plan, weight is not None,
+        scores, weight, bias,
+    )  # fmt: skip

@@ -3,16 +3,18 @@
 ``load()`` loads ``genknowsub_fast._C`` (a shared library of torch ops) when setup.py built it and it is not older
 than csrc/; otherwise it JIT-builds the sources of csrc/ with ``torch.utils.cpp_extension.load`` into a cache
 directory (``$GENKNOWSUB_FAST_CACHE`` or ``~/.cache/genknowsub_fast/<hash of the sources and the torch version>``),
-guarded by a file lock so concurrent processes build once. ``GENKNOWSUB_FAST_EXTENSION=off`` forces the pure-torch
-fallback. When the extension cannot be loaded, one single-line warning names the reason and the callers run their
-torch path.
+guarded by a file lock so concurrent processes build once, with the flags of build_rule.py (the same as setup.py's).
+``GENKNOWSUB_FAST_EXTENSION=off`` forces the pure-torch fallback. When the extension cannot be loaded, one single-line
+warning names the reason and the callers run their torch path.
 
 Ops (CPU; the prototype ops also on CUDA when built with CUDA):
 
 - ``arrow_prototypes(Tensor a, Tensor b) -> (Tensor, Tensor)``
 - ``arrow_prototypes_batched(Tensor[] a, Tensor[] b) -> (Tensor[], Tensor[])``
-- ``routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor route_shrink, Tensor b_t, int top_k, float temperature,
-  bool weights_mixing) -> ()``
+- ``routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor prototypes, Tensor a, Tensor b_t, int top_k,
+  float temperature, bool weights_mixing, Tensor? scores=None) -> ()``
+- ``cpu_isa(str request="") -> str``: the instruction set the CPU kernels use ("scalar", "avx2", "avx512"); a name
+  (or "auto") forces it. ``GENKNOWSUB_FAST_CPU_ISA`` sets it for the process.
 """
 
 from __future__ import annotations
@@ -22,22 +24,23 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from . import build_rule
+
 NAMESPACE = "genknowsub_fast_C"
-ENV_SWITCH = "GENKNOWSUB_FAST_EXTENSION"
+ENV_SWITCH = build_rule.EXTENSION_SWITCH
 ENV_CACHE = "GENKNOWSUB_FAST_CACHE"
-OPS = ("arrow_prototypes", "arrow_prototypes_batched", "routed_lora_delta_")
-# CUDA-only sources: never part of the CPU JIT build.
-_CUDA_SOURCES = ("prototypes_cuda.cu", "prototypes_cuda_binding.cpp")
+OPS = ("arrow_prototypes", "arrow_prototypes_batched", "routed_lora_delta_", "cpu_isa")
+
+_JIT_NAME = "genknowsub_fast_C_jit"
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "reason": str once load() has run
+_state: dict[str, object] = {}  # "ok": bool, "reason": str once load() has run; "library": path when loaded
 _warned = False
 _fakes_registered = False
 
@@ -49,37 +52,16 @@ def csrc_dir() -> Path | None:
 
 
 def cpu_sources() -> list[Path]:
+    """The C++ sources of the CPU build, or [] without a source checkout."""
     d = csrc_dir()
-    if d is None:
-        return []
-    return sorted(p for p in d.glob("*.cpp") if p.name not in _CUDA_SOURCES)
-
-
-def host_cflags() -> list[str]:
-    """-O3, -fopenmp where torch uses OpenMP, plus -mavx2 -mfma when this CPU has them.
-
-    at::parallel_for is a header template: compiled without -fopenmp it runs serially. The kernels have AVX2+FMA paths
-    and scalar fallbacks.
-    """
-    flags = ["-O3"]
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        flags.append("-fopenmp")
-    if sys.platform.startswith("linux"):
-        try:
-            cpu = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpu = ""
-        words = set(cpu.split())
-        if {"avx2", "fma"} <= words:
-            flags += ["-mavx2", "-mfma"]
-    return flags
+    return [] if d is None else build_rule.cpu_sources(d)
 
 
 def _cache_dir(sources: list[Path]) -> Path:
     root = os.environ.get(ENV_CACHE)
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
-    h.update(" ".join(host_cflags()).encode())
+    h.update(" ".join(build_rule.cxx_flags()).encode())
     d = csrc_dir()
     for p in sorted(sources + (list(d.glob("*.h")) if d is not None else [])):
         h.update(p.name.encode())
@@ -132,19 +114,20 @@ def _jit_build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / "build.lock"):
         cpp_extension.load(
-            name="genknowsub_fast_C_jit",
+            name=_JIT_NAME,
             sources=[str(p) for p in sources],
-            extra_cflags=host_cflags(),
-            extra_ldflags=["-fopenmp"] if "-fopenmp" in host_cflags() else [],
+            extra_cflags=build_rule.cxx_flags(),
+            extra_ldflags=build_rule.link_flags(),
             extra_include_paths=[str(csrc_dir())],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
         )
+    _state["library"] = str(build_dir / f"{_JIT_NAME}.so")
 
 
 def _try_load() -> tuple[bool, str]:
-    if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
+    if build_rule.extension_disabled():
         return False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     errors = []
     spec = importlib.util.find_spec("genknowsub_fast._C")
@@ -155,6 +138,7 @@ def _try_load() -> tuple[bool, str]:
     else:
         try:  # a library of torch ops, not a Python module: load it the way torch.ops does
             torch.ops.load_library(spec.origin)
+            _state["library"] = spec.origin
         except OSError as exc:
             errors.append(f"genknowsub_fast._C did not load ({exc})")
     if not _registered():
@@ -194,6 +178,11 @@ def status() -> tuple[bool, str]:
     return ok, str(_state["reason"])
 
 
+def library_path() -> str | None:
+    """The file of the loaded extension (setup.py's build or the JIT build), or None when it is not loaded."""
+    return str(_state["library"]) if load() and "library" in _state else None
+
+
 def has_op(name: str) -> bool:
     """True when ``torch.ops.genknowsub_fast_C.<name>`` is registered (loading the extension if needed)."""
     return load() and hasattr(getattr(torch.ops, NAMESPACE), name)
@@ -204,13 +193,6 @@ def has_cuda_kernels() -> bool:
     if not load():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::arrow_prototypes", "CUDA")
-
-
-def _reset_for_tests() -> None:
-    global _warned
-    with _lock:
-        _state.clear()
-        _warned = False
 
 
 def _register_fakes() -> None:
@@ -227,7 +209,7 @@ def _register_fakes() -> None:
         outs = [_proto_fake(a, b) for a, b in zip(a_list, b_list, strict=True)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-    def _routed_fake(y, x, route_shrink, b_t, top_k, temperature, weights_mixing):
+    def _routed_fake(y, x, prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None):
         return None
 
     for name, fn in (
@@ -242,4 +224,4 @@ def _register_fakes() -> None:
                 raise
 
 
-__all__ = ["load", "status", "has_op", "has_cuda_kernels", "host_cflags", "cpu_sources", "csrc_dir", "OPS"]
+__all__ = ["load", "status", "has_op", "has_cuda_kernels", "library_path", "cpu_sources", "csrc_dir", "OPS"]

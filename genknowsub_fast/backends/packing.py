@@ -56,12 +56,6 @@ class PackedExperts:
         return self.b_t.view(self.num_experts * self.rank, -1)
 
     @property
-    def route_shrink(self) -> torch.Tensor:
-        """(E + E·r, d_in) ``[P ; A]`` stacked in the compute dtype, built on each access (the current Triton route
-        pass reads this arrangement)."""
-        return torch.cat([self.prototypes.to(self.dtype), self.a_flat]).contiguous()
-
-    @property
     def d_in(self) -> int:
         return self.a.shape[2]
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..library_checks import all_finite
 from . import extension, torch_prototypes
 
 # The CUDA kernel's per-thread accumulators and shared memory are sized for r <= 64 (csrc/prototypes_cuda.h).
@@ -35,6 +36,16 @@ def _extension_can_run(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -
     return False
 
 
+def _extension_op(aa: list[torch.Tensor], bb: list[torch.Tensor]):
+    try:
+        return torch.ops.genknowsub_fast_C.arrow_prototypes_batched(aa, bb)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "NaN or Inf" in first:  # "arrow_prototypes: A (pair i) contains NaN or Inf", as check_finite words it
+            raise ValueError(first.split(": ", 1)[-1]) from None
+        raise
+
+
 def _check(a_list, b_list) -> None:
     if len(a_list) != len(b_list):
         raise ValueError(f"{len(a_list)} A tensors but {len(b_list)} B tensors")
@@ -49,7 +60,7 @@ def check_finite(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> None
     """ValueError naming the first factor (A or B, and its position) that holds NaN or Inf."""
     for i, (a, b) in enumerate(zip(a_list, b_list)):
         for name, t in (("A", a), ("B", b)):
-            if t.numel() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(f"{name} (pair {i}) contains NaN or Inf")
 
 
@@ -63,15 +74,18 @@ def exact_prototypes_batched(
 
     ``progress``: show a tqdm bar when the work takes over a second (the library is then processed in chunks).
     ``use_extension``: None = the compiled op when it can run here, True/False to force (tests).
+    Non-finite factors raise ValueError naming A or B and the pair: on the CPU the extension finds them in its own
+    pass (NaN / Inf make its float64 Gram matrices non-finite), so the data is not read a second time for the check.
     """
     a_list, b_list = list(a_list), list(b_list)
     _check(a_list, b_list)
-    check_finite(a_list, b_list)
     if not a_list:
         return [], []
     use = _extension_can_run(a_list, b_list) if use_extension is None else use_extension
+    if not (use and a_list[0].device.type == "cpu"):
+        check_finite(a_list, b_list)
     if use:
-        run = torch.ops.genknowsub_fast_C.arrow_prototypes_batched
+        run = _extension_op
     else:
 
         def run(aa, bb):

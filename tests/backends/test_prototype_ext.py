@@ -181,11 +181,26 @@ def test_tiny_but_nonzero_expert_is_not_zero(op):
     assert abs_cos(p, svd_top(a, b)) >= MIN_COS
 
 
-def test_non_finite_raises(op):
-    a, b = decaying(2, 4, 20, 10, seed=9, dtype=torch.float32)
-    a[0, 0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="NaN or Inf"):
-        op.arrow_prototypes(a, b)
+@pytest.mark.parametrize("r", [4, 8, 5])  # the AVX2 Gram kernels (r = 4, 8) and the generic one
+def test_non_finite_raises_naming_the_factor(op, r):
+    """NaN / Inf are found in the extension's own pass; the op names the factor, the Python entry raises ValueError."""
+    from genknowsub_fast import ops
+
+    cases = (("a", r"A \(pair 0\) contains"), ("b", r"B \(pair 0\) contains"), ("ab", r"A and B \(pair 0\) contain"))
+    for bad, name in cases:
+        a, b = decaying(2, r, 20, 10, seed=9, dtype=torch.float32)
+        if "a" in bad:
+            a[1, 0, 3] = float("nan")
+        if "b" in bad:
+            b[0, 4, 0] = float("inf")
+        with pytest.raises(RuntimeError, match=f"{name} NaN or Inf"):
+            op.arrow_prototypes(a, b)
+        with pytest.raises(ValueError, match=f"^{name} NaN or Inf"):
+            ops.arrow_prototypes(a, b)
+    a, b = decaying(2, r, 20, 10, seed=9, dtype=torch.float32)
+    b[1, 2, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"^B \(pair 1\) contains NaN or Inf"):
+        prototype_ext.exact_prototypes_batched([a[:1], a], [b[:1], b])
 
 
 def test_batched_is_one_call_for_mixed_shapes(op):

@@ -65,20 +65,30 @@ def test_readme_without_markers_is_an_error(tmp_path):
         update_readme(str(readme), "table")
 
 
-def test_blocks_of_other_scripts_survive_a_rewrite(tmp_path):
-    from benchmarks.write_results import get_block, set_block
+def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
+    from benchmarks.write_results import EVAL_BEGIN, EVAL_END, replace_block
 
-    data = {"datetime": "2026-11-24T00:00:00", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
-    out.write_text(set_block("# old\n\nold table\n", "vllm-throughput", "vLLM numbers\n| a | b |"))
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\n| a | b |", append=True)  # created
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "x", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}))
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
-    assert "old table" not in text and "| model decode 32 tokens | base |" in text
-    assert (
-        get_block(text, "vllm-throughput")
-        == "<!-- vllm-throughput -->\nvLLM numbers\n| a | b |\n<!-- /vllm-throughput -->"
-    )
-    again = set_block(text, "vllm-throughput", "new numbers")
-    assert "vLLM numbers" not in again and again.count("<!-- vllm-throughput -->") == 1
+    assert text.startswith("# Benchmark results") and text.count(EVAL_BEGIN) == 1
+    assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
+    assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()
+
+
+def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
+    from benchmarks.write_results import EVAL_BEGIN, EVAL_END, VLLM_BEGIN, VLLM_END, replace_block
+
+    out = tmp_path / "RESULTS.md"
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval", append=True)
+    replace_block(str(out), VLLM_BEGIN, VLLM_END, "## vLLM\n\n| a | b |", append=True)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "x", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}))
+    assert main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
+    assert f"{VLLM_BEGIN}\n## vLLM\n\n| a | b |\n{VLLM_END}" in text

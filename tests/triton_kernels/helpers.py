@@ -52,8 +52,30 @@ class Problem:
         return self.a.shape[1]
 
     def packed(self, dtype: torch.dtype, mixing: str = "output", device: torch.device = DEVICE) -> PackedExperts:
-        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better)."""
+        """The backends' layout in ``dtype`` on ``device`` (pack_experts folds the scaling in float32 or better; the
+        prototypes stay float32)."""
         return pack_experts(self.a, self.b, self.scaling, self.prototypes, mixing=mixing, dtype=dtype, device=device)
+
+    def layer(self, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output", **overrides):
+        """``triton_ops.prepare`` of these experts; ``overrides``: regime / split / fuse_base."""
+        from genknowsub_fast.backends import triton_ops
+
+        return triton_ops.prepare(self.packed(dtype, mixing), top_k, temperature, **overrides)
+
+    def cast(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """x, weight and bias in ``dtype`` on DEVICE."""
+        return {n: getattr(self, n).to(device=DEVICE, dtype=dtype) for n in ("x", "weight", "bias")}
+
+    def reference(self, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output", base: bool = True):
+        """(float64 reference, same-dtype reference) of ``x Wᵀ + bias + delta`` (the delta alone without ``base``)."""
+
+        def run(dt):
+            c = lambda t: t.to(dt)  # noqa: E731
+            w, b = (c(self.weight), c(self.bias)) if base else (None, None)
+            args = (c(self.x), c(self.a), c(self.b), c(self.scaling), c(self.prototypes), top_k, temperature, mixing)
+            return reference.routed_lora(*args, w, b)
+
+        return run(torch.float64), run(dtype)
 
 
 def make_problem(

@@ -1,5 +1,5 @@
 """Checks for failure modes a real GPU has and the interpreter does not: grid limits, empty batches through every
-kernel entry point, "weights" mixing on every forced regime, and (GPU only) offsets past 2^31 elements."""
+kernel entry point, and (GPU only) offsets past 2^31 elements."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from genknowsub_fast.triton_kernels import launch as launch_mod
 from genknowsub_fast.triton_kernels.dispatch import choose_plan
 
-from tests.triton_kernels.helpers import DEVICE, check, make_problem, reference, require_triton
+from tests.triton_kernels.helpers import DEVICE, check, make_problem, require_triton
 
 
 def test_grid_limits_are_checked_before_launch():
@@ -17,18 +17,18 @@ def test_grid_limits_are_checked_before_launch():
     for grid in [(1, 65536), (1, 1, 65536), (2**31, 1), (1, 1, 1, 1)]:
         with pytest.raises(ValueError, match="grid"):
             launch_mod.check_grid("k", grid)
-    # Recorded launches go through the same check: an expand over a (fake) 5M-wide output needs > 65535 column blocks.
-    from genknowsub_fast.triton_kernels.expand import expand_
+    # Recorded launches go through the same check: a dense expand over a (fake) output wider than 65535 column blocks.
+    from genknowsub_fast.triton_kernels.expand import expand_dense_
 
     meta = torch.device("meta")
     d_out = 65536 * 64 + 1
-    plan = choose_plan(1, 10, 4, 3, 64, d_out, torch.float16, (9, 0), 132)
-    y = torch.empty(1, d_out, device=meta, dtype=torch.float16)
-    g = torch.empty(1, 12, device=meta)
-    idx = torch.empty(1, 3, device=meta, dtype=torch.int32)
+    plan = choose_plan(17, 10, 4, 3, 64, d_out, torch.float16, (9, 0), 132)
+    y = torch.empty(17, d_out, device=meta, dtype=torch.float16)
+    g = torch.empty(17, 12, device=meta)
+    idx = torch.empty(17, 3, device=meta, dtype=torch.int32)
     b_t = torch.empty(10, 4, d_out, device=meta, dtype=torch.float16)
     with launch_mod.recording(), pytest.raises(ValueError, match="exceeds the CUDA limits"):
-        expand_(y, g, idx, b_t, 10, 4, plan.expand, True)
+        expand_dense_(y, g, idx, b_t, plan.expand, True)
 
 
 def test_table_grids_fit_for_the_benchmark_shapes():
@@ -42,50 +42,35 @@ def test_table_grids_fit_for_the_benchmark_shapes():
         assert all(g >= 1 for g in ln.grid), (ln.name, ln.grid)
 
 
-@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
-def test_empty_batch_every_entry_point(regime):
+def test_empty_batch_every_entry_point():
     """T = 0 launches nothing (a zero-size grid is an error on a GPU) and returns well-formed empty outputs."""
     require_triton()
-    from genknowsub_fast.triton_kernels.expand import expand_
+    from genknowsub_fast.triton_kernels.decode import decode_delta_
+    from genknowsub_fast.triton_kernels.expand import expand_dense_
     from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert, grouped_expand_, grouped_shrink
     from genknowsub_fast.triton_kernels.route_shrink import route_shrink
 
     prob = make_problem(0, 4, 2, 20, 9, margin=False)
-    packed = prob.packed(torch.float32)
+    layer = prob.layer(torch.float32, 3, 1.0)
     x = torch.empty(0, 20, device=DEVICE)
-    plan = choose_plan(0, 4, 2, 3, 20, 9, torch.float32, None, None, regime)
+    y = torch.empty(0, 9, device=DEVICE)
     with launch_mod.recording() as rec:
-        g, idx, w = route_shrink(x, packed.route_shrink, 4, 2, 3, 1.0, False, plan.route)
-        y = torch.empty(0, 9, device=DEVICE)
-        if regime == "grouped":
-            pairs, bexp = align_pairs_by_expert(idx, 4, plan.expand.grouped.block_m)
+        for regime in ("decode", "dense", "grouped"):
+            plan = choose_plan(0, 4, 2, 3, 20, 9, torch.float32, None, None, False, regime)
+            if regime == "decode":
+                decode_delta_(y, x, layer.prototypes, layer.a, layer.b_t, 3, 1.0, False, plan.decode, True)
+                continue
+            g, idx, w = route_shrink(x, layer.p_route, 1.0, layer.a, 4, 2, 3, 1.0, False, plan.route)
+            assert idx.shape == (0, 3) and w.shape == (0, 3)
+            if regime == "dense":
+                expand_dense_(y, g, idx, layer.b_t, plan.expand, True)
+                continue
+            pairs, bexp = align_pairs_by_expert(idx, 4, plan.grouped.block_m)
             assert pairs.numel() == 0 and bexp.numel() == 0
-            hw = grouped_shrink(x, packed.route_shrink, w, pairs, bexp, 4, 2, plan.expand.grouped)
+            hw = grouped_shrink(x, layer.a, w, pairs, bexp, 2, plan.grouped)
             assert hw.shape == (0, 2)
-            grouped_expand_(y, hw, w, pairs, bexp, packed.b_t, 2, False, plan.expand.grouped)
-        else:
-            expand_(y, g, idx, packed.b_t, 4, 2, plan.expand, True)
+            grouped_expand_(y, hw, w, pairs, bexp, layer.b_t, 2, False, plan.grouped)
     assert rec == [], [ln.name for ln in rec]
-    assert idx.shape == (0, 3) and w.shape == (0, 3)
-    out = torch.ops.genknowsub_fast.routed_linear(x, packed.route_shrink, packed.b_t, None, None, 4, 2, 3, 1.0, True,
-                                                  regime)  # fmt: skip
-    assert out.shape == (0, 9)
-
-
-@pytest.mark.parametrize("regime", ["gather", "grouped"])
-def test_weights_mixing_forced_regimes(regime):
-    """mixing="weights" end to end through the custom op on the regimes the default table does not pick here."""
-    require_triton()
-    prob = make_problem(5, 6, 2, 21, 17, seed=21, shared_scaling=True)
-    packed = prob.packed(torch.float32, "weights")
-    c = lambda t: t.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
-    y = torch.ops.genknowsub_fast.routed_linear(
-        c(prob.x), packed.route_shrink, packed.b_t, c(prob.weight), c(prob.bias), 6, 2, 3, 0.8, True, regime
-    )
-    args = (prob.x, prob.a, prob.b, prob.scaling, prob.prototypes, 3, 0.8, "weights", prob.weight, prob.bias)
-    ref64 = reference.routed_lora(*args)
-    ref32 = reference.routed_lora(*[a.float() if isinstance(a, torch.Tensor) else a for a in args])
-    check(y, ref64, ref32, torch.float32, f"weights mixing, {regime}")
 
 
 @pytest.mark.gpu
@@ -98,14 +83,12 @@ def test_offsets_past_int32_on_gpu(er):
     d_in, d_out, tail = 8192, 48, 64
     t = 2**31 // d_in + 4096  # 266240 tokens: x has 2.18e9 elements
     prob = make_problem(tail, e, r, d_in, d_out, seed=5)
-    packed = prob.packed(torch.bfloat16, "output", device=torch.device("cuda"))
+    layer = prob.layer(torch.bfloat16, 3, 1.0)
     x = torch.zeros(t, d_in, device="cuda", dtype=torch.bfloat16)
     x[-tail:] = prob.x.to(device="cuda", dtype=torch.bfloat16)
     w = prob.weight.to(device="cuda", dtype=torch.bfloat16)
-    y = torch.ops.genknowsub_fast.routed_linear(x, packed.route_shrink, packed.b_t, w, None, e, r, 3, 1.0, False)
-    args = (prob.x, prob.a, prob.b, prob.scaling, prob.prototypes, 3, 1.0, "output", prob.weight, None)
-    ref64 = reference.routed_lora(*args)
-    ref_bf16 = reference.routed_lora(*[a.to(torch.bfloat16) if isinstance(a, torch.Tensor) else a for a in args])
-    check(y[-tail:], ref64, ref_bf16, torch.bfloat16, f"rows past 2^31 elements, E={e} r={r}")
+    y = layer(x, w)
+    prob.bias = torch.zeros_like(prob.bias)
+    check(y[-tail:], *prob.reference(torch.bfloat16, 3, 1.0), torch.bfloat16, f"rows past 2^31 elements, E={e} r={r}")
     del x
     torch.cuda.empty_cache()

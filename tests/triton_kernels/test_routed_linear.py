@@ -1,14 +1,14 @@
-"""The whole Triton path through the public API (``ops.routed_lora(..., backend="triton")``), the adapter and the
-registered custom ops."""
+"""The Triton layer API (``triton_ops.prepare`` → ``TritonLayer``) and the registered custom op: every regime against
+the reference, delta-only calls, caller scores, plan caching, bad input, opcheck."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from genknowsub_fast.triton_kernels import launch as launch_mod
 
-import genknowsub_fast.ops as gops
 from genknowsub_fast.backends import triton_ops
-from tests.triton_kernels.helpers import DEVICE, DTYPES, check, make_problem, reference, require_triton
+from tests.triton_kernels.helpers import DEVICE, DTYPES, check, make_problem, require_triton
 
 
 @pytest.fixture(autouse=True)
@@ -16,46 +16,7 @@ def _triton():
     require_triton()
 
 
-def _public(prob, dtype, k, temp, mixing, with_weight=True, with_bias=True, lead=None):
-    x = prob.x.to(device=DEVICE, dtype=dtype)
-    if lead is not None:
-        x = x.reshape(*lead, x.shape[-1])
-    cast = dict(device=DEVICE, dtype=dtype)
-    return gops.routed_lora(
-        x,
-        prob.a.to(**cast),
-        prob.b.to(**cast),
-        prob.scaling.to(**cast),
-        prob.prototypes.to(**cast),
-        k,
-        temp,
-        mixing=mixing,
-        weight=prob.weight.to(**cast) if with_weight else None,
-        bias=prob.bias.to(**cast) if (with_weight and with_bias) else None,
-        backend="triton",
-    )
-
-
-def _refs(prob, dtype, k, temp, mixing, with_weight=True, with_bias=True):
-    def run(p_dtype):
-        c = lambda t: t.to(p_dtype)  # noqa: E731
-        return reference.routed_lora(
-            c(prob.x),
-            c(prob.a),
-            c(prob.b),
-            c(prob.scaling),
-            c(prob.prototypes),
-            k,
-            temp,
-            mixing,
-            c(prob.weight) if with_weight else None,
-            c(prob.bias) if (with_weight and with_bias) else None,
-        )
-
-    return run(torch.float64), run(dtype)
-
-
-# (T, E, r, d_in, d_out, k, ranks): odd d, T=1, E=1, k=E, r=1, mixed ranks (zero padding), T over several blocks.
+# (T, E, r, d_in, d_out, k, ranks): odd d, T=1, E=1, k=E, r=1, mixed ranks (zero padding), T past the decode range.
 CASES = [
     (1, 1, 1, 17, 23, 1, None),
     (6, 4, 3, 29, 35, 4, None),
@@ -66,72 +27,109 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-E{}-r{}-din{}-dout{}-k{}".format(*c[:6]))
-def test_routed_lora_output_mixing(dtype, case):
+def test_table_plan_matches_reference(dtype, case):
     t, e, r, d_in, d_out, k, ranks = case
     prob = make_problem(t, e, r, d_in, d_out, seed=t + e, ranks=ranks)
-    y = _public(prob, dtype, k, 0.9, "output")
+    c = prob.cast(dtype)
+    y = prob.layer(dtype, k, 0.9)(c["x"], c["weight"], c["bias"])
     assert y.dtype == dtype and y.shape == (t, d_out)
-    check(y, *_refs(prob, dtype, k, 0.9, "output"), dtype, "routed_lora output mixing")
+    check(y, *prob.reference(dtype, k, 0.9), dtype, "table plan")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_routed_lora_weights_mixing(dtype):
-    prob = make_problem(7, 4, 3, 25, 31, seed=2, shared_scaling=True)
-    y = _public(prob, dtype, 3, 1.1, "weights")
-    check(y, *_refs(prob, dtype, 3, 1.1, "weights"), dtype, "routed_lora weights mixing")
+@pytest.mark.parametrize("regime", ["decode", "dense", "grouped"])
+@pytest.mark.parametrize("mixing", ["output", "weights"])
+def test_every_regime_and_mixing(regime, mixing):
+    prob = make_problem(21, 6, 2, 33, 27, seed=21, shared_scaling=mixing == "weights")
+    c = prob.cast(torch.float32)
+    y = prob.layer(torch.float32, 3, 0.8, mixing, regime=regime)(c["x"], c["weight"], c["bias"])
+    check(y, *prob.reference(torch.float32, 3, 0.8, mixing), torch.float32, f"{regime} {mixing}")
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_delta_only_and_bias(with_bias):
-    prob = make_problem(5, 3, 2, 20, 24, seed=6)
-    delta = _public(prob, torch.float32, 2, 1.0, "output", with_weight=False)
-    check(delta, *_refs(prob, torch.float32, 2, 1.0, "output", with_weight=False), torch.float32, "delta only")
-    y = _public(prob, torch.float32, 2, 1.0, "output", with_bias=with_bias)
-    check(y, *_refs(prob, torch.float32, 2, 1.0, "output", with_bias=with_bias), torch.float32, "base + delta")
+def test_delta_only_bias_and_fused_base(with_bias):
+    prob = make_problem(20, 3, 2, 20, 24, seed=6)
+    c = prob.cast(torch.float32)
+    layer = prob.layer(torch.float32, 2, 1.0)
+    check(layer(c["x"]), *prob.reference(torch.float32, 2, 1.0, base=False), torch.float32, "delta only")
+    bias = c["bias"] if with_bias else None
+    if not with_bias:
+        prob.bias = torch.zeros_like(prob.bias)
+    ref = prob.reference(torch.float32, 2, 1.0)
+    check(layer(c["x"], c["weight"], bias), *ref, torch.float32, "base + delta")
+    fused = prob.layer(torch.float32, 2, 1.0, regime="dense", fuse_base=True)
+    assert fused.plan(c["x"]).expand.fuse_base
+    check(fused(c["x"], c["weight"], bias), *ref, torch.float32, "fused base GEMM")
 
 
-def test_leading_dims_and_empty_batch():
-    prob = make_problem(6, 3, 2, 20, 13, seed=8)
-    y = _public(prob, torch.float32, 2, 1.0, "output", lead=(2, 3))
-    assert y.shape == (2, 3, 13)
-    ref64, ref32 = _refs(prob, torch.float32, 2, 1.0, "output")
-    check(y.reshape(6, 13), ref64, ref32, torch.float32, "leading dims")
-    empty = make_problem(0, 3, 2, 20, 13, seed=8, margin=False)
-    for with_weight in (True, False):
-        y0 = _public(empty, torch.float32, 2, 1.0, "output", with_weight=with_weight)
-        assert y0.shape == (0, 13)
+@pytest.mark.parametrize("regime", ["decode", "dense", "grouped"])
+def test_add_delta_with_caller_scores(regime):
+    prob = make_problem(18, 5, 3, 27, 21, seed=10)
+    c = prob.cast(torch.float32)
+    layer = prob.layer(torch.float32, 2, 0.7, regime=regime)
+    scores = (prob.x @ prob.prototypes.T).float().to(DEVICE)
+    y = c["x"] @ c["weight"].T + c["bias"]
+    out = layer.add_delta_(y, c["x"], scores)
+    assert out is y
+    check(y, *prob.reference(torch.float32, 2, 0.7), torch.float32, f"add_delta_ with scores, {regime}")
+    with pytest.raises(ValueError, match="scores"):
+        layer.add_delta_(y, c["x"], scores[:, :-1])
 
 
-@pytest.mark.parametrize("regime", ["dense", "gather", "grouped"])
-def test_custom_op_regimes_agree(regime):
-    """The registered op gives the reference result on every regime (forced), float32."""
-    prob = make_problem(9, 5, 3, 27, 21, seed=10)
-    packed = prob.packed(torch.float32)
-    x = prob.x.to(device=DEVICE, dtype=torch.float32)
-    w = prob.weight.to(device=DEVICE, dtype=torch.float32)
-    b = prob.bias.to(device=DEVICE, dtype=torch.float32)
-    y = torch.ops.genknowsub_fast.routed_linear(x, packed.route_shrink, packed.b_t, w, b, 5, 3, 3, 0.8, False, regime)
-    check(y, *_refs(prob, torch.float32, 3, 0.8, "output"), torch.float32, f"op regime {regime}")
+def test_empty_batch_launches_nothing():
+    prob = make_problem(0, 3, 2, 20, 13, seed=8, margin=False)
+    c = prob.cast(torch.float32)
+    layer = prob.layer(torch.float32, 2, 1.0)
+    with launch_mod.recording() as rec:
+        assert layer(c["x"], c["weight"], c["bias"]).shape == (0, 13)
+        assert layer(c["x"]).shape == (0, 13)
+    assert rec == []
 
 
-def test_custom_ops_pass_opcheck():
-    """Schema, fake (meta) implementation and dispatch of both ops are consistent (torch.library.opcheck)."""
+def test_plans_are_cached_per_token_count():
+    prob = make_problem(3, 4, 2, 20, 9, seed=2)
+    layer = prob.layer(torch.float32, 2, 1.0)
+    x = prob.cast(torch.float32)["x"]
+    p1 = layer.plan(x)
+    assert layer.plan(x) is p1 and layer.plan(x[:2]) is not p1
+    assert set(layer._plans) == {(3, False), (2, False)}
+
+
+def test_custom_op_matches_direct_call_and_passes_opcheck():
+    """The op torch.compile traces gives the direct launches' result; schema, fake impl and dispatch are
+    consistent (torch.library.opcheck)."""
     prob = make_problem(4, 3, 2, 18, 11, seed=3)
-    packed = prob.packed(torch.float32)
-    x = prob.x.to(device=DEVICE, dtype=torch.float32)
-    w = prob.weight.to(device=DEVICE, dtype=torch.float32)
+    c = prob.cast(torch.float32)
+    layer = prob.layer(torch.float32, 2, 1.0)
+    args = (c["x"], layer.prototypes, layer.p_route, layer.inv_scale, layer.a, layer.b_t, c["weight"], None, None)
+    args += (2, 1.0, False)
+    torch.testing.assert_close(torch.ops.genknowsub_fast.routed_linear(*args), layer(c["x"], c["weight"]))
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
-    torch.library.opcheck(
-        torch.ops.genknowsub_fast.routed_linear.default,
-        (x, packed.route_shrink, packed.b_t, w, None, 3, 2, 2, 1.0, False),
-        test_utils=tests,
-    )
-    for regime in ("dense", "grouped"):
-        torch.library.opcheck(
-            torch.ops.genknowsub_fast.route_shrink.default,
-            (x, packed.route_shrink, 3, 2, 2, 1.0, False, regime),
-            test_utils=tests,
-        )
+    torch.library.opcheck(torch.ops.genknowsub_fast.routed_linear.default, args, test_utils=tests)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_through_the_prepared_runner(dtype):
+    """The public path: ``ops.routed_lora(..., backend="triton")`` and a runner's ``add_delta_`` with its own
+    ``route_scores`` (as tensor parallelism passes them) both give the reference result."""
+    import genknowsub_fast as gkf
+
+    prob = make_problem(6, 4, 3, 29, 35, seed=5)
+    c = prob.cast(dtype)
+    cast = {n: getattr(prob, n).to(device=DEVICE, dtype=dtype) for n in ("a", "b", "scaling", "prototypes")}
+    y = gkf.ops.routed_lora(c["x"].view(2, 3, -1), **cast, top_k=2, temperature=0.9, weight=c["weight"],
+                            bias=c["bias"], backend="triton")  # fmt: skip
+    assert y.shape == (2, 3, 35)
+    check(y.reshape(6, 35), *prob.reference(dtype, 2, 0.9), dtype, "ops.routed_lora through the runner")
+    from genknowsub_fast.experts import ModuleExperts
+
+    experts = ModuleExperts(prob.a, prob.b, prob.scaling, prob.prototypes, torch.full((4,), 3))
+    runner = gkf.ops.prepare(experts, top_k=2, temperature=0.9, backend="triton", device=DEVICE, dtype=dtype)
+    base = c["x"] @ c["weight"].T + c["bias"]
+    out = runner.add_delta_(base, c["x"], runner.route_scores(c["x"]))
+    assert runner.active_backend == "triton"
+    check(out, *prob.reference(dtype, 2, 0.9), dtype, "runner.add_delta_ with route_scores")
+    with pytest.raises(ValueError, match="bias"):
+        runner(c["x"], None, c["bias"])
 
 
 def test_status_reports_how_it_runs():
@@ -141,31 +139,12 @@ def test_status_reports_how_it_runs():
         assert "interpreter" in why.lower()
 
 
-def test_bad_input_is_a_value_error():
+def test_what_the_backend_cannot_run_is_a_value_error():
     prob = make_problem(3, 3, 2, 16, 8, seed=1)
-    packed = prob.packed(torch.float32)
-    x = prob.x.to(device=DEVICE, dtype=torch.float32)
-    w = prob.weight.to(device=DEVICE, dtype=torch.float32)
-    b = prob.bias.to(device=DEVICE, dtype=torch.float32)
-    bad = [
-        (dict(x2=x.to(torch.float64)), "dtype"),
-        (dict(x2=x[:, :-1]), "route_shrink"),
-        (dict(x2=x[0]), "2-D"),
-        (dict(weight=w.to(torch.float16)), "dtype"),
-        (dict(weight=w[:, :-1]), "weight"),
-        (dict(weight=None, bias=b), "bias"),
-        (dict(bias=b[:-1]), "bias"),
-        (dict(top_k=0), "top_k"),
-        (dict(top_k=4), "top_k"),
-        (dict(temperature=0.0), "temperature"),
-        (dict(temperature=float("nan")), "temperature"),
-    ]
-    for change, word in bad:
-        kw = dict(x2=x, packed=packed, top_k=2, temperature=1.0, weight=w, bias=b)
-        kw.update(change)
-        with pytest.raises(ValueError, match=word):
-            triton_ops.routed_linear(**kw)
-    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        from genknowsub_fast.triton_kernels.dispatch import choose_plan
-
-        choose_plan(4, 3, 2, 2, 16, 8, torch.float64, None, None)
+    with pytest.raises(ValueError, match="float16, torch.bfloat16, torch.float32"):
+        triton_ops.prepare(prob.packed(torch.float64), 2, 1.0)
+    with pytest.raises(ValueError, match="regime"):
+        prob.layer(torch.float32, 2, 1.0, regime="fast")
+    layer = prob.layer(torch.float32, 2, 1.0)
+    with pytest.raises(ValueError, match="prepared for torch.float32"):
+        layer(prob.x.to(device=DEVICE, dtype=torch.float16))

@@ -1,0 +1,90 @@
+"""Per-phase time of the compiled CPU routed-LoRA op, from a timing build (csrc/routed_lora_cpu.cpp with
+-DGKF_PHASE_TIMING): scores, route (+ per-token shrink), shrink, coefficients, expand, in ms per call.
+
+Run in its own process (the timing build registers the same op namespace as the normal extension):
+
+    python benchmarks/cpu_kernel_phases.py --dtype bfloat16 --shape qkv --experts 256 --rank 16 --tokens 512
+
+The build goes to ``$GENKNOWSUB_FAST_CACHE/phases`` (default ``~/.cache/genknowsub_fast/phases``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu_kernel_ratios import SHAPES, make_layer  # noqa: E402
+from genknowsub_fast.backends import build_rule  # noqa: E402
+
+PHASES = ("scores", "route", "shrink", "coefficients", "expand")
+SOURCES = ("cpu_isa.cpp", "routed_lora_cpu.cpp", "routed_lora_isa_scalar.cpp", "routed_lora_isa_avx2.cpp",
+           "routed_lora_isa_avx512.cpp")  # fmt: skip
+
+
+def load_timing_build() -> None:
+    """JIT-build (once) and load the timing build of the routed op."""
+    from torch.utils import cpp_extension
+
+    cache = Path(os.environ.get("GENKNOWSUB_FAST_CACHE", Path.home() / ".cache" / "genknowsub_fast")) / "phases"
+    cache.mkdir(parents=True, exist_ok=True)
+    csrc = ROOT / "csrc"
+    cpp_extension.load(
+        name="genknowsub_fast_phases",
+        sources=[str(csrc / s) for s in SOURCES],
+        extra_cflags=build_rule.cxx_flags() + ["-DGKF_PHASE_TIMING"],
+        extra_ldflags=build_rule.link_flags(),
+        extra_include_paths=[str(csrc)],
+        build_directory=str(cache),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def phase_ms(shape: str, dtype: torch.dtype, experts: int, rank: int, tokens: int, calls: int = 5) -> dict[str, float]:
+    """Mean ms per call of each phase (and the whole call) over ``calls`` calls, after one warm-up call."""
+    layer = make_layer(shape, dtype, experts, rank)
+    x = torch.randn(tokens, layer.d_in).to(dtype)
+    y = torch.zeros(tokens, layer.d_out, dtype=dtype)
+    op = torch.ops.genknowsub_fast_C
+    args = (layer.prototypes, layer.a, layer.b_t, 3, 1.0, False, None)
+    op.routed_lora_delta_(y, x, *args)
+    op.routed_lora_phase_ns()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        op.routed_lora_delta_(y, x, *args)
+    total = (time.perf_counter() - t0) / calls * 1e3
+    ns = op.routed_lora_phase_ns()
+    out = {name: v / calls / 1e6 for name, v in zip(PHASES, ns)}
+    out["total"] = total
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qkv")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--isa", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_timing_build()
+    print("isa", torch.ops.genknowsub_fast_C.cpu_isa(args.isa))
+    res = phase_ms(args.shape, getattr(torch, args.dtype), args.experts, args.rank, args.tokens, args.calls)
+    print(" ".join(f"{k}={v:.3f}ms" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()
