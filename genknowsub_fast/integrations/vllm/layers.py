@@ -30,7 +30,6 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from genknowsub_fast.backends import cpu_kernel
 from genknowsub_fast.experts import ModuleExperts
 from genknowsub_fast.integrations.vllm import custom_ops
 from genknowsub_fast.integrations.vllm.options import RoutingOptions
@@ -122,20 +121,9 @@ def build_routing(
 ) -> ShardedRouting:
     """This rank's routed delta of ``layer``, fed by the library modules ``members`` (path, fused part or None)."""
 
-    # On the CPU, a 16-bit model dtype that the compiled kernel does not take (it takes float32 only for now) would run
-    # the torch regimes in that dtype, and torch's bf16 CPU matmuls are slow here: at T=16, 1024→3072, E=10, r=8, one
-    # thread, the bf16 regime's delta took 6.7 ms against 0.36 ms for the float32 kernel (the bf16 base GEMM alone:
-    # 15.1 ms in torch), and vLLM + Arrow ran at 0.71x vLLM's bf16 tokens/s (benchmarks/vllm_throughput.py). So the
-    # delta is made in float32 and added to the layer's output with one rounding; once the kernel takes the model's
-    # dtype, the runners run in it directly.
-    compute = None
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and dtype not in cpu_kernel.KERNEL_DTYPES:
-        compute = torch.float32
-
     def runner(experts: ModuleExperts, path: str):
-        run_dtype = compute or dtype
         return prepare(
-            experts, top_k, temperature, options.mixing, options.backend, device=device, dtype=run_dtype, name=path
+            experts, top_k, temperature, options.mixing, options.backend, device=device, dtype=dtype, name=path
         )
 
     if isinstance(layer, RowParallelLinear):
@@ -147,7 +135,7 @@ def build_routing(
         lo, hi = row_columns(layer.input_size, layer.tp_rank, layer.tp_size)
         local = experts if layer.tp_size == 1 else slice_columns(experts, lo, hi)
         parts = [RoutedPart(runner(local, path), 0, path)]
-        return ShardedRouting(parts, layer.output_size, layer.tp_size > 1, compute)
+        return ShardedRouting(parts, layer.output_size, layer.tp_size > 1)
     if not isinstance(layer, (ColumnParallelLinear, ReplicatedLinear)):
         raise ValueError(f"layer {layer.prefix!r} is a {type(layer).__name__}, not a linear layer this supports")
     layout = _column_layout(layer)
@@ -162,7 +150,7 @@ def build_routing(
             part = layout[index]
             _check_dims(path, experts, layer.input_size, part.full_size)
             parts.append(RoutedPart(runner(slice_rows(experts, [part], relative=True), path), part.local_offset, path))
-    return ShardedRouting(parts, d_out_local, partial_scores=False, compute_dtype=compute)
+    return ShardedRouting(parts, d_out_local, partial_scores=False)
 
 
 def _check_dims(path: str, experts: ModuleExperts, d_in: int, d_out: int) -> None:

@@ -155,17 +155,10 @@ class ShardedRouting:
     ``parts``: one runner per library module feeding the layer (one, or one per q/k/v when the library has separate
     q/k/v modules and the layer fuses them). ``partial_scores``: the layer is row-parallel over more than one rank, so
     the routing scores must be all-reduced: call :meth:`route_scores`, sum over ranks, pass the sum to
-    :meth:`add_delta_`. ``compute_dtype``: run the runners in this dtype when the layer's differs (x converted, the
-    delta made in a ``compute_dtype`` buffer and added to y with one rounding); None runs them in the layer's dtype.
+    :meth:`add_delta_`.
     """
 
-    def __init__(
-        self,
-        parts: Sequence[RoutedPart],
-        d_out: int,
-        partial_scores: bool,
-        compute_dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, parts: Sequence[RoutedPart], d_out: int, partial_scores: bool):
         if not parts:
             raise ValueError("a routed layer needs at least one part")
         if partial_scores and len(parts) != 1:
@@ -177,7 +170,6 @@ class ShardedRouting:
         self.d_out = d_out
         self.partial_scores = partial_scores
         self.whole = len(parts) == 1 and parts[0].offset == 0 and parts[0].runner.d_out == d_out
-        self.compute_dtype = compute_dtype
 
     @property
     def num_experts(self) -> int:
@@ -195,13 +187,6 @@ class ShardedRouting:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y2 = y.view(-1, self.d_out)
-        if self.compute_dtype is not None and self.compute_dtype != x2.dtype:
-            xc = x2.to(self.compute_dtype)
-            for p in self.parts:
-                delta = torch.zeros(y2.shape[0], p.runner.d_out, dtype=self.compute_dtype, device=y2.device)
-                p.runner.add_delta_(delta, xc, scores=scores)
-                y2[:, p.offset : p.offset + p.runner.d_out] += delta  # summed in compute_dtype, rounded once
-            return y
         if self.whole and y2.is_contiguous():
             self.parts[0].runner.add_delta_(y2, x2, scores=scores)
             return y

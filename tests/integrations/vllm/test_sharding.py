@@ -215,38 +215,6 @@ def test_row_parallel_all_reduced_scores(tp, dtype, mixing):
     _check(out, mod, dtype, mixing, f"row tp={tp}")
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_bf16_layer_with_a_float32_delta(tp):
-    """A bf16 layer whose runners run in float32 (ShardedRouting's compute_dtype, what the vLLM layers use on the CPU
-    while the compiled kernel takes float32 only): column and row parallel, within the bf16 rule."""
-    dtype = torch.bfloat16
-    col = Module(24, 40, seed=11)
-    x = col.x.to(dtype)
-    full = torch.empty(T, 40, dtype=dtype)
-    for rank in range(tp):
-        rows = _vllm_rows_even([40], rank, tp)
-        y = F.linear(x, col.w[rows].to(dtype), col.bias[rows].to(dtype))
-        runner = _runner(slice_rows(col.experts, even_column_layout([40], rank, tp)), torch.float32, "output")
-        ShardedRouting([RoutedPart(runner, 0, "m")], y.shape[1], False, torch.float32).forward_delta_(y, x, None)
-        full[:, rows] = y
-    _check(full, col, dtype, "output", f"column bf16/float32 delta tp={tp}")
-
-    row = Module(32, 20, seed=12)
-    x = row.x.to(dtype)
-    ranks = []
-    for rank in range(tp):
-        lo, hi = row_columns(32, rank, tp)
-        runner = _runner(slice_columns(row.experts, lo, hi), torch.float32, "output")
-        ranks.append((ShardedRouting([RoutedPart(runner, 0, "m")], 20, tp > 1, torch.float32), lo, hi))
-    scores = sum(r.route_scores(x[:, lo:hi].contiguous()) for r, lo, hi in ranks)
-    out = torch.zeros(T, 20, dtype=dtype)
-    for rank, (routing, lo, hi) in enumerate(ranks):
-        xr = x[:, lo:hi].contiguous()
-        y = F.linear(xr, row.w[:, lo:hi].to(dtype), row.bias.to(dtype) if rank == 0 else None)
-        out += routing.add_delta_(y, xr, scores if tp > 1 else None)
-    _check(out, row, dtype, "output", f"row bf16/float32 delta tp={tp}")
-
-
 def test_partial_scores_alone_would_route_differently():
     """Why the scores are all-reduced: routing each rank on its own columns picks other experts for some tokens."""
     d_in, tp = 32, 4
