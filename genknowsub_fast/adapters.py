@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from .library_checks import all_finite
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector", "lora_E")
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+_UNSUPPORTED = ("lora_magnitude_vector", "lora_E")
+_CONV_KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 
 
 @dataclass
@@ -146,6 +148,12 @@ def read_adapter(
     adapter.base_model_name = cfg.get("base_model_name_or_path") or None
     adapter.base_model_class = (cfg.get("auto_mapping") or {}).get("base_model_class")
     for key, tensor in state.items():
+        emb = _EMBEDDING_KEY.match(key)
+        if emb is not None:
+            raise ValueError(
+                f"adapter {path!r}: module {emb['path']!r} is an embedding LoRA ({key!r}); Arrow routes linear "
+                "layers only (PEFT's Arrow ignores embedding LoRA): train the adapters on linear layers"
+            )
         if any(tag in key for tag in _UNSUPPORTED):
             raise ValueError(f"adapter {path!r} holds {key!r}: only LoRA on linear layers is supported")
         m = _KEY.match(key)
@@ -167,6 +175,11 @@ def read_adapter(
             raise ValueError(f"adapter {path!r}: tensor {key!r} is {what}; LoRA factors are floating-point")
         if not all_finite(tensor):
             raise ValueError(f"adapter {path!r}: tensor {key!r} contains NaN or Inf")
+        if tensor.dim() in _CONV_KIND:
+            raise ValueError(
+                f"adapter {path!r}: module {m['path']!r} is a {_CONV_KIND[tensor.dim()]} (convolution) LoRA "
+                f"(lora_{m['factor']} weight of shape {tuple(tensor.shape)}); Arrow routes linear layers only"
+            )
         target = adapter.a if m["factor"] == "A" else adapter.b
         target[m["path"]] = tensor
     if not adapter.a:

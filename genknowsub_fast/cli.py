@@ -25,7 +25,9 @@ from .cli_args import (
 def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", nargs="+", required=True, metavar="DIR", help="task adapter directories (PEFT format)")
     p.add_argument("--general", nargs="*", default=[], metavar="DIR", help="general-knowledge adapter directories")
-    p.add_argument("--gks", choices=("param", "delta"), default="param", help="GenKnowSub mode (default: param)")
+    p.add_argument(
+        "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
+    )
     p.add_argument("--prototypes", choices=("exact", "power", "svd"), default="exact")
     p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
     add_adapter_options(p)
@@ -40,7 +42,7 @@ def _run_build(args: argparse.Namespace) -> int:
     lib = LoraLibrary.from_adapters(
         args.task,
         args.general or None,
-        gks=args.gks,
+        gks=args.gks or "auto",
         prototypes=args.prototypes,
         names=args.names,
         **adapter_options(args),

@@ -23,7 +23,8 @@ from . import library_checks as checks
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
 from .experts import ModuleExperts
-from .gks import GKS_MODES
+from .gks import GKS_MODES, resolve_gks
+from .layer_prototypes import PROTOTYPE_SCOPES, group_by_layer, layer_factors
 from .paths import write_atomically
 
 FORMAT_VERSION = 1
@@ -62,6 +63,9 @@ class LoraLibrary:
         base_model_class: HF class the adapters were trained on, when the adapters say so.
         prototype_method: how the prototypes were computed ("exact", "power" or "svd").
         routing: default routing options carried from a PEFT Arrow model (``top_k``, ``temperature``), or {}.
+        added_names: names of the adapters added after the subtraction (``add_adapters``).
+        prototype_scope: ``"module"`` (one prototype per module and expert) or ``"layer"`` (one per decoder layer and
+            expert, shared by the layer's modules).
         base_model_name: the base model the adapters name (``base_model_name_or_path``), or the ``base_model_name``
             given to :meth:`from_adapters`; None when they name none.
 
@@ -79,6 +83,8 @@ class LoraLibrary:
         prototype_method: str = "exact",
         routing: dict | None = None,
         base_model_name: str | None = None,
+        added_names: Sequence[str] = (),
+        prototype_scope: str = "module",
     ):
         if not modules:
             raise ValueError("a LoraLibrary needs at least one module")
@@ -97,6 +103,8 @@ class LoraLibrary:
         self.prototype_method = prototype_method
         self.routing = dict(routing or {})
         self.base_model_name = base_model_name
+        self.added_names = list(added_names)
+        self.prototype_scope = prototype_scope
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -143,6 +151,8 @@ class LoraLibrary:
             self.prototype_method,
             self.routing,
             self.base_model_name,
+            self.added_names,
+            self.prototype_scope,
         )
 
     # ------------------------------------------------------------------------------------------------- building
@@ -151,7 +161,7 @@ class LoraLibrary:
         cls,
         task_adapters: Sequence[str | os.PathLike],
         general_adapters: Sequence[str | os.PathLike] | None = None,
-        gks: str = "param",
+        gks: str | None = "auto",
         prototypes: str = "exact",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -161,13 +171,20 @@ class LoraLibrary:
         progress: bool | None = None,
         base_model_name: str | None = None,
         ignore_modules_to_save: bool = False,
+        general_weights: Sequence[float] | None = None,
+        add_adapters: Sequence[str | os.PathLike] | None = None,
+        add_weights: Sequence[float] | None = None,
+        task_weight: float = 1.0,
+        prototype_scope: str = "module",
     ) -> LoraLibrary:
         """Build a library from PEFT LoRA adapter directories.
 
         Args:
             task_adapters: directories of the task experts (one expert each, in index order).
-            general_adapters: directories of general-knowledge adapters to subtract (GenKnowSub); none → no GKS.
-            gks: ``"param"`` (factor-wise, as PEFT's ``use_gks=True``) or ``"delta"`` (exact ΔW subtraction).
+            general_adapters: directories of general-knowledge adapters to subtract (GenKnowSub).
+            gks: ``"auto"`` (default: ``"param"`` when general adapters are given, else no GenKnowSub), ``"param"``
+                (factor-wise, as PEFT's ``use_gks=True``), ``"delta"`` (exact ΔW subtraction) or None (no
+                GenKnowSub). ``"param"``/``"delta"`` without general adapters, and None with them, are errors.
             prototypes: ``"exact"`` (default), ``"power"`` (PEFT's power iteration) or ``"svd"``.
             dtype, device: where the library's tensors live (default: the adapters' dtype, CPU); dtype is a float
                 dtype (float32, bfloat16, float16 or float64).
@@ -183,16 +200,26 @@ class LoraLibrary:
             ignore_modules_to_save: leave out the whole-module tensors adapters saved for ``modules_to_save`` (e.g.
                 a fine-tuned ``lm_head``), with one warning naming them; without it such adapters are refused, since
                 Arrow routes LoRA factors only and the model keeps its own weights for those modules.
+            general_weights: one coefficient per general adapter (default: the mean, ``1/G`` each).
+            add_adapters: directories of adapters added after the subtraction (the cross-lingual variants).
+            add_weights: one coefficient per added adapter (default 1 each; -1 subtracts).
+            task_weight: coefficient of the task expert itself (default 1).
+            prototype_scope: ``"module"`` (one prototype per module and expert, PEFT's Arrow) or ``"layer"`` (one
+                per decoder layer and expert, shared by the layer's modules, as the original Phi-2 code).
 
-        The same directory twice, a directory both a task and a general adapter, or two experts with one name (e.g.
-        two directories called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
+        The coefficients combine the factors in ``"param"`` mode and the ΔW in ``"delta"`` mode (see
+        :mod:`genknowsub_fast.gks`); the README gives the arguments of each variant of the original code.
+
+        The same directory twice, a directory both a task and a general adapter (unless the general adapters are
+        exactly the task adapters: the average-of-tasks variant), or two experts with one name (e.g. two directories
+        called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
         """
         task_adapters = list(task_adapters or [])
         general_adapters = list(general_adapters or [])
+        add_adapters = list(add_adapters or [])
         if not task_adapters:
             raise ValueError("from_adapters needs at least one task adapter")
-        if gks not in GKS_MODES:
-            raise ValueError(f"gks must be one of {GKS_MODES}, got {gks!r}")
+        gks = resolve_gks(gks, len(general_adapters), len(add_adapters))
         if prototypes not in ("exact", "power", "svd"):
             raise ValueError(f"prototypes must be 'exact', 'power' or 'svd', got {prototypes!r}")
         if names is not None and len(names) != len(task_adapters):
@@ -200,21 +227,24 @@ class LoraLibrary:
         _check_float_dtype(dtype)
         if base_model_name is not None and not (isinstance(base_model_name, str) and base_model_name):
             raise ValueError(f"base_model_name must be a non-empty string, got {base_model_name!r}")
-        for p in task_adapters + general_adapters:
+        for p in task_adapters + general_adapters + add_adapters:
             if not os.path.isdir(p):
                 raise ValueError(f"adapter path {os.fspath(p)!r} does not exist or is not a directory")
-        _check_distinct_dirs(task_adapters, general_adapters)
+        # The original code's average-of-tasks variant subtracts the mean of the task adapters themselves.
+        tasks_as_general = _same_dirs(general_adapters, task_adapters)
+        _check_distinct_dirs(task_adapters, [] if tasks_as_general else general_adapters, add_adapters)
         task_names = list(names) if names is not None else [_dir_name(p) for p in task_adapters]
         try:
             checks.check_names(task_names, "expert names")
             checks.check_names([_dir_name(p) for p in general_adapters], "general adapter names", allow_empty=True)
+            checks.check_names([_dir_name(p) for p in add_adapters], "added adapter names", allow_empty=True)
         except ValueError as exc:
             raise ValueError(
                 f"{exc}; pass names=[...] (command line: --names) to name task experts whose directories share a name"
             ) from None
         if progress is None:
             progress = sys.stderr.isatty()
-        paths = task_adapters + general_adapters
+        paths = task_adapters + general_adapters + add_adapters
         from tqdm.auto import tqdm
 
         # The bar is closed (and cleared) before an error propagates, so the error starts on a line of its own.
@@ -222,13 +252,25 @@ class LoraLibrary:
             read = [
                 read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save) for p in bar
             ]
-        tasks, general = read[: len(task_adapters)], read[len(task_adapters) :]
+        n_t, n_g = len(task_adapters), len(general_adapters)
+        tasks, general, add = read[:n_t], read[n_t : n_t + n_g], read[n_t + n_g :]
         for adapter, n in zip(tasks, task_names, strict=True):
             adapter.name = n
         _warn_ignored_modules(read)
-        gks = gks if general else None
         return cls.from_loaded(
-            tasks, general, gks, prototypes, dtype, device, rng_seed, base_model_name=base_model_name
+            tasks,
+            general,
+            gks,
+            prototypes,
+            dtype,
+            device,
+            rng_seed,
+            general_weights=general_weights,
+            base_model_name=base_model_name,
+            add=add,
+            add_weights=add_weights,
+            task_weight=task_weight,
+            prototype_scope=prototype_scope,
         )
 
     @classmethod
@@ -245,41 +287,52 @@ class LoraLibrary:
         already_subtracted: set[str] | None = None,
         general_weights: Sequence[float] | None = None,
         base_model_name: str | None = None,
+        add: Sequence[LoraAdapter] = (),
+        add_weights: Sequence[float] | None = None,
+        task_weight: float = 1.0,
+        prototype_scope: str = "module",
     ) -> LoraLibrary:
         """Build a library from adapters already in memory (:class:`~genknowsub_fast.adapters.LoraAdapter`).
 
         ``gks`` is None (nothing subtracted) or one of :data:`~genknowsub_fast.gks.GKS_MODES`; ``already_subtracted``
         names module paths whose task factors already had GenKnowSub applied (a PEFT model that ran once).
-        ``general_weights``: one coefficient per general adapter (default: the mean, 1/G each).
+        ``general_weights`` / ``add`` / ``add_weights`` / ``task_weight`` / ``prototype_scope``: as in
+        :meth:`from_adapters` (``add`` holds the added adapters).
         ``base_model_name``: see :meth:`from_adapters` (the adapters' own base model names are then not compared).
         """
-        tasks, general = list(tasks), list(general)
+        tasks, general, add = list(tasks), list(general), list(add)
         if not tasks:
             raise ValueError("a library needs at least one task adapter")
         checks.check_names([t.name for t in tasks], "expert names")
         _check_float_dtype(dtype)
-        if gks is not None and gks not in GKS_MODES:
-            raise ValueError(f"gks must be None or one of {GKS_MODES}, got {gks!r}")
-        if gks is not None and not general:
-            raise ValueError(f"gks={gks!r} subtracts general knowledge, but no general adapters were given")
-        weights = gks_math.check_weights(
-            gks_math.mean_weights(len(general)) if general_weights is None else general_weights, len(general)
+        gks = resolve_gks(gks, len(general), len(add))
+        if prototype_scope not in PROTOTYPE_SCOPES:
+            raise ValueError(f"prototype_scope must be one of {PROTOTYPE_SCOPES}, got {prototype_scope!r}")
+        if general_weights is not None:
+            general_weights = gks_math.check_weights(general_weights, len(general))
+        add_weights = gks_math.check_weights(
+            [1.0] * len(add) if add_weights is None else add_weights, len(add), "add_weights"
         )
-        base_class, base_name = _check_compatible(tasks, general, base_model_name)
+        task_weight = gks_math.check_weight(task_weight, "task_weight")
+        if task_weight != 1.0 and gks is None:
+            raise ValueError("task_weight weighs the task factors against general or added adapters; give some")
+        base_class, base_name = _check_compatible(tasks, general + add, base_model_name)
         done = already_subtracted or set()
         modules: dict[str, ModuleExperts] = {}
         for path in tasks[0].module_paths:
             work = torch.promote_types(tasks[0].a[path].dtype, torch.float32)
             task_f = [(t.a[path].to(work), t.b[path].to(work)) for t in tasks]
             gen_f = [(g.a[path].to(work), g.b[path].to(work)) for g in general]
+            add_f = [(g.a[path].to(work), g.b[path].to(work)) for g in add]
             scalings = [t.scaling[path] for t in tasks]
             if gks == "param" and path not in done:
-                _check_equal_ranks(path, tasks + general)
-                task_f = gks_math.subtract_param(task_f, gen_f, weights)
+                _check_equal_ranks(path, tasks + general + add)
+                task_f = gks_math.combine_param(task_f, gen_f, general_weights, add_f, add_weights, task_weight)
             elif gks == "delta":
                 gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
+                add_s = [(a, b, g.scaling[path]) for (a, b), g in zip(add_f, add, strict=True)]
                 task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
-                sub = gks_math.subtract_delta(task_s, gen_s, weights)
+                sub = gks_math.combine_delta(task_s, gen_s, general_weights, add_s, add_weights, task_weight)
                 task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
             ranks = [a.shape[0] for a, _ in task_f]
             r_max = max(ranks)
@@ -290,19 +343,26 @@ class LoraLibrary:
                 prototypes=torch.empty(0),
                 ranks=torch.tensor(ranks, dtype=torch.int64),
             )
-        _fill_prototypes(modules, prototypes, rng_seed, [t.name for t in tasks])
-        lib = cls(
-            modules, [t.name for t in tasks], gks, [g.name for g in general], base_class, prototypes, routing, base_name
-        )
+        names = [t.name for t in tasks]
+        if prototype_scope == "layer":
+            _fill_layer_prototypes(modules, prototypes, rng_seed, names)
+        else:
+            _fill_prototypes(modules, prototypes, rng_seed, names)
+        general_names, added_names = [g.name for g in general], [a.name for a in add]
+        lib = cls(modules, names, gks, general_names, base_class, prototypes, routing, base_name, added_names)
+        lib.prototype_scope = prototype_scope
         if dtype is not None or device is not None:
             lib = lib.to(device=device, dtype=dtype)
         return lib
 
     @classmethod
-    def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "exact") -> LoraLibrary:
+    def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "peft") -> LoraLibrary:
         """Build a library from a model made by ``peft.create_arrow_model`` (task_i / gks_i adapters + ArrowConfig).
 
-        See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
+        ``prototypes="peft"`` (default) takes PEFT's own prototypes, so the library reproduces PEFT's outputs;
+        ``"exact"`` computes exact ones for the same experts. PEFT's lazy GenKnowSub (and prototype) steps run first
+        where they have not, as PEFT's next forward would. See
+        :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, which this calls.
         """
         from .integrations.peft import library_from_peft_model
 
@@ -341,6 +401,8 @@ class LoraLibrary:
             "module_paths": list(self.modules),
             "prototype_method": self.prototype_method,
             "routing": self.routing,
+            "added_names": self.added_names,
+            "prototype_scope": self.prototype_scope,
         }
         cpu = {k: v.cpu() for k, v in tensors.items()}
         write_atomically(path, lambda tmp: save_file(cpu, tmp, metadata={_META_KEY: json.dumps(meta)}))
@@ -392,6 +454,8 @@ class LoraLibrary:
             meta.get("prototype_method", "exact"),
             meta.get("routing"),
             meta.get("base_model_name"),
+            meta.get("added_names", []),
+            meta.get("prototype_scope", "module"),
         )
         return lib.to(device=device) if device is not None else lib
 
@@ -405,10 +469,19 @@ def _dir_name(path: str | os.PathLike) -> str:
     return os.path.basename(os.path.normpath(os.fspath(path)))
 
 
-def _check_distinct_dirs(tasks: Sequence[str | os.PathLike], general: Sequence[str | os.PathLike]) -> None:
-    """The same adapter directory (after resolving links) may appear only once among tasks and general adapters."""
+def _same_dirs(a: Sequence[str | os.PathLike], b: Sequence[str | os.PathLike]) -> bool:
+    """True when ``a`` and ``b`` name the same directories (after resolving links) in the same order."""
+    real = [os.path.realpath(os.fspath(p)) for p in a]
+    return bool(real) and real == [os.path.realpath(os.fspath(p)) for p in b]
+
+
+def _check_distinct_dirs(
+    tasks: Sequence[str | os.PathLike], general: Sequence[str | os.PathLike], added: Sequence[str | os.PathLike] = ()
+) -> None:
+    """The same adapter directory (after resolving links) may appear only once among task, general and added
+    adapters."""
     seen: dict[str, str] = {}
-    for kind, paths in (("task", tasks), ("general", general)):
+    for kind, paths in (("task", tasks), ("general", general), ("added", added)):
         for p in paths:
             real = os.path.realpath(os.fspath(p))
             if real in seen:
@@ -490,7 +563,9 @@ def _check_equal_ranks(path: str, adapters: list[LoraAdapter]) -> None:
         )
 
 
-def _fill_prototypes(modules: dict[str, ModuleExperts], method: str, rng_seed: int | None, names: list[str]) -> None:
+def _fill_prototypes(
+    modules: dict[str, ModuleExperts], method: str, rng_seed: int | None, names: list[str], what: str = "modules"
+) -> None:
     """Compute every module's prototypes: one batched call for the exact method."""
     paths = list(modules)
     if method == "exact":
@@ -511,9 +586,27 @@ def _fill_prototypes(modules: dict[str, ModuleExperts], method: str, rng_seed: i
         warnings.warn(
             "experts with ΔW = 0 get a zero prototype (never routed to unless all are zero): "
             + "; ".join(zero_report[:5])
-            + (f" and {len(zero_report) - 5} more modules" if len(zero_report) > 5 else ""),
+            + (f" and {len(zero_report) - 5} more {what}" if len(zero_report) > 5 else ""),
             stacklevel=3,
         )
+
+
+def _fill_layer_prototypes(
+    modules: dict[str, ModuleExperts], method: str, rng_seed: int | None, names: list[str]
+) -> None:
+    """``prototype_scope="layer"``: one prototype per decoder layer and expert, of ``Σ_m s_m B_m A_m`` over the
+    layer's modules, given to each of them (see :mod:`genknowsub_fast.layer_prototypes`)."""
+    groups = group_by_layer(list(modules))
+    sums = {}
+    for layer, paths in groups.items():
+        a_cat, b_cat = layer_factors(layer, {p: modules[p] for p in paths})
+        ones = torch.ones(a_cat.shape[0], dtype=torch.float32)
+        ranks = torch.full_like(ones, a_cat.shape[1], dtype=torch.int64)
+        sums[layer] = ModuleExperts(a_cat, b_cat, ones, torch.empty(0), ranks)
+    _fill_prototypes(sums, method, rng_seed, names, what="layers")
+    for layer, paths in groups.items():
+        for p in paths:
+            modules[p].prototypes = sums[layer].prototypes.to(modules[p].a.dtype).clone()
 
 
 __all__ = ["LoraLibrary", "ModuleExperts", "model_family", "FORMAT_VERSION", "GKS_MODES"]

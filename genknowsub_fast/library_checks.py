@@ -15,10 +15,11 @@ import torch
 
 from .experts import ModuleExperts
 from .gks import GKS_MODES
+from .layer_prototypes import PROTOTYPE_SCOPES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TENSOR_KEYS = ("A", "B", "scaling", "prototypes", "ranks")
-PROTOTYPE_METHODS = ("exact", "power", "svd")
+PROTOTYPE_METHODS = ("exact", "power", "svd", "peft")  # "peft": PEFT's own power-iteration prototypes
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -69,6 +70,7 @@ def check_metadata(meta: object, where: str) -> dict:
         check_names(meta["expert_names"], "expert_names")
         check_names(meta["module_paths"], "module_paths")
         check_names(meta.get("general_names", []), "general_names", allow_empty=True)
+        check_names(meta.get("added_names", []), "added_names", allow_empty=True)
     except ValueError as exc:
         raise ValueError(f"{where}: metadata {exc}") from None
     gks = meta.get("gks")
@@ -81,6 +83,9 @@ def check_metadata(meta: object, where: str) -> dict:
     method = meta.get("prototype_method", "exact")
     if method not in PROTOTYPE_METHODS:
         raise ValueError(f"{where}: metadata prototype_method must be one of {PROTOTYPE_METHODS}, got {method!r}")
+    scope = meta.get("prototype_scope", "module")
+    if scope not in PROTOTYPE_SCOPES:
+        raise ValueError(f"{where}: metadata prototype_scope must be one of {PROTOTYPE_SCOPES}, got {scope!r}")
     routing = meta.get("routing") or {}
     if not isinstance(routing, dict) or set(routing) - {"top_k", "temperature"}:
         raise ValueError(f"{where}: metadata routing must be an object with top_k and/or temperature, got {routing!r}")
@@ -153,7 +158,7 @@ def _check_prototypes(a, b, protos, method: str, fail) -> None:
     norms = protos.to(torch.float64).norm(dim=1)
     zero = norms == 0
     too_long = norms > 1 + tol
-    too_short = ~zero & (norms < 1 - tol) if method != "power" else torch.zeros_like(zero)
+    too_short = ~zero & (norms < 1 - tol) if method not in ("power", "peft") else torch.zeros_like(zero)
     off = (too_long | too_short).nonzero().flatten().tolist()
     if off:
         raise fail(f"rows {off} have norms {[round(float(norms[i]), 6) for i in off]}; prototypes are unit vectors")

@@ -14,7 +14,9 @@ import torch
 __all__ = [
     "gks_param",
     "gks_delta",
+    "combine_factors",
     "prototypes_svd",
+    "prototypes_of_sum_svd",
     "canonical_sign",
     "route",
     "routed_lora",
@@ -49,6 +51,24 @@ def gks_delta(
     return out
 
 
+def combine_factors(
+    task: torch.Tensor,
+    general: list[torch.Tensor],
+    general_weights: list[float],
+    add: list[torch.Tensor] = (),
+    add_weights: list[float] = (),
+    task_weight: float = 1.0,
+) -> torch.Tensor:
+    """One factor (A or B) of one expert after the original code's factor-wise combination, term by term:
+    ``task_weight·F − Σ_g w_g F_g + Σ_a u_a F_a``."""
+    out = task_weight * task
+    for w, f in zip(general_weights, general, strict=True):
+        out = out - w * f
+    for u, f in zip(add_weights, add, strict=True):
+        out = out + u * f
+    return out
+
+
 def canonical_sign(p: torch.Tensor) -> torch.Tensor:
     """Flip each row so that its entry of largest magnitude is positive (prototypes are defined up to sign)."""
     if p.numel() == 0:
@@ -70,6 +90,16 @@ def prototypes_svd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _, _, vh = torch.linalg.svd(dw, full_matrices=False)
         rows.append(vh[0])
     return canonical_sign(torch.stack(rows)) if rows else a.new_zeros(0, a.shape[-1])
+
+
+def prototypes_of_sum_svd(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Per expert, the top right singular vector of ``Σ_m B_m A_m`` over several modules (A_m (E, r, d_in), B_m
+    (E, d_out, r), one pair per module; equal shapes), by a full SVD of the materialised sum."""
+    rows = []
+    for e in range(a[0].shape[0]):
+        dw = sum(bm[e] @ am[e] for am, bm in zip(a, b, strict=True))
+        rows.append(torch.linalg.svd(dw, full_matrices=False)[2][0])
+    return canonical_sign(torch.stack(rows))
 
 
 def route(

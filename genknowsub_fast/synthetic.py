@@ -4,6 +4,10 @@ Task adapters are built as ``residual + mean(general)``, where each residual has
 (σ_j = σ_1 · decay^j). GenKnowSub (``gks="param"``) then recovers the residuals, whose top singular value stands well
 apart from the next, so PEFT's 15-step power iteration converges (error ≈ decay^30) and its prototypes can serve as
 an oracle for the exact ones.
+
+``spectrum=`` gives every residual a chosen spectrum instead; :func:`nonconvergent_spectrum` makes one whose top two
+singular values are so close (σ2/σ1 = ratio ≥ 0.95) that PEFT's 15 steps do not converge. The residual of module m is
+``B = U diag(√σ)``, ``A = diag(√σ) Vᵀ`` with random orthonormal U, V, so its exact prototype is ``±V[:, 0]``.
 """
 
 from __future__ import annotations
@@ -104,17 +108,39 @@ def make_phi2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     return PhiForCausalLM(cfg).to(dtype).eval()
 
 
-def decaying_factors(
-    d_in: int, d_out: int, rank: int, sigma1: float, decay: float, gen: torch.Generator
+def spectrum_factors(
+    d_in: int, d_out: int, sigma: Sequence[float], gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors A (r, d_in), B (d_out, r) with ``B·A`` of singular values ``sigma1 · decay^j``."""
+    """LoRA factors A (r, d_in), B (d_out, r), r = len(sigma), with ``B·A`` of singular values ``sigma`` (given in
+    decreasing order): ``A = diag(√σ) Vᵀ``, ``B = U diag(√σ)`` for random orthonormal U, V (float32)."""
+    sig = torch.as_tensor(list(sigma), dtype=torch.float64)
+    if sig.dim() != 1 or not bool((sig > 0).all()) or not bool((sig[1:] <= sig[:-1]).all()):
+        raise ValueError(f"sigma must be positive and non-increasing, got {list(sigma)}")
+    rank = sig.numel()
     qa, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=gen, dtype=torch.float64))
     qb, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=gen, dtype=torch.float64))
-    sig = sigma1 * decay ** torch.arange(rank, dtype=torch.float64)
     # Split σ evenly between the factors so neither is tiny.
     a = sig.sqrt()[:, None] * qa.T
     b = qb * sig.sqrt()[None, :]
     return a.float(), b.float()
+
+
+def decaying_factors(
+    d_in: int, d_out: int, rank: int, sigma1: float, decay: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors A (r, d_in), B (d_out, r) with ``B·A`` of singular values ``sigma1 · decay^j``."""
+    return spectrum_factors(d_in, d_out, (sigma1 * decay ** torch.arange(rank, dtype=torch.float64)).tolist(), gen)
+
+
+def nonconvergent_spectrum(ratio: float, rank: int = 4) -> tuple[float, ...]:
+    """Singular values ``(1, ratio, ratio/2, ratio/4, ...)``: σ2/σ1 = ratio (< 1, so the top vector is unique).
+
+    PEFT's prototype is 15 steps of power iteration, whose error shrinks like ``ratio^30``: with ratio ≥ 0.95 it has
+    not converged (measured min |cos| to the exact prototype 0.03-0.3 on tiny GPT-2 and Phi-3 models).
+    """
+    if not 0 < ratio < 1 or rank < 2:
+        raise ValueError(f"ratio must be in (0, 1) and rank >= 2, got ratio={ratio}, rank={rank}")
+    return (1.0, ratio) + tuple(ratio / 2**j for j in range(1, rank - 1))
 
 
 @dataclass
@@ -138,12 +164,14 @@ def write_adapters(
     sigma1: float = 0.5,
     general_std: float = 0.05,
     task_ranks: Sequence[int] | None = None,
+    spectrum: Sequence[float] | None = None,
 ) -> SyntheticAdapters:
     """Write task and general LoRA adapters for ``base_model`` in PEFT's format.
 
     The adapters are made with ``peft.get_peft_model(..., LoraConfig(init_lora_weights=False))`` on a copy of the
     model and saved with ``save_pretrained``; their weights are set as described in the module docstring. With
     ``task_ranks`` each task adapter gets its own rank (for ``gks="delta"``; residual = the task adapter then).
+    ``spectrum`` (length ``rank``) gives every task residual these singular values instead of the decaying ones.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -152,6 +180,8 @@ def write_adapters(
     ranks_t = list(task_ranks) if task_ranks is not None else [rank] * num_tasks
     if len(ranks_t) != num_tasks:
         raise ValueError(f"{len(ranks_t)} task ranks for {num_tasks} task adapters")
+    if spectrum is not None and (len(spectrum) != rank or task_ranks is not None):
+        raise ValueError(f"spectrum needs one value per rank ({rank}) and no task_ranks, got {list(spectrum)}")
 
     def lora_layers(peft_model) -> dict[str, nn.Module]:
         return {
@@ -191,7 +221,10 @@ def write_adapters(
         facs = {}
         for path, layer in lora_layers(pm).items():
             d_out, d_in = layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]
-            a, b = decaying_factors(d_in, d_out, r, sigma1 * (1 + 0.1 * t), decay, gen)
+            if spectrum is not None:
+                a, b = spectrum_factors(d_in, d_out, spectrum, gen)
+            else:
+                a, b = decaying_factors(d_in, d_out, r, sigma1 * (1 + 0.1 * t), decay, gen)
             if general_factors and r == rank:
                 a = a + sum(f[path][0] for f in general_factors) / len(general_factors)
                 b = b + sum(f[path][1] for f in general_factors) / len(general_factors)

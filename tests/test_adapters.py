@@ -95,7 +95,19 @@ def test_embedding_lora_is_refused(phi3_setup, tmp_path):
     state = load_file(d / "adapter_model.safetensors")
     state["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 8)
     save_file(state, d / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="only LoRA on linear layers"):
+    with pytest.raises(ValueError, match="'model.embed_tokens' is an embedding LoRA"):
+        read_adapter(d)
+
+
+@pytest.mark.parametrize("dims, kind", [(3, "Conv1d"), (4, "Conv2d")])
+def test_conv_lora_is_refused(phi3_setup, tmp_path, dims, kind):
+    """A convolution LoRA (3-D / 4-D lora_A, as PEFT saves for nn.Conv1d / nn.Conv2d) is named with its kind."""
+    d = _copy(phi3_setup.task[0], tmp_path / "a")
+    state = load_file(d / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"
+    state[key] = state[key].reshape(*state[key].shape, *([1] * (dims - 2))).contiguous()
+    save_file(state, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"'model.layers.0.self_attn.o_proj' is a {kind} \\(convolution\\) LoRA"):
         read_adapter(d)
 
 

@@ -39,9 +39,12 @@ def test_build_and_info(phi3_setup, tmp_path, capsys):
     assert "8 modules, " in text  # len(lib) counts experts now; info counts the modules itself
 
 
-def test_build_delta_without_general_means_no_gks(phi3_setup, tmp_path):
+def test_build_gks_without_general_is_an_error(phi3_setup, tmp_path, capsys):
+    """Asking for GenKnowSub without general adapters is refused (it used to build a library without GKS)."""
     out = tmp_path / "lib.safetensors"
-    assert main(["build", "--task", *phi3_setup.task[:2], "--gks", "delta", "-o", str(out)]) == 0
+    assert main(["build", "--task", *phi3_setup.task[:2], "--gks", "delta", "-o", str(out)]) == 2
+    assert "no general adapters were given" in capsys.readouterr().err
+    assert main(["build", "--task", *phi3_setup.task[:2], "-o", str(out)]) == 0
     assert LoraLibrary.load(out).gks is None
 
 

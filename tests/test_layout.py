@@ -13,6 +13,7 @@ import sys
 CORE = [
     "genknowsub_fast.experts",
     "genknowsub_fast.gks",
+    "genknowsub_fast.layer_prototypes",
     "genknowsub_fast.adapters",
     "genknowsub_fast.library",
     "genknowsub_fast.runner",

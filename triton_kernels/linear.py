@@ -127,6 +127,11 @@ def routed_linear(
 ) -> torch.Tensor:
     """``x Wᵀ + bias + delta`` for x (T, d_in), or only the delta when ``weight`` is None (arguments already valid)."""
     fused = weight is not None and plan.expand is not None and plan.expand.fuse_base
+    if fused and weight.stride(-1) != 1:
+        # The fused-base kernel reads W (d_out, d_in) by rows with unit stride; a transposed weight (GPT-2 Conv1D's
+        # Wᵀ, a view) takes the table's plan without fusion: cuBLAS for the base, then the plain expand.
+        plan = plan_for(x, b_t, top_k, scores is not None, plan.regime, plan.route.split_k, False)
+        fused = False
     if weight is None or fused:
         y = torch.empty(x.shape[0], b_t.shape[-1], device=x.device, dtype=x.dtype)
     else:

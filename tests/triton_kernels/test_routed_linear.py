@@ -59,6 +59,11 @@ def test_delta_only_bias_and_fused_base(with_bias):
     fused = prob.layer(torch.float32, 2, 1.0, regime="dense", fuse_base=True)
     assert fused.plan(c["x"]).expand.fuse_base
     check(fused(c["x"], c["weight"], bias), *ref, torch.float32, "fused base GEMM")
+    # A GPT-2 Conv1D layer passes Wᵀ of its (d_in, d_out) weight: a view whose rows are not unit-stride, which the
+    # fused kernel cannot read; the call must take the unfused plan and stay right.
+    transposed = c["weight"].T.contiguous().T
+    assert transposed.stride(-1) != 1
+    check(fused(c["x"], transposed, bias), *ref, torch.float32, "fused plan, transposed weight")
 
 
 @pytest.mark.parametrize("regime", ["decode", "dense", "grouped"])
