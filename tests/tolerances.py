@@ -63,6 +63,10 @@ FP32_BACKEND_LOGITS_REL = 1e-4
 LOGITS_VS_PEFT_REL = 1e-4
 # The adapters must move the logits at least this much for a parity test to mean anything.
 MIN_ADAPTER_EFFECT = 1e-2
+# Prompt log-probs of a model served by vLLM against the same model patched with patch_model in transformers, both
+# float32: the two engines use different GEMM and attention kernels, so they round differently. Measured at most
+# 4.5e-7 (tiny Phi-3 and Phi-2, routed, eager and compiled, 1 and 2 tensor-parallel ranks; issue 16).
+FP32_ENGINE_LOGPROB_ATOL = 5e-6
 # The convergence warning prints min |cos| with 4 decimals: the printed value is within this of the measured one.
 PROTOTYPE_COS_REPORTED = 1e-4
 # Not a tolerance but the size of an effect: on adapters whose σ2/σ1 >= 0.95, exact prototypes move a patched model's

@@ -148,3 +148,17 @@ def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
     assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
     replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
     assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()
+
+
+def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
+    from benchmarks.write_results import EVAL_BEGIN, EVAL_END, VLLM_BEGIN, VLLM_END, replace_block
+
+    out = tmp_path / "RESULTS.md"
+    replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval", append=True)
+    replace_block(str(out), VLLM_BEGIN, VLLM_END, "## vLLM\n\n| a | b |", append=True)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "x", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}))
+    assert main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
+    assert f"{VLLM_BEGIN}\n## vLLM\n\n| a | b |\n{VLLM_END}" in text

@@ -1,0 +1,141 @@
+"""``make_llm``: a ``vllm.LLM`` whose model routes every token through a GenKnowSub + Arrow library.
+
+vLLM builds the model in worker processes it spawns, so nothing can be handed to the model object directly: the
+routing options go into the HF config with ``hf_overrides`` (together with the routed architecture, see ``options``)
+and the plugin's model class reads them in each worker. A LoraLibrary object is saved to a temporary file for the
+workers to read; the file lives as long as the returned LLM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from importlib.metadata import entry_points
+
+from genknowsub_fast.backends.packing import check_mixing
+from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, RoutingOptions, routed_architecture
+from genknowsub_fast.library import LoraLibrary
+from genknowsub_fast.runner import check_routing_args
+
+PLUGIN_NAME = "genknowsub_fast"
+PLUGIN_GROUP = "vllm.general_plugins"
+
+
+def model_architecture(model: str | os.PathLike, trust_remote_code: bool = False) -> str:
+    """The HF architecture named by a model's config (a local folder or a hub id available offline)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(os.fspath(model), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError / ValueError / its own types for a missing config
+        raise ValueError(f"cannot read the model config of {os.fspath(model)!r}: {exc}") from exc
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if len(archs) != 1:
+        raise ValueError(f"the config of {os.fspath(model)!r} names architectures {archs}; expected exactly one")
+    return archs[0]
+
+
+def hf_overrides(
+    model: str | os.PathLike,
+    library_path: str | os.PathLike,
+    *,
+    top_k: int | None = None,
+    temperature: float | None = None,
+    mixing: str = "output",
+    backend: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict:
+    """The ``hf_overrides`` that make vLLM serve ``model`` routed through the saved library at ``library_path``.
+
+    Also what ``vllm serve MODEL --hf-overrides '<this dict as JSON>'`` takes. ValueError for an unsupported
+    architecture, a missing library file or bad routing options.
+    """
+    options = RoutingOptions(os.fspath(library_path), top_k, temperature, mixing, backend)
+    if not os.path.isfile(options.library):
+        raise ValueError(f"library file {options.library!r} does not exist")
+    arch = routed_architecture(model_architecture(model, trust_remote_code))
+    return {"architectures": [arch], CONFIG_KEY: options.to_dict()}
+
+
+def check_plugin() -> None:
+    """ValueError unless vLLM's worker processes will load this package's plugin (else they could not build the
+    routed architecture)."""
+    names = [ep.name for ep in entry_points(group=PLUGIN_GROUP)]
+    if PLUGIN_NAME not in names:
+        raise ValueError(
+            f"the {PLUGIN_GROUP} entry point {PLUGIN_NAME!r} is not installed: install genknowsub-fast with pip "
+            "(pip install -e . for a checkout) in the environment that runs vLLM"
+        )
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
+        raise ValueError(f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}; add it to route with vLLM")
+
+
+def make_llm(
+    model: str | os.PathLike,
+    library: str | os.PathLike | LoraLibrary,
+    *,
+    top_k: int = 3,
+    temperature: float = 1.0,
+    mixing: str = "output",
+    **llm_kwargs,
+):
+    """A ``vllm.LLM`` serving ``model`` with every target linear layer routed through ``library`` (GenKnowSub +
+    Arrow, per token), in vLLM's own layers and under its tensor parallelism.
+
+    Args:
+        model: a Phi-3 or Phi-2 checkpoint (local folder or hub id), as for ``vllm.LLM``.
+        library: a LoraLibrary, or the path of one saved with ``LoraLibrary.save``.
+        top_k: experts per token; temperature: routing softmax temperature (> 0); mixing: ``"output"`` or
+            ``"weights"`` (as for ``patch_model``).
+        **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``tensor_parallel_size``, ``max_model_len``, ...). An
+            ``hf_overrides`` dict is merged with the routing overrides; it may not set their keys.
+
+    Everything is checked before vLLM starts: ValueError names the problem.
+    """
+    if not isinstance(library, (str, os.PathLike, LoraLibrary)):
+        raise ValueError(f"library must be a LoraLibrary or the path of a saved one, got {type(library).__name__}")
+    user_overrides = llm_kwargs.pop("hf_overrides", None) or {}
+    if not isinstance(user_overrides, dict):
+        raise ValueError("make_llm merges hf_overrides with its own: pass a dict, not a callable")
+    clash = sorted({"architectures", CONFIG_KEY} & set(user_overrides))
+    if clash:
+        raise ValueError(f"hf_overrides may not set {clash}: make_llm sets them")
+    check_plugin()
+
+    lib = library if isinstance(library, LoraLibrary) else LoraLibrary.load(library)
+    check_routing_args(top_k, temperature, lib.num_experts)
+    RoutingOptions(os.fspath(library) if not isinstance(library, LoraLibrary) else "-", top_k, temperature, mixing)
+    for experts in lib.modules.values():
+        check_mixing(mixing, experts.scaling, experts.ranks)
+    tmpdir = None
+    if isinstance(library, LoraLibrary):
+        tmpdir = tempfile.mkdtemp(prefix="genknowsub_fast_vllm_")
+        path = os.path.join(tmpdir, "library.safetensors")
+        library.save(path)
+    else:
+        path = os.path.abspath(os.fspath(library))
+    try:
+        overrides = hf_overrides(
+            model,
+            path,
+            top_k=top_k,
+            temperature=temperature,
+            mixing=mixing,
+            trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)),
+        )
+        from vllm import LLM
+
+        llm = LLM(os.fspath(model), hf_overrides={**user_overrides, **overrides}, **llm_kwargs)
+    except BaseException:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    if tmpdir is not None:
+        weakref.finalize(llm, shutil.rmtree, tmpdir, ignore_errors=True)
+    return llm
+
+
+__all__ = ["check_plugin", "hf_overrides", "make_llm", "model_architecture"]
