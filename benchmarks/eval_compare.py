@@ -105,8 +105,9 @@ def measure(n_examples: int, rounds: int, batch_size: int, seed: int) -> dict:
         return score_choices_naive(model, tok, examples, progress=False)
 
     def harness():
-        return simple_evaluate(model=lm, tasks=["genknowsub_bench"], task_manager=manager, log_samples=False,
-                               verbosity="ERROR")
+        return simple_evaluate(
+            model=lm, tasks=["genknowsub_bench"], task_manager=manager, log_samples=False, verbosity="ERROR"
+        )
 
     runs = {"naive": naive, "ours": ours, "lm_eval": harness}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -120,10 +121,14 @@ def measure(n_examples: int, rounds: int, batch_size: int, seed: int) -> dict:
     diff = max(abs(a - b) for ra, rb in zip(outputs["ours"], outputs["naive"]) for a, b in zip(ra, rb))
     kw = {"progress": False}
     acc = {
-        "naive": (accuracy(outputs["naive"], examples),
-                  accuracy(score_choices_naive(model, tok, examples, reduction="sum_continuation", **kw), examples)),
-        "ours": (accuracy(outputs["ours"], examples),
-                 accuracy(score_choices(model, tok, examples, reduction="sum_continuation", **kw), examples)),
+        "naive": (
+            accuracy(outputs["naive"], examples),
+            accuracy(score_choices_naive(model, tok, examples, reduction="sum_continuation", **kw), examples),
+        ),
+        "ours": (
+            accuracy(outputs["ours"], examples),
+            accuracy(score_choices(model, tok, examples, reduction="sum_continuation", **kw), examples),
+        ),
         "lm_eval": (None, outputs["lm_eval"]["results"]["genknowsub_bench"]["acc,none"]),
     }
     return {

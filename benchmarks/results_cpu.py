@@ -24,10 +24,14 @@ SECTIONS = {
     "op": ("Op level: one Phi-3-mini linear layer, top-k 3 (x: 1 × T × d_in)", [("ours", "base"), ("ours", "peft")]),
     "model": ("Model level: prefill and decode (decode: per generated token)", [("ours", "base"), ("ours", "peft")]),
     "small-model": ("The demo's hidden-256 model: prefill and decode", [("ours", "base"), ("ours", "peft")]),
-    "layer": ("One patched layer of the hidden-256 model against the unpatched layer (what a call adds)",
-              [("ours", "base")]),  # fmt: skip
-    "prototypes": ("Exact prototypes of a whole Phi-3-mini library (32 layers × 4 modules)",
-                   [("ours", "peft"), ("ours", "torch")]),  # fmt: skip
+    "layer": (
+        "One patched layer of the hidden-256 model against the unpatched layer (what a call adds)",
+        [("ours", "base")],
+    ),  # fmt: skip
+    "prototypes": (
+        "Exact prototypes of a whole Phi-3-mini library (32 layers × 4 modules)",
+        [("ours", "peft"), ("ours", "torch")],
+    ),  # fmt: skip
 }
 IMPL_ORDER = ("base", "ours", "peft", "torch")
 NAMES = {"peft": "PEFT"}  # column headings

@@ -37,6 +37,7 @@ _SUBMODULES = ("ops", "reference", "gks", "analytics", "integrations", "syntheti
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -99,9 +99,7 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base = make_phi3(args.size, seed=args.seed)
     cfg = base.config
-    print(
-        f"[1/6] {cost}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({time.perf_counter() - t0:.1f} s)"
-    )
+    print(f"[1/6] {cost}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
     ad = write_adapters(base, os.path.join(out, "adapters"), args.tasks, args.general, rank=args.rank, seed=args.seed)

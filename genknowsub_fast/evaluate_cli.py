@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "examples": rows,
         }
+
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=1)

@@ -28,9 +28,7 @@ from .routing import mix, slot, sum_splits, topk_softmax
 
 
 @triton.jit
-def _partial_dot(
-    x_rows, t_mask, w_ptr, rows, rmask, stride_w, k_start, k_len, k_end, acc, BLOCK_K: tl.constexpr
-):
+def _partial_dot(x_rows, t_mask, w_ptr, rows, rmask, stride_w, k_start, k_len, k_end, acc, BLOCK_K: tl.constexpr):
     """acc += x[:, k_start:k_end] · W[rows, k_start:k_end]ᵀ (k_len >= k_end - k_start), x cast to W's dtype (exact
     for float32 W). The loop runs over the scalar argument k_len, not over program-dependent bounds."""
     for dk in range(0, k_len, BLOCK_K):

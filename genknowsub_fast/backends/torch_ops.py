@@ -64,9 +64,7 @@ def topk_softmax(logits: torch.Tensor, top_k: int, temperature: float) -> tuple[
     return torch.softmax(top.to(work) / temperature, dim=-1), idx
 
 
-def route_from_scores(
-    scores: torch.Tensor, top_k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route_from_scores(scores: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing weights (T, k) and indices (T, k) from signed scores (T, E)."""
     return topk_softmax(scores.abs(), top_k, temperature)
 

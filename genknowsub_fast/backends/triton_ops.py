@@ -169,4 +169,3 @@ def prepare(
     if regime is not None and regime not in linear.REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {linear.REGIMES}")
     return TritonLayer(packed, top_k, temperature, regime, split, fuse_base)
-

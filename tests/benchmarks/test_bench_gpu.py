@@ -20,8 +20,9 @@ def test_rows_render(monkeypatch):
     group = "gpu op o_proj 3072->3072 T=1 E10_r4 bf16"
     rows = [
         bench_gpu._row(group, "base_graph", [8e-6, 9e-6, 8.5e-6]),
-        bench_gpu._row(group, "ours_graph", [10e-6, 11e-6, 10.5e-6], output_check="ok (1 tokens)",
-                       predicted_ratio=2.19),  # fmt: skip
+        bench_gpu._row(
+            group, "ours_graph", [10e-6, 11e-6, 10.5e-6], output_check="ok (1 tokens)", predicted_ratio=2.19
+        ),  # fmt: skip
     ]
     assert rows[1]["stats"]["median"] == pytest.approx(10.5e-6) and rows[1]["stats"]["rounds"] == 3
     text = render({"benchmarks": rows, "versions": {"triton": "3.6.0", "torch": "2.11.0"}}, "cmd")

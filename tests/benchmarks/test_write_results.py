@@ -6,7 +6,16 @@ import json
 import pytest
 
 from benchmarks.results_cpu import added, ratio, summary, verdicts
-from benchmarks.write_results import EVAL_BEGIN, EVAL_END, main, render, replace_block, update_readme
+from benchmarks.write_results import (
+    EVAL_BEGIN,
+    EVAL_END,
+    VLLM_BEGIN,
+    VLLM_END,
+    main,
+    render,
+    replace_block,
+    update_readme,
+)
 
 OP = "op qkv_proj 3072->9216 {lib} T={t} float32"
 
@@ -32,10 +41,21 @@ def _data(cases, **extra):
         "interrupted": False,
         "loadavg_start": [3.5, 2.25, 1.0],
         "loadavg_end": [4.0, 3.0, 2.0],
-        "machine": {"cpu": "AMD EPYC", "cores": 2, "cpu_flags": ["avx2", "fma", "f16c"],
-                    "torch_cpu_capability": "AVX2", "kernel_isa": "avx2"},  # fmt: skip
-        "versions": {"torch": "2.13.0+cpu", "triton": "3.9.0", "peft": "0.18.0", "transformers": "4.57.0",
-                     "python": "3.11.7", "threads": 2},  # fmt: skip
+        "machine": {
+            "cpu": "AMD EPYC",
+            "cores": 2,
+            "cpu_flags": ["avx2", "fma", "f16c"],
+            "torch_cpu_capability": "AVX2",
+            "kernel_isa": "avx2",
+        },  # fmt: skip
+        "versions": {
+            "torch": "2.13.0+cpu",
+            "triton": "3.9.0",
+            "peft": "0.18.0",
+            "transformers": "4.57.0",
+            "python": "3.11.7",
+            "threads": 2,
+        },  # fmt: skip
         "cases": cases,
         **extra,
     }
@@ -151,13 +171,11 @@ def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
 
 
 def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
-    from benchmarks.write_results import EVAL_BEGIN, EVAL_END, VLLM_BEGIN, VLLM_END, replace_block
-
     out = tmp_path / "RESULTS.md"
     replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval", append=True)
     replace_block(str(out), VLLM_BEGIN, VLLM_END, "## vLLM\n\n| a | b |", append=True)
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"datetime": "x", "benchmarks": [_bench("model decode 32 tokens", "base", 0.1)]}))
+    path.write_text(json.dumps(_data([MODEL])))
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
     assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
