@@ -34,26 +34,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 from benchmarks.write_results import EVAL_BEGIN, EVAL_END, replace_block  # noqa: E402
 
 README_BEGIN, README_END = "<!-- eval-table -->", "<!-- /eval-table -->"
-TASK_YAML = """task: genknowsub_bench
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def build(root: str, n_examples: int, seed: int):
     """Model, library, tokenizer, examples; saved under ``root`` for lm-eval."""
     import genknowsub_fast as gkf
+    from genknowsub_fast.eval_formats import lm_eval_task_yaml
     from genknowsub_fast.synthetic import PHI3_TARGETS, make_choice_examples, make_phi3, make_tokenizer, write_adapters
 
     base = make_phi3("small", seed=seed)
@@ -71,7 +57,7 @@ def build(root: str, n_examples: int, seed: int):
         f.writelines(json.dumps(e) + "\n" for e in examples)
     os.makedirs(os.path.join(root, "tasks"))
     with open(os.path.join(root, "tasks", "bench.yaml"), "w") as f:
-        f.write(TASK_YAML.format(data=data))
+        f.write(lm_eval_task_yaml("genknowsub_bench", data))
     return gkf.patch_model(base, lib, top_k=3), tok, examples
 
 

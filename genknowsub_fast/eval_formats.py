@@ -3,6 +3,7 @@ to build its arguments without importing torch)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 TEMPLATES = {
@@ -45,3 +46,30 @@ def check_examples(examples: Sequence[Mapping], need_labels: bool = False) -> No
             continue
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
             raise ValueError(f"example {i}: 'label' must be an integer in [0, {len(choices)}), got {label!r}")
+
+
+def lm_eval_task_yaml(name: str, data: str) -> str:
+    """An lm-eval task config that scores the JSONL file ``data`` (fields as :func:`check_examples` wants) the way
+    :func:`genknowsub_fast.evaluate.score_choices` does with the ``"plain"`` template: each request is the context
+    followed directly by the option (empty target delimiter), reported as ``acc`` (summed log-likelihood) and
+    ``acc_norm`` (per byte). Write it into a folder given to ``lm_eval.tasks.TaskManager(include_path=...)``.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"task name must be an identifier, got {name!r}")
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data))}",  # quoted: a path may hold ':' or '#'
+        "test_split: test",
+        "output_type: multiple_choice",
+        "doc_to_text: context",
+        "doc_to_choice: choices",
+        "doc_to_target: label",
+        'target_delimiter: ""',
+        "metric_list:",
+        "  - metric: acc",
+        "  - metric: acc_norm",
+    ]
+    return "\n".join(lines) + "\n"

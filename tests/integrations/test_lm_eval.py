@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import genknowsub_fast as gkf
+from genknowsub_fast.eval_formats import lm_eval_task_yaml
 from genknowsub_fast.evaluate import accuracy, score_choices, score_choices_naive
 from genknowsub_fast.synthetic import make_choice_examples, make_tokenizer
 from tests.tolerances import assert_close_to_reference
@@ -21,21 +22,6 @@ lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-TASK = """task: genknowsub_toy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +33,7 @@ def local(phi3_setup, tmp_path_factory):
     examples = make_choice_examples(12, seed=21)
     (root / "toy.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
     (root / "tasks").mkdir()
-    (root / "tasks" / "toy.yaml").write_text(TASK.format(data=root / "toy.jsonl"))
+    (root / "tasks" / "toy.yaml").write_text(lm_eval_task_yaml("genknowsub_toy", str(root / "toy.jsonl")))
     return root, examples
 
 
