@@ -230,6 +230,7 @@ def bench_model(rounds: int, progress) -> list[dict]:
     from transformers import DynamicCache
 
     import genknowsub_fast as gkf
+    from genknowsub_fast.hf_compat import cache_kwarg
     from genknowsub_fast.synthetic import make_phi3, write_adapters
 
     with torch.device("cuda"):
@@ -247,11 +248,13 @@ def bench_model(rounds: int, progress) -> list[dict]:
         return lambda: model(ids)
 
     def decode(model):
+        kw = cache_kwarg(model)
+
         def run():
             cache = DynamicCache()
-            tok = model(ids[:, :16], past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(ids[:, :16], use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
             for _ in range(32):
-                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
 
         return run
 

@@ -89,14 +89,18 @@ def decode_run(model: torch.nn.Module, ids: torch.Tensor, steps: int, calls: int
 
     from transformers import DynamicCache
 
+    from genknowsub_fast.hf_compat import cache_kwarg
+
+    kw = cache_kwarg(model)
+
     def run() -> float:
         total = 0.0
         for _ in range(calls):
             cache = DynamicCache()
-            tok = model(ids[:, :DECODE_PROMPT], past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(ids[:, :DECODE_PROMPT], use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(steps):
-                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
             total += time.perf_counter() - t0
         return total / (steps * calls)
 

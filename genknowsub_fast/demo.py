@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from . import reference
+from .hf_compat import cache_kwarg
 from .library import LoraLibrary
 from .patching import patch_model, patched, patched_layers
 
@@ -42,11 +43,12 @@ def decode_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> flo
 
     with torch.no_grad():
         cache = DynamicCache()
-        out = model(prompt, past_key_values=cache, use_cache=True)
+        kw = cache_kwarg(model)
+        out = model(prompt, use_cache=True, **{kw: cache})
         tok = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, use_cache=True, **{kw: cache})
             tok = out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / max(steps, 1)
 

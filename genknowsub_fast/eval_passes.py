@@ -10,9 +10,10 @@ would predict nothing that is scored.
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
+
+from .hf_compat import cache_kwarg
 
 
 def _lcp(seqs: list[list[int]]) -> int:
@@ -23,12 +24,6 @@ def _lcp(seqs: list[list[int]]) -> int:
         if any(s[i] != t for s in seqs):
             return i
     return max(n, 0)
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5 renamed forward's `past_key_values` to `cache` (the old name is deprecated, then removed).
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _batches(order: list[int], sizes: list[int], batch_size: int) -> list[list[int]]:
@@ -63,7 +58,7 @@ def next_token_nlls(
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     pad = pad_id if 0 <= pad_id < vocab else 0
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     prefix = [_lcp(seqs) for seqs in groups]
     # Groups without a shared prefix (P = 0: the options differ at their first token) never share a batch with
     # groups that have one, so every prefix row in a prefix pass holds at least one real token (no fully masked

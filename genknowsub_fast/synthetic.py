@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -201,7 +202,11 @@ def write_adapters(
                 init_lora_weights=False,
                 lora_dropout=0.0,
             )
-            peft_models[r] = get_peft_model(copy.deepcopy(base_model), cfg)
+            with warnings.catch_warnings():
+                # PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning from transformers
+                # 5.x): nothing the caller can act on.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                peft_models[r] = get_peft_model(copy.deepcopy(base_model), cfg)
         return peft_models[r]
 
     general_factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
