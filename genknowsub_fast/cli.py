@@ -24,7 +24,7 @@ from .cli_args import (
 
 def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", nargs="+", required=True, metavar="DIR", help="task adapter directories (PEFT format)")
-    p.add_argument("--general", nargs="*", default=[], metavar="DIR", help="general-knowledge adapter directories")
+    p.add_argument("--general", nargs="+", default=[], metavar="DIR", help="general-knowledge adapter directories")
     p.add_argument(
         "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
     )

@@ -30,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"option format: {', '.join(TEMPLATES)}, or a string with {{context}} and {{choice}} (default: plain)",
     )
     p.add_argument("--reduction", default="mean", help=f"{', '.join(REDUCTIONS)} (default: mean, the paper's)")
-    p.add_argument("--top-k", type=positive_int, help="experts per token (default: the library's, else 3)")
-    p.add_argument("--temperature", type=positive_float, help="routing softmax temperature")
+    p.add_argument(
+        "--top-k", type=positive_int, help="experts per token (default: the library's, else min(3, experts))"
+    )
+    p.add_argument(
+        "--temperature", type=positive_float, help="routing softmax temperature (default: the library's, else 1)"
+    )
     p.add_argument("--batch-size", type=positive_int, default=16, help="options per forward pass (default: 16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="float32", help=f"{', '.join(_DTYPES)} (default: float32)")
@@ -91,7 +95,7 @@ def _check_args(args: argparse.Namespace):
         raise ValueError(f"--device {args.device!r}: expected cpu or cuda")
     _check_dir(args.model, "--model", ("config.json",))
     _check_dir(args.tokenizer or args.model, "--tokenizer", ("tokenizer.json", "tokenizer_config.json"))
-    if not os.path.isfile(args.library):
+    if not os.path.exists(args.library):  # a directory is named as such by LoraLibrary.load below
         raise ValueError(f"--library {args.library!r} does not exist")
     if not os.path.isfile(args.data):
         raise ValueError(f"--data {args.data!r} does not exist")
@@ -99,9 +103,12 @@ def _check_args(args: argparse.Namespace):
         check_output_file(args.out, "--out")
     examples = read_jsonl(args.data)
     library = LoraLibrary.load(args.library)
-    top_k = args.top_k if args.top_k is not None else int(library.routing.get("top_k", 3))
-    if not 1 <= top_k <= library.num_experts:
-        raise ValueError(f"--top-k {top_k} is outside [1, {library.num_experts}] (the library's experts)")
+    default_k, default_t = library.default_routing()
+    if args.top_k is not None and not 1 <= args.top_k <= library.num_experts:
+        raise ValueError(f"--top-k {args.top_k} is outside [1, {library.num_experts}] (the library's experts)")
+    top_k = args.top_k if args.top_k is not None else int(default_k)
+    if args.temperature is None:
+        args.temperature = float(default_t)  # so --out records the temperature used
     return examples, library, getattr(torch, args.dtype), device, top_k
 
 

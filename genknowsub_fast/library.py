@@ -22,7 +22,7 @@ from . import gks as gks_math
 from . import library_checks as checks
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
-from .experts import ModuleExperts
+from .experts import DEFAULT_TOP_K, ModuleExperts
 from .gks import GKS_MODES, resolve_gks
 from .layer_prototypes import PROTOTYPE_SCOPES, group_by_layer, layer_factors
 from .paths import write_atomically
@@ -110,6 +110,13 @@ class LoraLibrary:
     @property
     def num_experts(self) -> int:
         return len(self.expert_names)
+
+    def default_routing(self) -> tuple[int, float]:
+        """``(top_k, temperature)`` used when the caller gives neither: the library's own routing options (carried
+        from a PEFT Arrow model), else ``min(3, number of experts)`` and 1.0. Every entry point (``patch_model``, the
+        ``eval`` command, the lm-eval model, ``make_llm``) takes its defaults from here."""
+        top_k = self.routing.get("top_k", min(DEFAULT_TOP_K, self.num_experts))
+        return top_k, self.routing.get("temperature", 1.0)
 
     @property
     def target_modules(self) -> list[str]:
@@ -214,6 +221,10 @@ class LoraLibrary:
         exactly the task adapters: the average-of-tasks variant), or two experts with one name (e.g. two directories
         called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
         """
+        for what, given in (("task_adapters", task_adapters), ("general_adapters", general_adapters),
+                            ("add_adapters", add_adapters)):  # fmt: skip
+            if isinstance(given, (str, bytes, os.PathLike)):  # a list of its characters would be read otherwise
+                raise ValueError(f"{what} must be a list of adapter directories, got the single path {given!r}")
         task_adapters = list(task_adapters or [])
         general_adapters = list(general_adapters or [])
         add_adapters = list(add_adapters or [])
@@ -417,6 +428,14 @@ class LoraLibrary:
         the file and, where one is at fault, the tensor.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            hint = (
+                " (an adapter directory: build a library from it with LoraLibrary.from_adapters or "
+                "`genknowsub-fast build`)"
+                if os.path.isfile(os.path.join(path, "adapter_config.json"))
+                else ""
+            )
+            raise ValueError(f"library file {path!r} is a directory{hint}")
         if not os.path.isfile(path):
             raise ValueError(f"library file {path!r} does not exist")
         where = f"library {path!r}"
@@ -485,10 +504,10 @@ def _check_distinct_dirs(
         for p in paths:
             real = os.path.realpath(os.fspath(p))
             if real in seen:
-                raise ValueError(
-                    f"adapter directory {os.fspath(p)!r} is given twice (as {seen[real]} and as {kind} adapter)"
-                )
-            seen[real] = f"{kind} adapter"
+                first = seen[real]
+                how = f"among the {kind} adapters" if first == kind else f"(as {first} adapter and as {kind} adapter)"
+                raise ValueError(f"adapter directory {os.fspath(p)!r} is given twice {how}")
+            seen[real] = kind
 
 
 _HF_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")

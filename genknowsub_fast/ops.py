@@ -12,7 +12,7 @@ import torch
 
 from .backends import prototype_ext, torch_ops, torch_prototypes
 from .backends.packing import check_factors
-from .experts import ModuleExperts
+from .experts import DEFAULT_TOP_K, ModuleExperts
 from .library_checks import all_finite
 from .runner import BACKENDS, RoutedLinear, check_routing_args, resolve_backend, triton_status
 
@@ -87,7 +87,7 @@ def arrow_route(
 
 def prepare(
     experts: ModuleExperts,
-    top_k: int = 3,
+    top_k: int | None = None,
     temperature: float = 1.0,
     mixing: str = "output",
     backend: str = "auto",
@@ -99,11 +99,13 @@ def prepare(
 
     ``device``/``dtype`` pack right away; otherwise the first call packs for its input. See
     :class:`~genknowsub_fast.runner.RoutedLinear` for the calls (``runner(x, weight, bias)``,
-    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). NaN or Inf in the
-    experts is a ValueError.
+    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). ``top_k`` defaults
+    to min(3, number of experts). NaN or Inf in the experts is a ValueError.
     """
     if isinstance(experts, ModuleExperts):
         _check_finite(experts)
+        if top_k is None:
+            top_k = min(DEFAULT_TOP_K, experts.num_experts)
     return RoutedLinear(experts, top_k, temperature, mixing, backend, device, dtype, name)
 
 

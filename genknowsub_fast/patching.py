@@ -29,7 +29,6 @@ TARGETS = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
 }
-DEFAULT_TOP_K = 3
 _STATE = "_gkf_patch"
 _LOCK = threading.RLock()
 
@@ -327,10 +326,9 @@ def patch_model(
         if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
             raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
         targets = _find_targets(model, library)
-        if top_k is None:
-            top_k = library.routing.get("top_k", min(DEFAULT_TOP_K, library.num_experts))
-        if temperature is None:
-            temperature = library.routing.get("temperature", 1.0)
+        default_k, default_t = library.default_routing()
+        top_k = default_k if top_k is None else top_k
+        temperature = default_t if temperature is None else temperature
         top_k, temperature = check_routing_args(top_k, temperature, library.num_experts)
 
         layers = []

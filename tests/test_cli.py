@@ -48,6 +48,14 @@ def test_build_gks_without_general_is_an_error(phi3_setup, tmp_path, capsys):
     assert LoraLibrary.load(out).gks is None
 
 
+def test_build_general_with_no_directory_is_an_error(phi3_setup, tmp_path, capsys):
+    """`--general` followed by nothing used to build a library without GenKnowSub, silently."""
+    out = tmp_path / "lib.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "--task", *phi3_setup.task[:2], "--general", "-o", str(out)])
+    assert exc.value.code == 2 and "--general" in capsys.readouterr().err and not out.exists()
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
     err = capsys.readouterr().err

@@ -148,3 +148,15 @@ def test_dtype_and_tokenizer_options(files, tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert all(torch.isfinite(torch.tensor(r["scores"])).all() for r in result["examples"])
+
+
+def test_top_k_defaults_to_min_3_e_for_a_small_library(phi3_setup, files, tmp_path, capsys):
+    """Without --top-k a 2-expert library runs with top-k 2 (it used to be refused: "--top-k 3 is outside [1, 2]"),
+    and --out records the temperature used."""
+    two = tmp_path / "two.safetensors"
+    gkf.LoraLibrary.from_adapters(phi3_setup.task[:2]).save(two)
+    out = tmp_path / "r.json"
+    assert main(_args(files, **{"--library": str(two), "--out": str(out)})) == 0
+    result = json.loads(out.read_text())
+    assert result["top_k"] == 2 and result["temperature"] == 1.0
+    assert "top-k 2" in capsys.readouterr().out

@@ -109,6 +109,29 @@ def test_load_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(ValueError, match="cannot read library"):
         LoraLibrary.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="is a directory$"):
+        LoraLibrary.load(tmp_path)
+
+
+def test_an_adapter_directory_given_as_a_library_is_named_so(phi3_setup):
+    with pytest.raises(ValueError, match=r"is a directory \(an adapter directory: build a library from it"):
+        LoraLibrary.load(phi3_setup.task[0])
+
+
+def test_a_single_path_instead_of_a_list_is_refused(phi3_setup):
+    """A string is a sequence: it used to be read character by character ("adapter path 'a' does not exist")."""
+    with pytest.raises(ValueError, match="task_adapters must be a list of adapter directories, got the single path"):
+        LoraLibrary.from_adapters(phi3_setup.task[0])
+    with pytest.raises(ValueError, match="general_adapters must be a list"):
+        LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general[0])
+
+
+def test_default_routing_is_the_librarys_else_min_3_e(phi3_setup):
+    two = LoraLibrary.from_adapters(phi3_setup.task[:2])
+    assert two.default_routing() == (2, 1.0)
+    assert LoraLibrary.from_adapters(phi3_setup.task).default_routing() == (min(3, len(phi3_setup.task)), 1.0)
+    two.routing = {"top_k": 1, "temperature": 0.5}  # carried from a PEFT Arrow model
+    assert two.default_routing() == (1, 0.5)
 
 
 def test_to_dtype(phi3_setup):
@@ -416,7 +439,7 @@ def test_duplicate_experts_are_refused_before_reading(phi3_setup, tmp_path, monk
 
     monkeypatch.setattr(library_module, "read_adapter", no_reading)
     for args, kwargs, match in (
-        ([[t[0], t[1], t[0]]], {}, "given twice"),
+        ([[t[0], t[1], t[0]]], {}, "given twice among the task adapters"),
         ([[t[0], link]], {"names": ["a", "b"]}, "given twice"),
         ([t[:2], [t[1]]], {}, "given twice"),
         ([[t[0], other]], {}, r"duplicates: \['task_0'\].*names="),

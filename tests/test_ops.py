@@ -152,3 +152,16 @@ def test_nan_factors_are_errors(field):
     if field == "prototypes":
         with pytest.raises(ValueError, match="prototypes contain NaN or Inf"):
             gkf.arrow_route(case.x, t["prototypes"], 2)
+
+
+def test_prepare_defaults_top_k_to_min_3_e():
+    """ops.prepare used to default to top_k=3 and then refuse it for a library of fewer experts."""
+    from genknowsub_fast.experts import ModuleExperts
+
+    g = torch.Generator().manual_seed(0)
+    for e, want in ((2, 2), (5, 3)):
+        experts = ModuleExperts(
+            torch.randn(e, 4, 16, generator=g), torch.randn(e, 8, 4, generator=g), torch.ones(e),
+            torch.nn.functional.normalize(torch.randn(e, 16, generator=g), dim=1), torch.full((e,), 4),
+        )  # fmt: skip
+        assert gkf.ops.prepare(experts).top_k == want

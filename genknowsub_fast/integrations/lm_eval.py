@@ -3,9 +3,9 @@
     lm_eval --model genknowsub --model_args pretrained=DIR,library=LIB,top_k=3 --tasks ...
 
 Every ``HFLM`` argument is accepted; the others are ``library`` (a file written by ``genknowsub-fast build``),
-``top_k`` and ``temperature`` (default: the library's routing defaults, else 3 and 1.0), ``mixing`` and ``backend``
-(as in :func:`genknowsub_fast.patch_model`). Requests run through lm-eval's own batching; the patched layers route
-every token with Arrow.
+``top_k`` and ``temperature`` (default: the library's routing defaults, else min(3, E) and 1.0), ``mixing`` and
+``backend`` (as in :func:`genknowsub_fast.patch_model`). Requests run through lm-eval's own batching; the patched
+layers route every token with Arrow.
 
 How ``lm_eval`` finds the name: the package declares it as an entry point in the ``lm_eval.models`` group, which
 lm-eval's development branch reads itself (merged after 0.4.13, not yet released). lm-eval 0.4.13 reads no entry
@@ -15,8 +15,6 @@ the name as well.
 """
 
 from __future__ import annotations
-
-import os
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -41,11 +39,10 @@ class GenKnowSubLM(HFLM):
         # Checked before the model is loaded.
         if library is None:
             raise ValueError("model 'genknowsub' needs library=FILE in --model_args (a genknowsub-fast library)")
-        if not os.path.isfile(str(library)):
-            raise ValueError(f"library {library!r} does not exist")
         lib = gkf.LoraLibrary.load(str(library))
-        k = int(top_k) if top_k is not None else int(lib.routing.get("top_k", 3))
-        t = float(temperature) if temperature is not None else float(lib.routing.get("temperature", 1.0))
+        default_k, default_t = lib.default_routing()
+        k = int(top_k) if top_k is not None else int(default_k)
+        t = float(temperature) if temperature is not None else float(default_t)
         if not 1 <= k <= lib.num_experts:
             raise ValueError(f"top_k={k} is outside [1, {lib.num_experts}] (the library's experts)")
         if not t > 0:

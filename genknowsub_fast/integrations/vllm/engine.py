@@ -77,8 +77,8 @@ def make_llm(
     model: str | os.PathLike,
     library: str | os.PathLike | LoraLibrary,
     *,
-    top_k: int = 3,
-    temperature: float = 1.0,
+    top_k: int | None = None,
+    temperature: float | None = None,
     mixing: str = "output",
     **llm_kwargs,
 ):
@@ -88,8 +88,9 @@ def make_llm(
     Args:
         model: a Phi-3 or Phi-2 checkpoint (local folder or hub id), as for ``vllm.LLM``.
         library: a LoraLibrary, or the path of one saved with ``LoraLibrary.save``.
-        top_k: experts per token; temperature: routing softmax temperature (> 0); mixing: ``"output"`` or
-            ``"weights"`` (as for ``patch_model``).
+        top_k: experts per token; temperature: routing softmax temperature (> 0); both default to the library's
+            :meth:`~genknowsub_fast.LoraLibrary.default_routing` (its own options, else min(3, E) and 1.0), as in
+            ``patch_model``; mixing: ``"output"`` or ``"weights"``.
         **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``tensor_parallel_size``, ``max_model_len``, ...). An
             ``hf_overrides`` dict is merged with the routing overrides; it may not set their keys.
 
@@ -106,6 +107,9 @@ def make_llm(
     check_plugin()
 
     lib = library if isinstance(library, LoraLibrary) else LoraLibrary.load(library)
+    default_k, default_t = lib.default_routing()
+    top_k = default_k if top_k is None else top_k
+    temperature = default_t if temperature is None else temperature
     check_routing_args(top_k, temperature, lib.num_experts)
     RoutingOptions(os.fspath(library) if not isinstance(library, LoraLibrary) else "-", top_k, temperature, mixing)
     for experts in lib.modules.values():

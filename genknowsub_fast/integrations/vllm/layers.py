@@ -208,8 +208,9 @@ def attach_routing(
     routing (the wrapped method is unwrapped first).
     """
     library = LoraLibrary.load(options.library)
-    top_k = int(library.routing.get("top_k", 3)) if options.top_k is None else options.top_k
-    temperature = float(library.routing.get("temperature", 1.0)) if options.temperature is None else options.temperature
+    default_k, default_t = library.default_routing()
+    top_k = int(default_k) if options.top_k is None else options.top_k
+    temperature = float(default_t) if options.temperature is None else options.temperature
     groups, _ = _resolve(model, library)
     if not groups:
         raise ValueError("no library module is on this pipeline stage's layers")

@@ -30,7 +30,7 @@ class RoutingOptions:
     """What a routed model needs besides its weights.
 
     ``library``: path of a saved LoraLibrary (``LoraLibrary.save``), readable by every worker. ``top_k`` /
-    ``temperature``: None takes the library's routing defaults (else 3 and 1.0), as ``patch_model`` does.
+    ``temperature``: None takes the library's routing defaults (else min(3, E) and 1.0), as ``patch_model`` does.
     """
 
     library: str
