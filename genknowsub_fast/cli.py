@@ -28,7 +28,10 @@ def _add_build(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
     )
-    p.add_argument("--prototypes", choices=("exact", "power", "svd"), default="exact")
+    p.add_argument(
+        "--prototypes", choices=("exact", "power", "svd"), default="exact",
+        help="exact: top right singular vector (default); power: PEFT's 15-step power iteration; svd: full SVD (slow)",
+    )  # fmt: skip
     p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
     add_adapter_options(p)
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
@@ -80,16 +83,19 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=("tiny", "small", "bench", "phi3-mini"), default="small", help="Phi-3 size")
+    p.add_argument(
+        "--size", choices=("tiny", "small", "bench", "phi3-mini"), default="small",
+        help="random Phi-3 size (default: small; phi3-mini is the real shape and needs about 46 GB of memory)",
+    )  # fmt: skip
     p.add_argument("--tasks", type=positive_int, default=6, help="number of task adapters")
     p.add_argument("--general", type=non_negative_int, default=3, help="number of general adapters")
-    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the synthetic adapters (default: 8)")
     p.add_argument("--top-k", type=positive_int, default=3, help="experts per token (at most --tasks)")
     p.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill timing")
     p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed")
     p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (the median is reported)")
     p.add_argument("--out", default=None, help="directory for the adapters, library and plots (default: a temp dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model, adapters and tokens (default: 0)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

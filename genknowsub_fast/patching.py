@@ -13,6 +13,7 @@ a clear ValueError and the model stays usable.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -269,7 +270,7 @@ def _check_shapes(path: str, module: nn.Module, experts: ModuleExperts) -> None:
 
 def patch_model(
     model: nn.Module,
-    library: LoraLibrary | None = None,
+    library: LoraLibrary | str | os.PathLike | None = None,
     top_k: int | None = None,
     temperature: float | None = None,
     mixing: str = "output",
@@ -281,7 +282,8 @@ def patch_model(
     Args:
         model: a HF model (Phi-3, Phi-2, GPT-2, or any model whose adapters target linear layers), or a PEFT model made
             by ``peft.create_arrow_model`` (then ``library`` may be None: its adapters and ArrowConfig are used).
-        library: the experts; None only for a PEFT Arrow model.
+        library: the experts, or the path of a library saved with ``LoraLibrary.save``; None only for a PEFT Arrow
+            model.
         top_k: experts per token (default: the library's routing default, else min(3, number of experts)).
         temperature: softmax temperature > 0 (default: the library's routing default, else 1.0).
         mixing: ``"output"`` (PEFT's Arrow) or ``"weights"`` (per-token merged A and B, one shared scaling).
@@ -319,8 +321,10 @@ def patch_model(
                 "prototypes= chooses the prototypes of a PEFT Arrow model patched without a library; "
                 "a LoraLibrary brings its own (see LoraLibrary.from_adapters(prototypes=...))"
             )
+        if isinstance(library, (str, os.PathLike)):  # a saved library, as make_llm and the eval command take it
+            library = LoraLibrary.load(library)
         if not isinstance(library, LoraLibrary):
-            raise ValueError(f"library must be a LoraLibrary, got {type(library).__name__}")
+            raise ValueError(f"library must be a LoraLibrary or the path of a saved one, got {type(library).__name__}")
         base = getattr(model, "get_base_model", lambda: model)()
         fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
         if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:

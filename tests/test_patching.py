@@ -372,3 +372,18 @@ def test_patched_model_pickles(phi3_setup):
     gkf.unpatch_model(loaded)
     base = _logits(phi3_setup.base, phi3_setup.ids)
     torch.testing.assert_close(_logits(loaded, phi3_setup.ids), base, rtol=0, atol=0)
+
+
+def test_a_saved_library_path_patches_as_the_loaded_library(phi3_setup, tmp_path):
+    """patch_model takes the path of a saved library, as make_llm and the eval command do."""
+    lib = gkf.LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    lib.save(tmp_path / "lib.safetensors")
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = gkf.patch_model(phi3_setup.fresh(), lib, top_k=2)(ids).logits
+        got = gkf.patch_model(phi3_setup.fresh(), str(tmp_path / "lib.safetensors"), top_k=2)(ids).logits
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="does not exist"):
+        gkf.patch_model(phi3_setup.fresh(), tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="must be a LoraLibrary or the path of a saved one, got dict"):
+        gkf.patch_model(phi3_setup.fresh(), {})
