@@ -114,17 +114,19 @@ class RoutingStats:
         if not self.modules:
             return "no routing recorded"
         e = next(iter(self.modules.values())).counts.numel()
-        names = self.names(e)
+        # Expert columns as wide as their names (up to 12 characters; a longer name keeps its end, where names differ:
+        # "expert_0" / "expert_1" cut to 7 characters all read "expert_").
+        labels = [n if len(n) <= 12 else "…" + n[-11:] for n in self.names(e)]
+        cw = max(7, *(len(n) for n in labels))
         w = max(len(p) for p in self.modules)
-        head = f"{'module':<{w}}  {'tokens':>6}  {'top-1 w':>7}  {'entropy':>7}  {'/log k':>6}  usage % "
-        lines = [head + " ".join(f"{n[:7]:>7}" for n in names)]
+        head = f"{'module':<{w}}  {'tokens':>6}  {'top-1 w':>7}  {'entropy':>7}  {'/log k':>6}  "
+        lines = [" " * len(head) + "usage % (share of the top-k selections) per expert",
+                 head + " ".join(f"{n:>{cw}}" for n in labels)]  # fmt: skip
         for p, m in self.modules.items():
             norm = m.mean_entropy / math.log(m.top_k) if m.top_k > 1 else float("nan")
-            usage = " ".join(f"{100 * u:>7.1f}" for u in m.usage.tolist())
+            usage = " ".join(f"{100 * u:>{cw}.1f}" for u in m.usage.tolist())
             lines.append(
-                f"{p:<{w}}  {m.tokens:>6}  {m.mean_top1_weight:>7.3f}  {m.mean_entropy:>7.3f}  {norm:>6.2f}  "
-                + " " * 8
-                + usage
+                f"{p:<{w}}  {m.tokens:>6}  {m.mean_top1_weight:>7.3f}  {m.mean_entropy:>7.3f}  {norm:>6.2f}  " + usage
             )
         return "\n".join(lines)
 

@@ -47,6 +47,22 @@ def test_routing_counts_match_direct_routing(phi3_setup, lib):
     json.dumps(stats.to_dict())
 
 
+def test_table_columns_tell_the_experts_apart_and_line_up():
+    """Default names ("expert_0", ...) used to be cut to 7 characters ("expert_") and the usage columns sat 8
+    characters right of their headings."""
+    from genknowsub_fast.analytics.routing import ModuleRouting, RoutingStats
+
+    stats = RoutingStats()
+    path = "model.layers.0.mlp.down_proj"
+    stats.modules[path] = ModuleRouting(path, 2, 1.0, torch.tensor([2, 1, 1]), torch.tensor([2, 0, 0]), 2, 1.2, 1.3)
+    lines = stats.table().splitlines()
+    header, row = lines[1], lines[2]
+    names = header.split()[-3:]
+    assert len(set(names)) == 3 and all(n.startswith("expert") for n in names)
+    for name, value in zip(names, ["50.0", "25.0", "25.0"]):
+        assert header.index(name) + len(name) == row.index(value, header.index(name)) + len(value)  # right-aligned
+
+
 def test_recording_leaves_outputs_unchanged(phi3_setup, lib):
     model = patch_model(phi3_setup.fresh(), lib, top_k=2)
     with torch.no_grad():
