@@ -141,7 +141,8 @@ class LoraLibrary:
         gks = f"gks={self.gks!r} ({len(self.general_names)} general)" if self.gks else "gks=None"
         dtype = str(self.dtype).replace("torch.", "")
         return (
-            f"LoraLibrary({self.num_experts} experts [{names}], {len(self.modules)} modules "
+            f"LoraLibrary({self.num_experts} expert{'s' * (self.num_experts != 1)} [{names}], "
+            f"{len(self.modules)} module{'s' * (len(self.modules) != 1)} "
             f"({', '.join(self.target_modules)}), rank {'/'.join(map(str, ranks))}, {gks}, "
             f"prototypes={self.prototype_method!r}, dtype={dtype}, device={self.device})"
         )

@@ -166,7 +166,8 @@ def load() -> bool:
             _warned = True
             reason = " ".join(str(_state["reason"]).split())
             warnings.warn(
-                f"genknowsub_fast: compiled extension unavailable, using the torch.linalg path ({reason})",
+                "genknowsub_fast: compiled extension unavailable, routed layers and prototypes use the PyTorch paths "
+                f"({reason})",
                 RuntimeWarning,
                 stacklevel=3,
             )
