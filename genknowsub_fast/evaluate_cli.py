@@ -73,7 +73,7 @@ def _check_dir(path: str, what: str, needs: tuple[str, ...]) -> None:
 
 
 def _check_args(args: argparse.Namespace):
-    """Everything checked before the model loads; returns (examples, library, dtype, device, top_k)."""
+    """Everything checked before the model loads; returns (examples, library, dtype, device, top_k, temperature)."""
     import torch
 
     from .eval_formats import REDUCTIONS, resolve_template
@@ -103,18 +103,15 @@ def _check_args(args: argparse.Namespace):
         check_output_file(args.out, "--out")
     examples = read_jsonl(args.data)
     library = LoraLibrary.load(args.library)
-    default_k, default_t = library.default_routing()
     if args.top_k is not None and not 1 <= args.top_k <= library.num_experts:
         raise ValueError(f"--top-k {args.top_k} is outside [1, {library.num_experts}] (the library's experts)")
-    top_k = args.top_k if args.top_k is not None else int(default_k)
-    if args.temperature is None:
-        args.temperature = float(default_t)  # so --out records the temperature used
-    return examples, library, getattr(torch, args.dtype), device, top_k
+    top_k, temperature = library.default_routing(args.top_k, args.temperature)  # --out records the values used
+    return examples, library, getattr(torch, args.dtype), device, int(top_k), float(temperature)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check, load, patch, score; print the accuracy; write ``--out``. Bad input: ValueError (one line, exit 2)."""
-    examples, library, dtype, device, top_k = _check_args(args)
+    examples, library, dtype, device, top_k, temperature = _check_args(args)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -128,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model).to(device=device, dtype=dtype).eval()
     except (OSError, KeyError) as exc:  # transformers' "not a model / tokenizer directory" errors
         raise ValueError(f"cannot load {args.model!r}: {' '.join(str(exc).split())[:300]}") from None
-    gkf.patch_model(model, library, top_k=top_k, temperature=args.temperature)
+    gkf.patch_model(model, library, top_k=top_k, temperature=temperature)
     start = time.perf_counter()
     scores = score_choices(
         model,
@@ -159,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             "template": args.template,
             "reduction": args.reduction,
             "top_k": top_k,
-            "temperature": args.temperature,
+            "temperature": temperature,
             "seconds": seconds,
             "examples": rows,
         }

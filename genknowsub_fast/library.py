@@ -111,12 +111,15 @@ class LoraLibrary:
     def num_experts(self) -> int:
         return len(self.expert_names)
 
-    def default_routing(self) -> tuple[int, float]:
-        """``(top_k, temperature)`` used when the caller gives neither: the library's own routing options (carried
-        from a PEFT Arrow model), else ``min(3, number of experts)`` and 1.0. Every entry point (``patch_model``, the
-        ``eval`` command, the lm-eval model, ``make_llm``) takes its defaults from here."""
-        top_k = self.routing.get("top_k", min(DEFAULT_TOP_K, self.num_experts))
-        return top_k, self.routing.get("temperature", 1.0)
+    def default_routing(self, top_k: int | None = None, temperature: float | None = None) -> tuple[int, float]:
+        """``(top_k, temperature)``: the given values, and for each one that is None the library's own routing option
+        (carried from a PEFT Arrow model), else ``min(3, number of experts)`` and 1.0. Not validated here. Every entry
+        point (``patch_model``, the ``eval`` command, the lm-eval model, ``make_llm``) takes its defaults from here."""
+        if top_k is None:
+            top_k = self.routing.get("top_k", min(DEFAULT_TOP_K, self.num_experts))
+        if temperature is None:
+            temperature = self.routing.get("temperature", 1.0)
+        return top_k, temperature
 
     @property
     def target_modules(self) -> list[str]:

@@ -330,10 +330,7 @@ def patch_model(
         if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
             raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
         targets = _find_targets(model, library)
-        default_k, default_t = library.default_routing()
-        top_k = default_k if top_k is None else top_k
-        temperature = default_t if temperature is None else temperature
-        top_k, temperature = check_routing_args(top_k, temperature, library.num_experts)
+        top_k, temperature = check_routing_args(*library.default_routing(top_k, temperature), library.num_experts)
 
         layers = []
         for path, (_, module) in targets.items():

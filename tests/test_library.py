@@ -132,6 +132,7 @@ def test_default_routing_is_the_librarys_else_min_3_e(phi3_setup):
     assert LoraLibrary.from_adapters(phi3_setup.task).default_routing() == (min(3, len(phi3_setup.task)), 1.0)
     two.routing = {"top_k": 1, "temperature": 0.5}  # carried from a PEFT Arrow model
     assert two.default_routing() == (1, 0.5)
+    assert two.default_routing(2, None) == (2, 0.5) and two.default_routing(None, 2.0) == (1, 2.0)  # given ones kept
 
 
 def test_to_dtype(phi3_setup):

@@ -40,9 +40,8 @@ class GenKnowSubLM(HFLM):
         if library is None:
             raise ValueError("model 'genknowsub' needs library=FILE in --model_args (a genknowsub-fast library)")
         lib = gkf.LoraLibrary.load(str(library))
-        default_k, default_t = lib.default_routing()
-        k = int(top_k) if top_k is not None else int(default_k)
-        t = float(temperature) if temperature is not None else float(default_t)
+        k, t = lib.default_routing(top_k, temperature)
+        k, t = int(k), float(t)
         if not 1 <= k <= lib.num_experts:
             raise ValueError(f"top_k={k} is outside [1, {lib.num_experts}] (the library's experts)")
         if not t > 0:

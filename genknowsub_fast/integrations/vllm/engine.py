@@ -107,9 +107,7 @@ def make_llm(
     check_plugin()
 
     lib = library if isinstance(library, LoraLibrary) else LoraLibrary.load(library)
-    default_k, default_t = lib.default_routing()
-    top_k = default_k if top_k is None else top_k
-    temperature = default_t if temperature is None else temperature
+    top_k, temperature = lib.default_routing(top_k, temperature)
     check_routing_args(top_k, temperature, lib.num_experts)
     RoutingOptions(os.fspath(library) if not isinstance(library, LoraLibrary) else "-", top_k, temperature, mixing)
     for experts in lib.modules.values():

@@ -208,9 +208,8 @@ def attach_routing(
     routing (the wrapped method is unwrapped first).
     """
     library = LoraLibrary.load(options.library)
-    default_k, default_t = library.default_routing()
-    top_k = int(default_k) if options.top_k is None else options.top_k
-    temperature = float(default_t) if options.temperature is None else options.temperature
+    top_k, temperature = library.default_routing(options.top_k, options.temperature)
+    top_k, temperature = int(top_k), float(temperature)
     groups, _ = _resolve(model, library)
     if not groups:
         raise ValueError("no library module is on this pipeline stage's layers")
