@@ -223,14 +223,15 @@ def bench_ops(quick: bool, rounds: int, progress, rows: list[dict]) -> int:
     return failed
 
 
-def bench_model(rounds: int, progress) -> list[dict]:
-    """Prefill 512 and decode 32 tokens: random Phi-3-mini, base vs patched (Triton), alternated per round."""
+MODEL_CASE = "Phi-3-mini 32 layers bf16, E=10 r=8 + 3 general, GKS"
+
+
+def model_setup() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The model benchmark's random Phi-3-mini on the GPU (bf16), a patched copy (10 task + 3 general rank-8 adapters,
+    GKS) and 512 prompt token ids."""
     import tempfile
 
-    from transformers import DynamicCache
-
     import genknowsub_fast as gkf
-    from genknowsub_fast.hf_compat import cache_kwarg
     from genknowsub_fast.synthetic import make_phi3, write_adapters
 
     with torch.device("cuda"):
@@ -240,8 +241,18 @@ def bench_model(rounds: int, progress) -> list[dict]:
         ad = write_adapters(base, tmp, 10, 3, rank=8)
         lib = gkf.LoraLibrary.from_adapters(ad.task, ad.general, gks="param")
     ours = gkf.patch_model(copy.deepcopy(base), lib, top_k=TOP_K)
-    models = {"base": base, "ours": ours}
     ids = torch.randint(3, base.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0)).cuda()
+    return base, ours, ids
+
+
+def bench_model(rounds: int, progress) -> list[dict]:
+    """Prefill 512 and decode 32 tokens: random Phi-3-mini, base vs patched (Triton), alternated per round."""
+    from transformers import DynamicCache
+
+    from genknowsub_fast.hf_compat import cache_kwarg
+
+    base, ours, ids = model_setup()
+    models = {"base": base, "ours": ours}
     rows = []
 
     def prefill(model):
@@ -258,7 +269,7 @@ def bench_model(rounds: int, progress) -> list[dict]:
 
         return run
 
-    case = "Phi-3-mini 32 layers bf16, E=10 r=8 + 3 general, GKS"
+    case = MODEL_CASE
     with torch.no_grad():
         for name, make, calls, group in (
             ("prefill", prefill, 1, f"gpu model prefill T=512 ({case})"),

@@ -15,15 +15,15 @@ in a fresh cache, per generated token.
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from benchmarks.interleave import Run, block, calls_for, interleave
+from benchmarks.interleave import Run, block, calls_for
 from benchmarks.phi3_shapes import TOP_K
 
 DECODE_PROMPT = 16
@@ -84,23 +84,24 @@ def patched_run(model: torch.nn.Module, library, run: Run) -> Run:
 
 def decode_run(model: torch.nn.Module, ids: torch.Tensor, steps: int, calls: int = 1) -> Run:
     """Seconds per token of ``steps`` greedy decode steps after an untimed prompt in a fresh KV cache, ``calls``
-    times (only the steps are timed)."""
-    import time
-
+    times (only the steps are timed; on a GPU the device is synchronised before each clock reading)."""
     from transformers import DynamicCache
 
     from genknowsub_fast.hf_compat import cache_kwarg
 
     kw = cache_kwarg(model)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
 
     def run() -> float:
         total = 0.0
         for _ in range(calls):
             cache = DynamicCache()
             tok = model(ids[:, :DECODE_PROMPT], use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 tok = model(tok, use_cache=True, **{kw: cache}).logits[:, -1:].argmax(-1)
+            sync()
             total += time.perf_counter() - t0
         return total / (steps * calls)
 
@@ -115,34 +116,42 @@ def _impls(ms: ModelSet, dtype: str, make: Callable[[torch.nn.Module], Run]) -> 
     return runs
 
 
-def run_cases(
-    ms: ModelSet,
-    section: str,
-    prefill: int,
-    decode: int,
-    repeats: int,
-    block_s: float,
-    progress: Callable[[str], None] = print,
-) -> Iterator[dict]:
-    """Prefill of ``prefill`` tokens and decode of ``decode`` tokens per dtype of ``ms``, as JSON rows (yielded)."""
-    ids = ms.ids[:, :prefill]
+def case(ms: ModelSet, section: str, phase: str, dtype: str, tokens: int, block_s: float) -> dict:
+    """One interleaved case of ``ms`` in ``dtype``: ``phase`` "prefill" (one forward of ``tokens`` prompt tokens, per
+    call) or "decode" (``tokens`` greedy steps, per generated token). Returns the runs, calls per block, the case
+    name and its JSON fields, for the ``interleaved`` fixture of benchmarks/conftest.py."""
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be prefill or decode, got {phase!r}")
+    base = ms.models[dtype]
+    ids = ms.ids[:, :tokens]
     with torch.no_grad():
-        for dtype, base in ms.models.items():
-            pre_calls = calls_for(lambda m=base: m(ids), block_s, max_calls=50)
-            one_decode = decode_run(base, ms.ids, decode)()  # also the warm-up of the decode path
-            dec_calls = max(1, min(20, round(block_s / (one_decode * decode))))
-            cases = (
-                (f"prefill T={prefill}", lambda m, n=pre_calls: block(lambda: m(ids), n), prefill, pre_calls),
-                (f"decode {decode} tokens", lambda m, n=dec_calls: decode_run(m, ms.ids, decode, n), decode, dec_calls),
-            )
-            for what, make, tokens, calls in cases:
-                times = interleave(_impls(ms, dtype, make), repeats, warmup=1)
-                name = f"{section} {what} {dtype} ({ms.description})"
-                phase = what.split()[0]
-                info = dict(size=ms.size, phase=phase, dtype=dtype, tokens=tokens,
-                            per="token" if phase == "decode" else "call")  # fmt: skip
-                progress(f"{name}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in times.items()))
-                yield dict(section=section, case=name, times=times, calls=dict.fromkeys(times, calls), info=info)
+        if phase == "prefill":
+            calls = calls_for(lambda: base(ids), block_s, max_calls=50)  # also the warm-up
+
+            def make(m, n=calls):
+                return _no_grad(block(lambda: m(ids), n))
+
+            what = f"prefill T={tokens}"
+        else:
+            one = decode_run(base, ms.ids, tokens)()  # also the warm-up of the decode path
+            calls = max(1, min(20, round(block_s / (one * tokens))))
+
+            def make(m, n=calls):
+                return _no_grad(decode_run(m, ms.ids, tokens, n))
+
+            what = f"decode {tokens} tokens"
+    runs = _impls(ms, dtype, make)
+    info = dict(size=ms.size, phase=phase, dtype=dtype, tokens=tokens, per="token" if phase == "decode" else "call")
+    return dict(runs=runs, calls=dict.fromkeys(runs, calls), name=f"{section} {what} {dtype} ({ms.description})",
+                info=info)  # fmt: skip
 
 
-__all__ = ["ModelSet", "build", "patched_run", "decode_run", "run_cases"]
+def _no_grad(run: Run) -> Run:
+    def timed() -> float:
+        with torch.no_grad():
+            return run()
+
+    return timed
+
+
+__all__ = ["ModelSet", "build", "patched_run", "decode_run", "case"]

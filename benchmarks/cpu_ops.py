@@ -6,23 +6,21 @@
 - peft: PEFT's ``ArrowLoraLinearLayer`` on top of ``F.linear`` (``benchmarks/peft_arrow.py``), prototypes built before
   timing.
 
-x is (1, T, d_in), as a model passes it. The three run alternately inside one measurement (``benchmarks/interleave``).
+x is (1, T, d_in), as a model passes it. The three run alternately inside one measurement (``benchmarks/interleave``);
+the cases are ``benchmarks/test_op.py``'s, e.g.
 
-    python -m benchmarks.cpu_ops --module qkv_proj --dtype bfloat16 --library E256_r16 --tokens 1 512
-
-runs single cases by hand and prints their ratios; ``make bench`` runs the whole set through ``benchmarks.bench_cpu``.
+    pytest benchmarks/test_op.py --benchmark-only -k "cpu and qkv_proj and E256_r16 and bfloat16" -s
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.interleave import block, calls_for, interleave, ratio_stats
+from benchmarks.interleave import Run, block, calls_for
 from benchmarks.phi3_shapes import PHI3_MINI_SHAPES, TOP_K
 from genknowsub_fast.experts import ModuleExperts
 
@@ -67,14 +65,26 @@ def implementations(
     return impls
 
 
-def measure(
-    impls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, repeats: int, block_s: float
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Interleaved seconds per call of each implementation on x (one value per round), and the calls per block."""
+def runs(
+    impls: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, block_s: float
+) -> tuple[dict[str, Run], dict[str, int]]:
+    """A timed block of each implementation on x (seconds per call, no autograd) and the calls per block, sized to
+    about ``block_s`` seconds each (sizing them also warms every implementation up)."""
+    calls, out = {}, {}
     with torch.no_grad():
-        calls = {name: calls_for(lambda f=f: f(x), block_s) for name, f in impls.items()}  # also the warm-up
-        runs = {name: block(lambda f=f: f(x), calls[name]) for name, f in impls.items()}
-        return interleave(runs, repeats, warmup=0), calls
+        for name, f in impls.items():
+            calls[name] = calls_for(lambda f=f: f(x), block_s)
+            timed = block(lambda f=f: f(x), calls[name])
+            out[name] = _no_grad(timed)
+    return out, calls
+
+
+def _no_grad(run: Run) -> Run:
+    def timed() -> float:
+        with torch.no_grad():
+            return run()
+
+    return timed
 
 
 def case_name(module: str, library: str, tokens: int, dtype: str) -> str:
@@ -82,64 +92,19 @@ def case_name(module: str, library: str, tokens: int, dtype: str) -> str:
     return f"op {module} {d_in}->{d_out} {library} T={tokens} {dtype}"
 
 
-def run_cases(
-    modules: list[str],
-    libraries: list[str],
-    dtypes: list[str],
-    tokens: list[int],
-    repeats: int,
-    block_s: float,
-    peft: bool = True,
-    progress: Callable[[str], None] = print,
-) -> Iterator[dict]:
-    """Every (module, library, dtype, T) case as a JSON row for ``benchmarks/write_results.py``, yielded as measured."""
-    for module in modules:
-        d_in, d_out = PHI3_MINI_SHAPES[module]
-        for library in libraries:
-            e, r = CPU_LIBRARIES[library]
-            experts, weight = make_experts(d_in, d_out, e, r)
-            for dtype in dtypes:
-                with_peft = peft and dtype == "float32" and library in PEFT_LIBRARIES
-                impls = implementations(experts, weight, DTYPES[dtype], with_peft)
-                for t in tokens:
-                    x = torch.randn(1, t, d_in, generator=torch.Generator().manual_seed(1)).to(DTYPES[dtype])
-                    times, calls = measure(impls, x, repeats, block_s)
-                    info = dict(module=module, d_in=d_in, d_out=d_out, library=library, experts=e, rank=r,
-                                tokens=t, dtype=dtype, top_k=TOP_K)  # fmt: skip
-                    row = dict(section="op", case=case_name(module, library, t, dtype), times=times, calls=calls,
-                               info=info)  # fmt: skip
-                    progress(_line(row))
-                    yield row
-                del impls
-            del experts, weight
+def case_info(module: str, library: str, tokens: int, dtype: str) -> dict:
+    """The JSON fields of one case (module, shapes, library, E, r, T, dtype, top-k)."""
+    d_in, d_out = PHI3_MINI_SHAPES[module]
+    e, r = CPU_LIBRARIES[library]
+    return dict(module=module, d_in=d_in, d_out=d_out, library=library, experts=e, rank=r, tokens=tokens,
+                dtype=dtype, top_k=TOP_K)  # fmt: skip
 
 
-def _line(row: dict) -> str:
-    """One progress line: the case, ours × base (median [min, max]) and the medians in ms."""
-    times = row["times"]
-    med, lo, hi = ratio_stats(times, "ours", "base")
-    ms = ", ".join(f"{k} {statistics.median(v) * 1e3:.3f} ms" for k, v in times.items())
-    return f"{row['case']}: ours/base {med:.3f} [{lo:.3f}, {hi:.3f}]; {ms}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--module", nargs="+", choices=list(PHI3_MINI_SHAPES), default=["qkv_proj"])
-    parser.add_argument("--library", nargs="+", choices=list(CPU_LIBRARIES), default=["E256_r16"])
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32"])
-    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--block-s", type=float, default=0.2, help="seconds per timed block of one implementation")
-    parser.add_argument("--no-peft", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, top_k {TOP_K}")
-    cases = run_cases(args.module, args.library, args.dtype, args.tokens, args.repeats, args.block_s, not args.no_peft)
-    for _ in cases:  # each case prints its line
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+@functools.lru_cache(maxsize=1)
+def cached_implementations(module: str, library: str, dtype: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """:func:`implementations` of one (module, library, dtype), kept while consecutive cases share them (the cases
+    run in that order); PEFT's where it applies (float32, E <= 64)."""
+    d_in, d_out = PHI3_MINI_SHAPES[module]
+    e, r = CPU_LIBRARIES[library]
+    experts, weight = make_experts(d_in, d_out, e, r)
+    return implementations(experts, weight, DTYPES[dtype], dtype == "float32" and library in PEFT_LIBRARIES)

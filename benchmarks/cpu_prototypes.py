@@ -13,12 +13,11 @@ beyond the caches, so sharing does not make the reads cheaper).
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from benchmarks.interleave import block, calls_for, interleave
+from benchmarks.interleave import block, calls_for
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES
 
 LAYERS = 32
@@ -65,21 +64,25 @@ def implementations(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> d
     }
 
 
-def run_cases(libs: list[str], repeats: int, block_s: float, progress: Callable[[str], None] = print) -> Iterator[dict]:
-    """One interleaved case per library, as JSON rows (yielded as measured)."""
-    with torch.no_grad():
-        for lib in libs:
-            a_list, b_list = library(lib)
-            impls = implementations(a_list, b_list)
-            calls = {name: calls_for(f, block_s, max_calls=50) for name, f in impls.items()}
-            times = interleave({name: block(f, calls[name]) for name, f in impls.items()}, repeats, warmup=0)
-            n = sum(a.shape[0] for a in a_list)
-            e, r = LIBRARIES[lib]
-            name = f"prototypes phi3-mini {lib} {n} problems float32"
-            info = dict(library=lib, experts=e, rank=r, problems=n, dtype="float32")
-            progress(f"{name}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in times.items()))
-            del a_list, b_list, impls
-            yield dict(section="prototypes", case=name, times=times, calls=calls, info=info)
+def case(lib: str, block_s: float) -> dict:
+    """The three implementations of library ``lib`` as timed blocks: the runs, calls per block, the case name and its
+    JSON fields, for the ``interleaved`` fixture of benchmarks/conftest.py."""
+    a_list, b_list = library(lib)
+    impls = implementations(a_list, b_list)
+
+    def no_grad(f):
+        def call():
+            with torch.no_grad():
+                f()
+
+        return call
+
+    calls = {name: calls_for(no_grad(f), block_s, max_calls=50) for name, f in impls.items()}  # also the warm-up
+    runs = {name: block(no_grad(f), calls[name]) for name, f in impls.items()}
+    n = sum(a.shape[0] for a in a_list)
+    e, r = LIBRARIES[lib]
+    return dict(runs=runs, calls=calls, name=f"prototypes phi3-mini {lib} {n} problems float32",
+                info=dict(library=lib, experts=e, rank=r, problems=n, dtype="float32"))  # fmt: skip
 
 
-__all__ = ["library", "implementations", "run_cases"]
+__all__ = ["library", "implementations", "case"]

@@ -6,16 +6,25 @@ implementation back to back, the order flipping every round (so neither side alw
 taken per round from the blocks of that round; the reported ratio is the median over rounds, with its spread.
 
 A *run* is a callable that times one block itself and returns seconds per call (so a run can do untimed set-up
-first, e.g. the prompt of a decode); :func:`block` makes one from a plain function.
+first, e.g. the prompt of a decode); :func:`block` makes one from a plain function, :func:`cuda_block` from a batch
+of GPU calls. :class:`Rounds` runs one interleaved round per call: ``pytest benchmarks/`` (benchmarks/conftest.py)
+makes it the target of a pytest-benchmark measurement, so one benchmark round is one interleaved round.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 Run = Callable[[], float]
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """A progress line (shown by pytest with ``-s``): seconds since the start, the load average, ``msg``."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s, load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
 
 def block(fn: Callable[[], object], calls: int) -> Run:
@@ -28,6 +37,22 @@ def block(fn: Callable[[], object], calls: int) -> Run:
         for _ in range(calls):
             fn()
         return (time.perf_counter() - t0) / calls
+
+    return run
+
+
+def cuda_block(fn: Callable[[], object], calls: int) -> Run:
+    """A run of ``fn`` on a CUDA device, timed with CUDA events around it; ``fn`` makes ``calls`` calls (seconds per
+    call). The run waits for the device at its end, so the next block starts on an idle GPU."""
+    import torch
+
+    def run() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / calls
 
     return run
 
@@ -54,6 +79,32 @@ def calls_for(fn: Callable[[], object], block_s: float, max_calls: int = 100_000
     return max(1, min(max_calls, round(block_s / max(one, 1e-9))))
 
 
+class Rounds:
+    """Interleaved rounds of ``runs``, one per call: each run times one block, the order flipping every round.
+
+    ``times[name]`` holds seconds per call of every recorded round. A call with ``record=False`` is a warm-up round
+    (caches, allocator, lazily built state): it runs every block and keeps nothing. An instance is the target of a
+    pytest-benchmark ``pedantic`` run (one benchmark round = one interleaved round) as well as of :func:`interleave`.
+    """
+
+    def __init__(self, runs: dict[str, Run]):
+        if not runs:
+            raise ValueError("no runs to interleave")
+        self.runs = dict(runs)
+        self.times: dict[str, list[float]] = {name: [] for name in self.runs}
+        self._round = 0
+
+    def __call__(self, record: bool = True) -> None:
+        names = list(self.runs)
+        if not record:
+            for name in names:
+                self.runs[name]()
+            return
+        for name in names if self._round % 2 == 0 else reversed(names):
+            self.times[name].append(self.runs[name]())
+        self._round += 1
+
+
 def interleave(runs: dict[str, Run], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each run, one value per round; the order of the runs flips every round.
 
@@ -61,15 +112,12 @@ def interleave(runs: dict[str, Run], repeats: int, warmup: int = 1) -> dict[str,
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names = list(runs)
+    rounds = Rounds(runs)
     for _ in range(warmup):
-        for name in names:
-            runs[name]()
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            out[name].append(runs[name]())
-    return out
+        rounds(record=False)
+    for _ in range(repeats):
+        rounds()
+    return rounds.times
 
 
 def ratio_stats(times: dict[str, list[float]], impl: str, ref: str) -> tuple[float, float, float]:
@@ -81,4 +129,4 @@ def ratio_stats(times: dict[str, list[float]], impl: str, ref: str) -> tuple[flo
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-__all__ = ["Run", "block", "calls_for", "interleave", "ratio_stats"]
+__all__ = ["Run", "Rounds", "progress", "block", "cuda_block", "calls_for", "interleave", "ratio_stats"]

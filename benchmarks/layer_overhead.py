@@ -8,14 +8,14 @@ unpatched for each base block), and the added time is taken per round.
 
     python -m benchmarks.layer_overhead [--module qkv_proj] [--repeats 7] [--block-s 0.2]
 
-``make bench`` runs these cases, and the whole hidden-256 model's prefill / decode, through ``benchmarks.bench_cpu``.
+``make bench`` runs these cases, and the whole hidden-256 model's prefill / decode, as ``benchmarks/test_model.py``'s
+``test_cpu_layer`` and ``test_cpu_small_model``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,37 +26,23 @@ SIZE, TASKS, GENERAL, RANK = "small", 6, 3, 8  # the demo's defaults
 TOKENS = (1, 16)
 
 
-def run_cases(
-    ms: ModelSet,
-    module: str = "qkv_proj",
-    tokens: tuple[int, ...] = TOKENS,
-    repeats: int = 7,
-    block_s: float = 0.2,
-    progress: Callable[[str], None] = print,
-) -> Iterator[dict]:
-    """Base and patched calls of layer 0's ``module`` at each T (float32), as JSON rows (yielded as measured)."""
+def case(ms: ModelSet, module: str, tokens: int, block_s: float) -> dict:
+    """Base and patched calls of layer 0's ``module`` at T = ``tokens`` (float32): the runs, calls per block, the case
+    name and its JSON fields, for the ``interleaved`` fixture of benchmarks/conftest.py (or :func:`interleave`)."""
     model = ms.models["float32"]
     path = next(p for p in ms.library.modules if ".layers.0." in p and p.endswith(f".{module}"))
     layer = dict(model.named_modules())[path]
-    with torch.no_grad():
-        for t in tokens:
-            x = torch.randn(1, t, layer.in_features, generator=torch.Generator().manual_seed(1))
-            calls = calls_for(lambda x=x: layer(x), block_s)
-            runs = {
-                "base": block(lambda x=x: layer(x), calls),
-                "ours": patched_run(model, ms.library, block(lambda x=x: layer(x), calls)),
-            }
-            times = interleave(runs, repeats, warmup=1)
-            added = [(o - b) * 1e6 for o, b in zip(times["ours"], times["base"])]
-            name = f"layer {module} {layer.in_features}->{layer.out_features} T={t} float32 ({ms.description})"
-            info = dict(module=path, tokens=t, dtype="float32", added_us=statistics.median(added),
-                        added_us_min=min(added), added_us_max=max(added))  # fmt: skip
-            progress(
-                f"{name}: base {statistics.median(times['base']) * 1e6:.1f} µs, ours "
-                f"{statistics.median(times['ours']) * 1e6:.1f} µs, added {statistics.median(added):.1f} µs "
-                f"[{min(added):.1f}, {max(added):.1f}]"
-            )
-            yield dict(section="layer", case=name, times=times, calls={"base": calls, "ours": calls}, info=info)
+    x = torch.randn(1, tokens, layer.in_features, generator=torch.Generator().manual_seed(1))
+
+    def call() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    calls = calls_for(call, block_s)
+    runs = {"base": block(call, calls), "ours": patched_run(model, ms.library, block(call, calls))}
+    name = f"layer {module} {layer.in_features}->{layer.out_features} T={tokens} float32 ({ms.description})"
+    return dict(runs=runs, calls=dict.fromkeys(runs, calls), name=name,
+                info=dict(module=path, tokens=tokens, dtype="float32"))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     ms = cpu_model.build(SIZE, TASKS, GENERAL, RANK, max(TOKENS), ["float32"], peft=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for _ in run_cases(ms, args.module, TOKENS, args.repeats, args.block_s):
-        pass
+    for t in TOKENS:
+        c = case(ms, args.module, t, args.block_s)
+        times = interleave(c["runs"], args.repeats, warmup=1)
+        added = [(o - b) * 1e6 for o, b in zip(times["ours"], times["base"])]
+        print(
+            f"{c['name']}: base {statistics.median(times['base']) * 1e6:.1f} µs, ours "
+            f"{statistics.median(times['ours']) * 1e6:.1f} µs, added {statistics.median(added):.1f} µs "
+            f"[{min(added):.1f}, {max(added):.1f}]"
+        )
     return 0
 
 

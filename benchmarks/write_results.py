@@ -3,12 +3,13 @@
     python benchmarks/write_results.py benchmarks/results/latest.json [-o benchmarks/RESULTS.md] [--readme README.md]
 
 Two layouts are read:
-- the interleaved CPU JSON of ``benchmarks/bench_cpu.py`` (``"format": "interleaved"``, what ``make bench`` writes):
-  per case, every implementation's seconds per call in each round; the tables and the README block come from
-  ``benchmarks/results_cpu.py`` (ratios per round, their median and spread, targets);
-- the rows of ``benchmarks/bench_gpu.py`` (pytest-benchmark layout: one median per group and implementation), for
-  ``RESULTS_gpu.md``: each implementation's median with its ratio to the group's "base" and "peft" rows, next to the
-  device and versions the run recorded.
+- the pytest-benchmark JSON of ``pytest benchmarks/ --benchmark-only --benchmark-json ...`` (what ``make bench``
+  writes): per case, every implementation's seconds per call in each interleaved round, the machine and the run; the
+  tables and the README block come from ``benchmarks/report.py`` (ratios per round, their median and spread, the ISA
+  of every number, targets, the scale case's memory);
+- the rows of ``python -m benchmarks.bench_gpu`` (one median per group and implementation), for ``RESULTS_gpu.md``:
+  each implementation's median with its ratio to the group's "base" and "peft" rows, next to the device and versions
+  the run recorded.
 
 The ``<!-- eval-compare -->`` block of the output (written by ``benchmarks/eval_compare.py``) survives a rewrite.
 """
@@ -26,20 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable for `benchmarks.*`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import results_cpu  # noqa: E402
-
-# GPU targets (benchmarks/bench_gpu.py, bf16), keyed by a prefix and a substring of the group name:
-# (impl, reference impl, max ratio). "≥ 20× faster than PEFT" is ≤ 0.05× its time; "decode ≥ 0.90× base tokens/s" is
-# ≤ 1/0.90 of its time. The CPU targets are results_cpu.CPU_TARGETS.
-TARGETS = [
-    ("gpu op ", " T=256 ", ("ours", "base", 1.05)),
-    ("gpu op ", " T=4096 ", ("ours", "base", 1.05)),
-    ("gpu op ", " T=4096 ", ("ours", "peft", 0.05)),
-    ("gpu op ", " T=256 ", ("ours_fused", "base", 1.05)),
-    ("gpu op ", " T=4096 ", ("ours_fused", "base", 1.05)),
-    ("gpu op ", " T=1 ", ("ours_graph", "base_graph", 1.15)),
-    ("gpu model decode", "", ("ours", "base", 1 / 0.90)),
-]
+from benchmarks import report  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
@@ -73,7 +61,9 @@ def _cpu_name() -> str:
 
 
 def _targets(group: str) -> list[tuple[str, str, float]]:
-    return [target for prefix, sub, target in TARGETS if group.startswith(prefix) and sub in group]
+    """The GPU targets of a rows-layout group (``report.TARGETS`` of its section)."""
+    section = "gpu model" if group.startswith("gpu model") else "gpu op" if group.startswith("gpu op ") else None
+    return [target for sec, sub, target in report.TARGETS if sec == section and sub in group]
 
 
 def _groups(data: dict) -> tuple[dict[str, dict[str, float]], set[str]]:
@@ -158,16 +148,11 @@ def update_readme(path: str, table: str) -> None:
     replace_block(path, README_BEGIN, README_END, table)
 
 
-def is_interleaved(data: dict) -> bool:
-    """Whether ``data`` is bench_cpu.py's interleaved JSON (else bench_gpu.py's rows)."""
-    return data.get("format") == "interleaved"
-
-
 def render(data: dict, command: str | None = None) -> str:
     """The markdown report of one benchmark JSON document (``command``: the one to show for the rows layout; the
-    interleaved JSON records its own)."""
-    if is_interleaved(data):
-        return results_cpu.render(data)
+    pytest-benchmark JSON records its own)."""
+    if report.is_pytest_run(data):
+        return report.render(report.from_pytest_json(data))
     return render_rows(data, command or "n/a")
 
 
@@ -203,7 +188,7 @@ def render_rows(data: dict, command: str) -> str:
             vs_base = f"{med / impls[base]:.3f}" if base in impls else ""
             vs_peft = f"{med / impls['peft']:.3f}" if "peft" in impls else ""
             verdict = _verdicts(group, impl, impls)
-            line = f"| {group} | {impl} | {results_cpu.fmt_time(med)} | {vs_base} | {vs_peft} | {verdict} |"
+            line = f"| {group} | {impl} | {report.fmt_time(med)} | {vs_base} | {vs_peft} | {verdict} |"
             if gpu_cols:
                 info = extras.get((group, impl), {})
                 line += f" {info.get('predicted_ratio', '')} | {info.get('output_check', '')} |"
@@ -214,24 +199,26 @@ def render_rows(data: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="bench_cpu.py's interleaved JSON, or bench_gpu.py's rows")
+    parser.add_argument("json", help="the JSON of pytest benchmarks/ --benchmark-json, or bench_gpu.py's rows")
     parser.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
-    parser.add_argument("--command", help="the command to show for a rows JSON (the interleaved JSON records its own)")
-    parser.add_argument("--readme", help="also fill this README's speed-table block (interleaved JSON only)")
+    parser.add_argument("--command", help="the command to show for a rows JSON (the pytest JSON records its own)")
+    parser.add_argument("--readme", help="also fill this README's speed-table block (pytest JSON only)")
     args = parser.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
-    if args.readme and not is_interleaved(data):
-        raise ValueError(f"{args.json}: the README speed table comes from bench_cpu.py's interleaved JSON only")
+    pytest_run = report.is_pytest_run(data)
+    if args.readme and not pytest_run:
+        raise ValueError(f"{args.json}: the README speed table comes from the JSON of pytest benchmarks/ only")
+    if pytest_run and not report.from_pytest_json(data)["cases"]:
+        raise ValueError(f"{args.json}: no benchmark case recorded (were they all skipped or deselected?)")
     text = render(data, args.command)
     # The other scripts' sections survive a rerun of the benchmarks.
     kept = [b for b in (kept_block(args.output, begin, end) for begin, end in KEPT_BLOCKS) if b]
     with open(args.output, "w") as f:
         f.write(text + "".join(f"\n{b}\n" for b in kept))
-    n = len(data["cases"]) if is_interleaved(data) else len(data["benchmarks"])
-    print(f"wrote {args.output} ({n} cases)")
+    print(f"wrote {args.output} ({len(data['benchmarks'])} cases)")
     if args.readme:
-        update_readme(args.readme, results_cpu.summary(data))
+        update_readme(args.readme, report.summary(report.from_pytest_json(data)))
         print(f"updated the speed table of {args.readme}")
     return 0
 

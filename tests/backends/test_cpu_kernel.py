@@ -51,18 +51,20 @@ def test_env_variable_forces_the_isa_for_the_process():
 
 
 def test_forcing_an_isa_the_cpu_lacks_or_an_unknown_one_raises():
-    best = cpu_kernel.isa("auto")
+    before = cpu_kernel.isa()  # the best one, or the one GENKNOWSUB_FAST_CPU_ISA forced for the run: restored after
     try:
+        best = cpu_kernel.isa("auto")
         with pytest.raises(ValueError, match="unknown CPU ISA"):
             cpu_kernel.isa("neon")
         order = ["scalar", "avx2", "avx512"]
+        assert order.index(before) <= order.index(best)
         for name in order[order.index(best) + 1 :]:
             with pytest.raises(ValueError, match="cannot run"):
                 cpu_kernel.isa(name)
         assert cpu_kernel.isa("scalar") == "scalar" and cpu_kernel.isa() == "scalar"
     finally:
-        cpu_kernel.isa("auto")
-    assert cpu_kernel.isa() == best
+        cpu_kernel.isa(before)
+    assert cpu_kernel.isa() == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

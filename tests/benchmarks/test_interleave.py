@@ -1,9 +1,9 @@
 """The interleaved timer: the order flips every round, one value per round per run, warm-up rounds untimed,
-ratios per round, bad arguments refused."""
+ratios per round, bad arguments refused; Rounds (one round per call, pytest-benchmark's target) does the same."""
 
 import pytest
 
-from benchmarks.interleave import block, calls_for, interleave, ratio_stats
+from benchmarks.interleave import Rounds, block, calls_for, interleave, ratio_stats
 
 
 def test_order_flips_every_round_and_warmup_is_not_recorded():
@@ -40,3 +40,24 @@ def test_block_and_calls_for():
         block(lambda: None, 0)
     with pytest.raises(ValueError, match="repeats"):
         interleave({"a": lambda: 1.0}, repeats=0)
+
+
+def test_rounds_run_one_interleaved_round_per_call():
+    order = []
+
+    def run(name, value):
+        def r():
+            order.append(name)
+            return value
+
+        return r
+
+    rounds = Rounds({"base": run("base", 1.0), "ours": run("ours", 2.0), "peft": run("peft", 3.0)})
+    rounds(record=False)  # a warm-up round: runs every block, records nothing
+    assert rounds.times == {"base": [], "ours": [], "peft": []}
+    rounds()
+    rounds()
+    assert order == ["base", "ours", "peft", "base", "ours", "peft", "peft", "ours", "base"]
+    assert rounds.times == {"base": [1.0, 1.0], "ours": [2.0, 2.0], "peft": [3.0, 3.0]}
+    with pytest.raises(ValueError, match="no runs"):
+        Rounds({})

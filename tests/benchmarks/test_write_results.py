@@ -1,11 +1,12 @@
-"""RESULTS.md and the README speed table are computed from the interleaved CPU JSON: ratios per round, their median
-and spread, absolute medians, target verdicts, the run's record (CPU, versions, load, command), kept blocks."""
+"""RESULTS.md and the README speed table are computed from the JSON of ``pytest benchmarks/ --benchmark-json``: ratios
+per round, their median and spread, absolute medians, the ISA of every case, target verdicts, the scale case's memory
+multiples, the run's record (CPU, AVX-512 visibility, versions, load, command, subset), kept blocks."""
 
 import json
 
 import pytest
 
-from benchmarks.results_cpu import added, ratio, summary, verdicts
+from benchmarks.report import added, from_pytest_json, ratio, ratios, scale_summary, scale_verdicts, summary, verdicts
 from benchmarks.write_results import (
     EVAL_BEGIN,
     EVAL_END,
@@ -20,8 +21,9 @@ from benchmarks.write_results import (
 OP = "op qkv_proj 3072->9216 {lib} T={t} float32"
 
 
-def _case(section, name, times, **info):
-    return {"section": section, "case": name, "times": times, "calls": dict.fromkeys(times, 1), "info": info}
+def _case(section, name, times, isa="avx2", **info):
+    calls = dict.fromkeys(times, 1)
+    return {"section": section, "case": name, "isa": isa, "times": times, "calls": calls, "info": info}
 
 
 def _op(lib, e, t, base, ours, peft=None, dtype="float32"):
@@ -30,34 +32,39 @@ def _op(lib, e, t, base, ours, peft=None, dtype="float32"):
     return _case("op", name, times, module="qkv_proj", library=lib, experts=e, tokens=t, dtype=dtype)
 
 
-def _data(cases, **extra):
-    return {
-        "format": "interleaved",
-        "datetime": "2026-11-24T00:00:00+00:00",
+def _data(cases, machine=None, **run):
+    """A pytest-benchmark JSON as benchmarks/conftest.py writes it, holding ``cases`` as the benchmarks' extra_info."""
+    m = {
+        "cpu": "AMD EPYC",
+        "cores": 2,
+        "cpu_flags": ["avx2", "fma", "f16c"],
+        "avx512": False,
+        "avx512_bf16": False,
+        "torch_cpu_capability": "AVX2",
+        "kernel_isa": "avx2",
+        "kernel_isa_forced": None,
+        "gpu": None,
+        **(machine or {}),
+    }
+    versions = {"torch": "2.13.0+cpu", "triton": "3.9.0", "peft": "0.18.0", "transformers": "4.57.0",
+                "python": "3.11.7", "threads": 2}  # fmt: skip
+    record = {
+        "command": "pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/latest.json",
+        "rounds": 3,
+        "selection": "",
         "elapsed_s": 612.3,
-        "command": "python -m benchmarks.bench_cpu --json benchmarks/results/latest.json",
-        "repeats": 3,
-        "quick": False,
-        "interrupted": False,
         "loadavg_start": [3.5, 2.25, 1.0],
         "loadavg_end": [4.0, 3.0, 2.0],
-        "machine": {
-            "cpu": "AMD EPYC",
-            "cores": 2,
-            "cpu_flags": ["avx2", "fma", "f16c"],
-            "torch_cpu_capability": "AVX2",
-            "kernel_isa": "avx2",
-        },  # fmt: skip
-        "versions": {
-            "torch": "2.13.0+cpu",
-            "triton": "3.9.0",
-            "peft": "0.18.0",
-            "transformers": "4.57.0",
-            "python": "3.11.7",
-            "threads": 2,
-        },  # fmt: skip
-        "cases": cases,
-        **extra,
+        "exitstatus": 0,
+        **run,
+    }
+    benchmarks = [{"name": f"test[{i}]", "group": c["section"], "extra_info": c, "stats": {"median": 1.0}}
+                  for i, c in enumerate(cases)]  # fmt: skip
+    return {
+        "machine_info": {"node": "x", "genknowsub_fast": {"machine": m, "versions": versions}},
+        "datetime": "2026-11-24T00:00:00+00:00",
+        "benchmarks": benchmarks,
+        "genknowsub_fast": record,
     }
 
 
@@ -91,23 +98,73 @@ def test_targets_by_library_and_section():
     assert verdicts(LAYER) == []
 
 
+SCALE_LOAD = {
+    "section": "scale", "kind": "load", "case": "scale load + patch + forward: E=256 r=16, 4 layers", "isa": "avx512",
+    "info": {"library_bytes": 2 * 10**9, "layers": 4},
+    "rounds": [
+        {"load_s": 0.5, "patch_s": 1.5, "extra_rss": 2.2e9, "extra_rss_after_del": 2.1e9, "peak_extra": 2.4e9},
+        {"load_s": 0.7, "patch_s": 1.9, "extra_rss": 2.0e9, "extra_rss_after_del": 2.0e9, "peak_extra": 2.6e9},
+        {"load_s": 0.6, "patch_s": 1.2, "extra_rss": 2.4e9, "extra_rss_after_del": 2.3e9, "peak_extra": 3.0e9},
+    ],
+}  # fmt: skip
+SCALE_BUILD = {
+    "section": "scale", "kind": "build", "case": "scale build: 256 + 3 general adapters, 4 layers", "isa": "avx512",
+    "info": {"adapters": 259, "layers": 4},
+    "rounds": [{"build_s": 3.0, "peak_extra": 2.5 * 2**30, "input_bytes": 2 * 2**30, "one_adapter_bytes": 2**26,
+                "output_bytes": 2**30}],
+}  # fmt: skip
+
+
+def test_ratios_in_extra_info_include_the_speedup_over_peft():
+    r = ratios(OP_E10)
+    assert set(r) == {"ours/base", "ours/peft", "peft/ours"}
+    assert (r["ours/base"]["median"], r["ours/base"]["min"], r["ours/base"]["max"]) == pytest.approx((1.03, 1.02, 1.1))
+    assert r["peft/ours"]["median"] == pytest.approx(1 / 0.51) and r["peft/ours"]["max"] == pytest.approx(0.45 / 0.1545)
+    assert set(ratios(OP_E256)) == {"ours/base"}
+    assert set(ratios(PROTO)) == {"ours/peft", "peft/ours", "ours/torch"}
+
+
+def test_scale_multiples_and_targets():
+    s = scale_summary(SCALE_LOAD)
+    assert s["extra_rss_x"] == pytest.approx((1.1, 1.0, 1.2))  # of the library's 2e9 bytes
+    assert s["peak_x"] == pytest.approx((1.3, 1.2, 1.5))
+    assert s["load_patch_s_per_gb"] == pytest.approx((1.0, 0.9, 1.3))  # (load + patch) / 2 GB
+    assert scale_verdicts(SCALE_LOAD) == [("extra RSS ≤ 1.10× library", True), ("peak ≤ 1.25× library", False),
+                                          ("load + patch ≤ 1 s/GB", True)]  # fmt: skip
+    b = scale_summary(SCALE_BUILD)
+    assert b["build_s_per_gib"] == pytest.approx((1.5, 1.5, 1.5))
+    assert b["peak_output_x"][0] == pytest.approx(2.5)
+    assert b["peak_over_bound"][0] == pytest.approx(2.5 / (1.25 + 1 / 16))  # 1.25× output + one adapter
+    assert scale_verdicts(SCALE_BUILD) == [("≤ 2 s/GiB input", True), ("peak ≤ 1.25× output + one adapter", False)]
+
+
 def test_results_md(tmp_path):
-    data = _data([OP_E10, OP_E256, OP_E64_BF16, MODEL, LAYER, PROTO])
+    data = _data([OP_E10, OP_E256, OP_E64_BF16, MODEL, LAYER, PROTO, SCALE_LOAD, SCALE_BUILD])
     text = render(data)
-    assert "- CPU: AMD EPYC (2 cores); vector flags the OS shows: avx2 fma f16c (no AVX-512 visible" in text
-    assert "- torch CPU capability: AVX2; routed kernel ISA: avx2" in text
+    assert "- CPU: AMD EPYC (2 cores); vector flags the OS shows: avx2 fma f16c" in text
+    avx = "- AVX-512 visible: no; AVX-512-BF16 visible: no; torch CPU capability: AVX2; routed kernel ISA: avx2"
+    assert avx in text
+    assert "- GPU: none (the GPU cases were skipped)" in text
     assert "torch threads: 2" in text and "triton 3.9.0" in text
     assert "load average (1, 5, 15 min) 3.50, 2.25, 1.00 at the start, 4.00, 3.00, 2.00 at the end" in text
-    assert "- command: `python -m benchmarks.bench_cpu --json benchmarks/results/latest.json`" in text
-    assert "| case | base | ours | PEFT | ours × base | ours × PEFT | target |" in text
-    assert "| case | base | ours | added per call | ours × base | target |" in text
-    assert "| case | ours | PEFT | torch | ours × PEFT | ours × torch | target |" in text
-    row = f"| {OP_E10['case']} | 100.00 ms | 110.00 ms | 200.00 ms | 1.030 (1.020–1.100) | 0.510 (0.343–0.550) |"
+    assert "- 3 interleaved rounds per case (7 at least for the one-layer rows)" in text
+    assert "- command: `pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/latest.json`" in text
+    assert "| case | ISA | base | ours | PEFT | ours × base | ours × PEFT | target |" in text
+    assert "| case | ISA | base | ours | added per call | ours × base | target |" in text
+    assert "| case | ISA | ours | PEFT | torch | ours × PEFT | ours × torch | target |" in text
+    row = f"| {OP_E10['case']} | avx2 | 100.00 ms | 110.00 ms | 200.00 ms | 1.030 (1.020–1.100) | 0.510 (0.343–0.550) |"
     assert row + " ≤ 1.05× base: met |" in text
-    assert f"| {OP_E64_BF16['case']} | 10.00 ms | 10.60 ms |  | 1.060 (1.040–1.070) |  | ≤ 1.05× base: missed |" in text
-    assert f"| {LAYER['case']} | 10.0 µs | 14.0 µs | 4.0 µs (3.0–6.0) | 1.400 (1.273–1.600) |  |" in text
-    protos = "| 32.00 ms | 800.00 ms | 120.00 ms | 0.040 (0.025–0.050) | 0.267 (0.167–0.333) |"
+    bf16 = f"| {OP_E64_BF16['case']} | avx2 | 10.00 ms | 10.60 ms |  | 1.060 (1.040–1.070) |  | ≤ 1.05× base: missed |"
+    assert bf16 in text
+    assert f"| {LAYER['case']} | avx2 | 10.0 µs | 14.0 µs | 4.0 µs (3.0–6.0) | 1.400 (1.273–1.600) |  |" in text
+    protos = "| avx2 | 32.00 ms | 800.00 ms | 120.00 ms | 0.040 (0.025–0.050) | 0.267 (0.167–0.333) |"
     assert f"| {PROTO['case']} {protos} ≤ 0.05× peft: met; ≤ 0.33× torch: met |" in text
+    load = (f"| {SCALE_LOAD['case']} | avx512 | 1.86 GiB | 3 | 600.00 ms | 1.500 s | 1.00 (0.90–1.30) s | "
+            "1.10 (1.00–1.20) | 1.05 (1.00–1.15) | 1.30 (1.20–1.50) | extra RSS ≤ 1.10× library: met; "
+            "peak ≤ 1.25× library: missed; load + patch ≤ 1 s/GB: met |")  # fmt: skip
+    assert load in text
+    build = f"| {SCALE_BUILD['case']} | avx512 | 2.00 GiB (259 files) | 1.00 GiB | 3.000 s | 1.50 (1.50–1.50) s |"
+    assert build in text
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
@@ -115,15 +172,25 @@ def test_results_md(tmp_path):
     assert out.read_text().rstrip("\n") == text.rstrip("\n")
 
 
-def test_quick_and_interrupted_runs_say_so():
-    data = _data([OP_E10], quick=True, interrupted=True)
-    for text in (render(data), summary(data)):
-        assert "QUICK smoke run" in text and "INTERRUPTED" in text
-    assert "QUICK" not in summary(_data([OP_E10]))
+def test_avx512_machine_and_forced_isa_are_named():
+    data = _data([OP_E10], machine={"avx512": True, "avx512_bf16": True, "torch_cpu_capability": "AVX512",
+                                    "kernel_isa": "avx512", "kernel_isa_forced": "avx2"})  # fmt: skip
+    text = render(data)
+    avx = "AVX-512 visible: yes; AVX-512-BF16 visible: yes; torch CPU capability: AVX512; routed kernel ISA: avx512 "
+    assert avx + "(forced by GENKNOWSUB_FAST_CPU_ISA=avx2)" in text
+    assert "AVX-512 visible: yes, AVX-512-BF16 visible: yes" in summary(from_pytest_json(data))
+
+
+def test_subset_and_failed_runs_say_so():
+    data = _data([OP_E10], selection="-m quick", exitstatus=2)
+    for text in (render(data), summary(from_pytest_json(data))):
+        assert "SUBSET run (-m quick)" in text and "INTERRUPTED or FAILED (pytest exit status 2)" in text
+    assert "SUBSET" not in summary(from_pytest_json(_data([OP_E10])))
 
 
 def test_readme_block_is_filled_from_the_json(tmp_path):
-    data = _data([OP_E10, OP_E256, OP_E64_BF16, _op("E10_r4", 10, 1, [1.0] * 3, [1.2] * 3), MODEL, PROTO])
+    op_t1 = _op("E10_r4", 10, 1, [1.0] * 3, [1.2] * 3)
+    data = _data([OP_E10, OP_E256, OP_E64_BF16, op_t1, MODEL, PROTO, SCALE_LOAD, SCALE_BUILD])
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     readme = tmp_path / "README.md"
@@ -131,7 +198,8 @@ def test_readme_block_is_filled_from_the_json(tmp_path):
     assert main([str(path), "-o", str(tmp_path / "R.md"), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old numbers" not in text and text.endswith("<!-- /speed-table -->\n\n## after\n")
-    assert "Measured by `make bench` on AMD EPYC (2 cores; torch sees AVX2, the kernel runs avx2)" in text
+    head = "Measured by `make bench` on AMD EPYC (2 cores; AVX-512 visible: no, AVX-512-BF16 visible: no; torch sees "
+    assert head + "AVX2), routed kernel ISA of every CPU number: avx2, avx512;" in text
     assert "load average 3.5 at the start" in text and "over 3 interleaved rounds" in text
     # The op matrix: one row per module and library, one column per dtype and T; missed cells carry the mark.
     assert "| op: ours × base | fp32 T=1 | fp32 T=512 | bf16 T=1 | bf16 T=512 | target |" in text
@@ -140,14 +208,25 @@ def test_readme_block_is_filled_from_the_json(tmp_path):
     assert "| qkv_proj E64_r8 |  |  | 1.06 (1.04–1.07) ✗ |  | ≤ 1.05× base |" in text
     assert f"| {MODEL['case']} | 1.12 (1.05–1.15) | 0.747 (0.700–0.767) |  | ≤ 1.10× base: missed |" in text
     assert f"| {PROTO['case']} |  | 0.040 (0.025–0.050) | 0.267 (0.167–0.333) |" in text
+    scale = (f"| {SCALE_LOAD['case']} | load + patch 1.00 (0.90–1.30) s/GB; extra RSS 1.10 (1.00–1.20)× library; "
+             "peak 1.30 (1.20–1.50)× library (1.86 GiB) |")  # fmt: skip
+    assert scale in text
+    assert f"| {SCALE_BUILD['case']} | 1.50 (1.50–1.50) s/GiB input; peak 2.50 (2.50–2.50)× output," in text
 
 
-def test_readme_needs_the_interleaved_json(tmp_path):
+def test_readme_needs_the_pytest_json(tmp_path):
     rows = {"benchmarks": [{"group": "gpu op x", "name": "x", "extra_info": {"impl": "base"}, "stats": {"median": 1}}]}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(ValueError, match="interleaved"):
+    with pytest.raises(ValueError, match="pytest benchmarks/ only"):
         main([str(path), "-o", str(tmp_path / "R.md"), "--readme", str(tmp_path / "README.md")])
+
+
+def test_a_run_without_cases_is_refused(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_data([])))
+    with pytest.raises(ValueError, match="no benchmark case recorded"):
+        main([str(path), "-o", str(tmp_path / "R.md")])
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
@@ -164,7 +243,7 @@ def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
     path.write_text(json.dumps(_data([MODEL])))
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# Benchmark results (CPU)") and text.count(EVAL_BEGIN) == 1
+    assert text.startswith("# Benchmark results\n") and text.count(EVAL_BEGIN) == 1
     assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
     replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
     assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()

@@ -27,13 +27,15 @@ def _needs_extension():
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Forces one instruction-set path of the kernels for the test (skipped where this CPU cannot run it)."""
+    """Forces one instruction-set path of the kernels for the test (skipped where this CPU cannot run it), then
+    restores the process's ISA (the best one, or the one GENKNOWSUB_FAST_CPU_ISA forced for the whole run)."""
+    before = cpu_kernel.isa()
     try:
         cpu_kernel.isa(request.param)
     except ValueError as exc:
         pytest.skip(str(exc))
     yield request.param
-    cpu_kernel.isa("auto")
+    cpu_kernel.isa(before)
 
 
 def op_inputs(case, dtype):
