@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-vllm bench-vllm lint bench results eval-compare clean
+.PHONY: demo test test-isa test-vllm bench-vllm lint bench eval-compare clean
 
 LM_EVAL_HOOK := site_hooks/genknowsub_fast_lm_eval.pth \
 	site_hooks/genknowsub_fast_lm_eval_hook.py
@@ -71,14 +71,22 @@ test: $(STAMP) $(AOT_TRITON)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# The compiled CPU kernels' tests once per instruction set this CPU runs (GENKNOWSUB_FAST_CPU_ISA=scalar, avx2,
+# avx512), the SIMDe emulation of AVX-512 where it lacks that; prints which ran natively (CI runs it after make test).
+test-isa: $(STAMP)
+	PY=$(PY) bash .ci/isa_matrix.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The CPU benchmarks are plain scripts: every case runs base, ours (and PEFT) alternately inside one measurement, which
-# separate pytest-benchmark cases could not do (their ratios moved by 8 % between runs).
+# The benchmarks through pytest-benchmark: every case runs base, ours (and PEFT) alternately inside one benchmark
+# (benchmarks/conftest.py), the JSON holds the per-round times, ratios, the machine and the kernel's ISA; then
+# RESULTS.md and the README speed table are written from that JSON. BENCH_ARGS adds pytest options (e.g. -m quick).
+BENCH_JSON := benchmarks/results/latest.json
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_cpu --json benchmarks/results/latest.json
-	$(PY) benchmarks/write_results.py benchmarks/results/latest.json --readme README.md
+	mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m pytest benchmarks/ --benchmark-only -p no:cacheprovider -s --benchmark-json $(BENCH_JSON) $(BENCH_ARGS)
+	$(PY) benchmarks/write_results.py $(BENCH_JSON) --readme README.md
 
 # score_choices vs lm-eval vs the naive loop on one local task: README eval-table and RESULTS.md eval-compare block.
 eval-compare: $(STAMP)
