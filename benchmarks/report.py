@@ -313,7 +313,9 @@ def render(run: dict) -> str:
         impls += sorted({i for c in cases for i in c["times"]} - set(impls))
         pairs = [(a, b) for a, b in pairs if any(ratio(c, a, b) is not None for c in cases)]
         extra = ["added per call"] if section == "layer" else []
-        cols = ["ISA", *(NAMES.get(i, i) for i in impls), *extra, *(f"{a} × {NAMES.get(b, b)}" for a, b in pairs)]
+        gpu = ["predicted × base (cost model)", "output check"] if section == "gpu op" else []
+        cols = ["ISA", *(NAMES.get(i, i) for i in impls), *extra, *(f"{a} × {NAMES.get(b, b)}" for a, b in pairs),
+                *gpu]  # fmt: skip
         lines += ["| case | " + " | ".join(cols) + " | target |", "|---|---|" + "---:|" * (len(cols) - 1) + "---|"]
         for case in cases:
             cells = [case.get("isa", "n/a")]
@@ -322,6 +324,10 @@ def render(run: dict) -> str:
                 med, lo, hi = added(case)
                 cells.append(f"{med * 1e6:.1f} µs ({lo * 1e6:.1f}–{hi * 1e6:.1f})")
             cells += [fmt_ratio(ratio(case, a, b)) for a, b in pairs]
+            if gpu:
+                info = case["info"]
+                cells.append(", ".join(f"{k} {v}" for k, v in info.get("predicted_ratio", {}).items()))
+                cells.append("; ".join(f"{k}: {v}" for k, v in info.get("output_check", {}).items()))
             cells.append(_verdict_text(verdicts(case)))
             lines.append(f"| {case['case']} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -6,7 +6,7 @@ library's (or the build's output) bytes, and the targets met or missed:
 - load + patch + forward: extra RSS ≤ 1.10× the library's bytes, peak ≤ 1.25×, load + patch ≤ 1 s per GB;
 - build: peak ≤ 1.25× the output library plus one adapter, ≤ 2 s per GiB of input adapters.
 
-The 4-layer library is about 1.5 GiB (its fp32 adapters 3.3 GB); ``-m quick`` runs the 1-layer case only.
+The 4-layer library is about 1.5 GiB (its bf16 adapters as much); ``-m quick`` runs the 1-layer case only.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def test_scale_build(benchmark, scale_files, layers):
     )
     files.built = True
     info = dict(layers=layers, experts=scale.EXPERTS, general=scale.GENERAL, rank=scale.RANK, dtype="bfloat16",
-                adapters=len(files.task) + len(files.general), adapter_dtype="float32", isa=kernel_isa())  # fmt: skip
-    name = f"scale build: {scale.EXPERTS} + {scale.GENERAL} general fp32 adapters → {_desc(layers)} library"
+                adapters=len(files.task) + len(files.general), adapter_dtype=scale.ADAPTER_DTYPE_NAME,
+                isa=kernel_isa())  # fmt: skip
+    name = f"scale build: {scale.EXPERTS} + {scale.GENERAL} general bf16 adapters → {_desc(layers)} library"
     _record(benchmark, "build", name, info, rounds)
 
 

@@ -259,3 +259,18 @@ def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
     text = out.read_text()
     assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
     assert f"{VLLM_BEGIN}\n## vLLM\n\n| a | b |\n{VLLM_END}" in text
+
+
+def test_gpu_cases_render_with_their_device_checks_and_graph_ratios():
+    name = "gpu op qkv_proj 3072->9216 T=1 E10_r4 bf16"
+    times = {"base": [10e-6] * 3, "ours": [30e-6] * 3, "base_graph": [8e-6] * 3, "ours_graph": [9e-6, 9.2e-6, 8.8e-6],
+             "peft": [100e-6] * 3}  # fmt: skip
+    case = _case("gpu op", name, times, isa="NVIDIA H200", output_check={"ours": "ok (32 tokens)"},
+                 predicted_ratio={"ours": 1.52})  # fmt: skip
+    text = render(_data([case], machine={"gpu": "NVIDIA H200"}))
+    assert "- GPU: NVIDIA H200" in text
+    assert "| ours_graph × base_graph |" in text and "ours_fused" not in text
+    row = (f"| {name} | NVIDIA H200 | 10.0 µs | 30.0 µs | 100.0 µs | 8.0 µs | 9.0 µs | 3.000 (3.000–3.000) | "
+           "1.125 (1.100–1.150) | 0.300 (0.300–0.300) | ours 1.52 | ours: ok (32 tokens) | "
+           "ours_graph ≤ 1.15× base_graph: met |")  # fmt: skip
+    assert row in text
