@@ -22,6 +22,13 @@ BLOCK_S = 0.2  # seconds per timed block of one implementation
 QUICK = {("qkv_proj", "E10_r4"), ("qkv_proj", "E256_r16")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_experts():
+    """Free the last case's experts when the module ends (the cache keeps one (module, library, dtype) alive)."""
+    yield
+    cpu_ops.cached_implementations.cache_clear()
+
+
 def _cpu_cases():
     for module in PHI3_MINI_SHAPES:
         for library in cpu_ops.CPU_LIBRARIES:

@@ -94,8 +94,8 @@ def test_scale_build(benchmark, scale_files, layers):
     from benchmarks.machine import kernel_isa
 
     files = scale_files(layers)
-    # The build held about twice its inputs when this benchmark was written: room for that, and the output.
-    _need(2.5 * files.input_bytes + 2**30, "building this library")
+    # The build's peak was about 4.6x its bf16 inputs when this benchmark was written: room for that.
+    _need(5 * files.input_bytes + 2**30, "building this library")
     rounds: list[dict] = []
     benchmark.pedantic(
         lambda: rounds.append(scale.in_subprocess("build", str(files.adapters), str(files.library))),
@@ -113,7 +113,7 @@ def test_scale_build(benchmark, scale_files, layers):
 def test_scale_load(benchmark, scale_files, layers):
     files = scale_files(layers)
     if not files.built:
-        _need(2.5 * files.input_bytes + 2**30, "building this library")
+        _need(5 * files.input_bytes + 2**30, "building this library")
         scale.in_subprocess("build", str(files.adapters), str(files.library))
         files.built = True
     lib_bytes = files.library.stat().st_size
