@@ -10,9 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-# Arrow's default number of experts per token (PEFT's ArrowConfig.top_k); capped at the number of experts.
-DEFAULT_TOP_K = 3
-
 
 @dataclass
 class ModuleExperts:

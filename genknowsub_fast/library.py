@@ -22,9 +22,10 @@ from . import gks as gks_math
 from . import library_checks as checks
 from .adapters import LoraAdapter, read_adapter
 from .backends import prototype_ext
-from .experts import DEFAULT_TOP_K, ModuleExperts
+from .experts import ModuleExperts
 from .gks import GKS_MODES, resolve_gks
 from .layer_prototypes import PROTOTYPE_SCOPES, group_by_layer, layer_factors
+from .options import RoutingOptions, resolve_routing
 from .paths import write_atomically
 
 FORMAT_VERSION = 1
@@ -111,15 +112,14 @@ class LoraLibrary:
     def num_experts(self) -> int:
         return len(self.expert_names)
 
-    def default_routing(self, top_k: int | None = None, temperature: float | None = None) -> tuple[int, float]:
-        """``(top_k, temperature)``: the given values, and for each one that is None the library's own routing option
-        (carried from a PEFT Arrow model), else ``min(3, number of experts)`` and 1.0. Not validated here. Every entry
-        point (``patch_model``, the ``eval`` command, the lm-eval model, ``make_llm``) takes its defaults from here."""
-        if top_k is None:
-            top_k = self.routing.get("top_k", min(DEFAULT_TOP_K, self.num_experts))
-        if temperature is None:
-            temperature = self.routing.get("temperature", 1.0)
-        return top_k, temperature
+    def routing_options(
+        self, top_k: int | None = None, temperature: float | None = None, mixing: str | None = None
+    ) -> RoutingOptions:
+        """Validated routing options for this library: the given values, and for each one that is None the library's
+        own option (carried from a PEFT Arrow model), else the package default (``min(3, number of experts)``, 1.0,
+        ``"output"``); see :func:`genknowsub_fast.options.resolve_routing`. Every entry point (``patch_model``, the
+        ``eval`` and ``inspect`` commands, the lm-eval model, ``make_llm``) resolves its options here."""
+        return resolve_routing(self.num_experts, top_k, temperature, mixing, defaults=self.routing)
 
     @property
     def target_modules(self) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 from genknowsub_fast import LoraLibrary, reference
 from genknowsub_fast.adapters import read_adapter
+from genknowsub_fast.options import RoutingOptions
 from genknowsub_fast.synthetic import make_phi3, write_adapters
 from tests.tolerances import FP32_PRODUCT, PROTOTYPE_MIN_COS
 
@@ -126,13 +127,17 @@ def test_a_single_path_instead_of_a_list_is_refused(phi3_setup):
         LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general[0])
 
 
-def test_default_routing_is_the_librarys_else_min_3_e(phi3_setup):
+def test_routing_options_are_the_librarys_else_min_3_e(phi3_setup):
     two = LoraLibrary.from_adapters(phi3_setup.task[:2])
-    assert two.default_routing() == (2, 1.0)
-    assert LoraLibrary.from_adapters(phi3_setup.task).default_routing() == (min(3, len(phi3_setup.task)), 1.0)
+    assert two.routing_options() == RoutingOptions(2, 1.0, "output")
+    n = len(phi3_setup.task)
+    assert LoraLibrary.from_adapters(phi3_setup.task).routing_options() == RoutingOptions(min(3, n), 1.0, "output")
     two.routing = {"top_k": 1, "temperature": 0.5}  # carried from a PEFT Arrow model
-    assert two.default_routing() == (1, 0.5)
-    assert two.default_routing(2, None) == (2, 0.5) and two.default_routing(None, 2.0) == (1, 2.0)  # given ones kept
+    assert two.routing_options() == RoutingOptions(1, 0.5)
+    assert two.routing_options(2, None) == RoutingOptions(2, 0.5)  # given ones kept
+    assert two.routing_options(None, 2.0, "weights") == RoutingOptions(1, 2.0, "weights")
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 2\]"):
+        two.routing_options(3)
 
 
 def test_to_dtype(phi3_setup):

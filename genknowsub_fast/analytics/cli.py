@@ -137,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..library import LoraLibrary
     from ..paths import check_output_dir
-    from ..runner import check_routing_args
     from ..synthetic import check_phi3_fits
     from .routing import record_routing
     from .stats import compare_gks, library_stats
@@ -145,9 +144,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything is checked before any work: arguments, the library file, the model's fit and cost, the output dir.
     _check_inputs(args)
     lib = LoraLibrary.load(args.library)
-    top_k = args.top_k if args.top_k is not None else lib.routing.get("top_k", min(3, lib.num_experts))
-    temperature = args.temperature if args.temperature is not None else lib.routing.get("temperature", 1.0)
-    top_k, temperature = check_routing_args(top_k, temperature, lib.num_experts)
+    options = lib.routing_options(args.top_k, args.temperature)
     size = cost = None
     if args.model == "auto":
         size = _pick_size(lib)
@@ -207,11 +204,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nbuilding a {cost}")
         model = make_phi3(size, seed=args.seed)
         ids, what = _token_ids(args, model.config.vocab_size)
-        patch_model(model, lib, top_k=top_k, temperature=temperature)
+        patch_model(model, lib, options.top_k, options.temperature, options.mixing)
         with warnings.catch_warnings(), torch.no_grad(), record_routing(model, lib.expert_names) as routing:
             warnings.simplefilter("ignore")
             model(ids)
-        print(f"routing of {what} through a random Phi-3 '{size}' (top-{top_k}):")
+        print(f"routing of {what} through a random Phi-3 '{size}' (top-{options.top_k}):")
         print(routing.table())
         if comparison is not None:
             from .plots import routing_without_gks

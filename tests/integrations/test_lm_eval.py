@@ -85,7 +85,7 @@ def test_bad_library_is_a_value_error_before_loading(local):
         GenKnowSubLM(pretrained=str(root / "model"))
     with pytest.raises(ValueError, match="does not exist"):
         GenKnowSubLM(pretrained="/nonexistent", library=str(root / "missing.safetensors"))
-    with pytest.raises(ValueError, match=r"top_k=9 is outside \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 5\]"):
         GenKnowSubLM(pretrained="/nonexistent", library=str(root / "lib.safetensors"), top_k=9)
 
 
