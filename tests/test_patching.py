@@ -261,9 +261,9 @@ def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monke
     assert emb.grad is not None and bool(emb.grad.abs().sum() > 0)
 
 
-# ------------------------------------------------------------------------------------ issue 13: patching faults
+# ------------------------------------------------------------------------------------------- patching faults
 def test_concurrent_patch_and_unpatch_are_atomic(phi3_setup, monkeypatch):
-    """Issue 13 #1: two threads patching one model both succeeded (each passed the "already patched" test before the
+    """two threads patching one model both succeeded (each passed the "already patched" test before the
     other wrote), and after one unpatch the model's forward raised KeyError. Each packing step here sleeps 20 ms, so
     without the lock both threads are certain to pass that test together; with it the second waits and is refused."""
     import threading
@@ -314,7 +314,7 @@ def test_concurrent_patch_and_unpatch_are_atomic(phi3_setup, monkeypatch):
 
 
 def test_default_top_k_fits_a_small_library(phi3_setup):
-    """Issue 13 #17: with two experts and no top_k given, patching raised about `top_k=3`, never passed by the user;
+    """with two experts and no top_k given, patching raised about `top_k=3`, never passed by the user;
     the default is min(3, E) when the library carries none."""
     lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
     model = gkf.patch_model(phi3_setup.fresh(), lib)
@@ -322,7 +322,7 @@ def test_default_top_k_fits_a_small_library(phi3_setup):
 
 
 def test_routing_argument_types(phi3_setup):
-    """Issue 13 #17: a numpy integer top_k was refused while temperature=True was accepted (as 1.0)."""
+    """a numpy integer top_k was refused while temperature=True was accepted (as 1.0)."""
     import numpy as np
 
     lib = LoraLibrary.from_adapters(phi3_setup.task)
@@ -335,7 +335,7 @@ def test_routing_argument_types(phi3_setup):
 
 
 def test_patch_model_refuses_none_and_matches_modules_before_routing_args(phi3_setup, phi2_setup):
-    """Issue 13 #17: patch_model(None) raised AttributeError, and a library matching nothing in the model was reported
+    """patch_model(None) raised AttributeError, and a library matching nothing in the model was reported
     as a bad top_k when top_k was also out of range (the top_k check ran before the module match)."""
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     with pytest.raises(ValueError, match="must be a torch.nn.Module"):
@@ -346,7 +346,7 @@ def test_patch_model_refuses_none_and_matches_modules_before_routing_args(phi3_s
 
 
 def test_unpatching_inside_patched_block(phi3_setup):
-    """Issue 13 #17: unpatching inside `patched()` made the block's exit raise "not patched"."""
+    """unpatching inside `patched()` made the block's exit raise "not patched"."""
     model = phi3_setup.fresh()
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     with gkf.patched(model, lib, top_k=2):
@@ -355,7 +355,7 @@ def test_unpatching_inside_patched_block(phi3_setup):
 
 
 def test_patched_model_pickles(phi3_setup):
-    """Issue 13 #18: torch.save(patched_model) failed on a pybind object. The instance forward is a picklable object
+    """torch.save(patched_model) failed on a pybind object. The instance forward is a picklable object
     and the runner drops its packed plan when pickled; the loaded model computes the same logits and unpatches."""
     import io
 

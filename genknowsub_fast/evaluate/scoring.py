@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .eval_formats import REDUCTIONS, TEMPLATES, check_examples, resolve_template
-from .eval_passes import next_token_nlls
+from .formats import REDUCTIONS, TEMPLATES, check_examples, resolve_template
+from .passes import next_token_nlls
 
 __all__ = [
     "REDUCTIONS",
