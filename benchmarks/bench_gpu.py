@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES, TOP_K
+from genknowsub_fast.options import RoutingOptions
 
 DTYPE = torch.bfloat16
 TOKENS = (1, 16, 256, 4096)
@@ -72,9 +73,9 @@ class Layers:
             scaling = torch.full((e,), 2.0, device="cuda")
             packed = pack_experts(a, b, scaling, p, dtype=DTYPE, device="cuda")
             weight = (torch.randn(d_out, d_in, device="cuda", generator=g) / d_in**0.5).to(DTYPE)
-            layers = {"ours": triton_ops.prepare(packed, TOP_K, 1.0)}
+            layers = {"ours": triton_ops.prepare(packed, RoutingOptions(TOP_K))}
             if e * r <= 64:
-                layers["ours_fused"] = triton_ops.prepare(packed, TOP_K, 1.0, regime="dense", fuse_base=True)
+                layers["ours_fused"] = triton_ops.prepare(packed, RoutingOptions(TOP_K), regime="dense", fuse_base=True)
             self.sets.append(dict(a=a, b=b, p=p, scaling=scaling, weight=weight, **layers))
 
     def fn(self, impl: str, i: int):

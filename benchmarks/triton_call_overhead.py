@@ -21,6 +21,7 @@ from genknowsub_fast.triton_kernels import launch  # noqa: E402
 
 from genknowsub_fast.backends import triton_ops  # noqa: E402
 from genknowsub_fast.backends.packing import pack_experts  # noqa: E402
+from genknowsub_fast.options import RoutingOptions  # noqa: E402
 
 
 def measure(t: int, repeats: int = 9, calls: int = 300) -> tuple[list[float], int]:
@@ -31,7 +32,7 @@ def measure(t: int, repeats: int = 9, calls: int = 300) -> tuple[list[float], in
         torch.randn(e, r, d_in, generator=g), torch.randn(e, d_out, r, generator=g), torch.ones(e),
         torch.randn(e, d_in, generator=g),
     )  # fmt: skip
-    layer = triton_ops.prepare(packed, 3, 1.0)
+    layer = triton_ops.prepare(packed, RoutingOptions(3))
     x = torch.randn(t, d_in, generator=g)
     out = []
     for _ in range(repeats):

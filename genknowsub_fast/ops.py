@@ -10,22 +10,13 @@ import warnings
 
 import torch
 
-from .backends import prototype_ext, torch_ops, torch_prototypes
+from .backends import prototype_ext, torch_ops
 from .backends.packing import check_factors
-from .experts import DEFAULT_TOP_K, ModuleExperts
-from .library_checks import all_finite
-from .runner import BACKENDS, RoutedLinear, check_routing_args, resolve_backend, triton_status
+from .experts import ModuleExperts, all_finite
+from .options import RoutingOptions, resolve_routing
+from .runner import BACKENDS, RoutedLinear, resolve_backend, triton_status
 
 PROTOTYPE_METHODS = ("exact", "power", "svd")
-
-
-def _check_finite(experts: ModuleExperts) -> None:
-    """ValueError naming the first of A, B, scaling, prototypes that holds NaN or Inf (raw tensors given to the ops;
-    a library's experts were checked when it was built or loaded)."""
-    named = (("A", experts.a), ("B", experts.b), ("scaling", experts.scaling), ("prototypes", experts.prototypes))
-    for name, t in named:
-        if not all_finite(t):
-            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def arrow_prototypes(
@@ -48,16 +39,7 @@ def arrow_prototypes(
         raise ValueError(f"expected A (E, r, d_in) and B (E, d_out, r), got {tuple(a.shape)} and {tuple(b.shape)}")
     if method not in PROTOTYPE_METHODS:
         raise ValueError(f"unknown prototype method {method!r}; expected one of {PROTOTYPE_METHODS}")
-    if method == "exact":
-        (p,), (zero,) = prototype_ext.exact_prototypes_batched([a], [b])
-    else:
-        prototype_ext.check_finite([a], [b])
-        if method == "power":
-            return torch_prototypes.power_prototypes(a, b, rng_seed=rng_seed)
-        from . import reference
-
-        p = reference.prototypes_svd(a.to(torch.float64), b.to(torch.float64)).to(a.dtype)
-        zero = ~(p != 0).any(dim=1)
+    (p,), (zero,) = prototype_ext.prototypes_by_method([a], [b], method, rng_seed)
     if warn_zero and bool(zero.any()):
         warnings.warn(
             f"{int(zero.sum())} expert(s) have ΔW = 0 (indices {zero.nonzero().flatten().tolist()}): "
@@ -81,15 +63,15 @@ def arrow_route(
         raise ValueError(f"x and prototypes must be floating-point, got {x.dtype} and {prototypes.dtype}")
     if not all_finite(prototypes):
         raise ValueError("prototypes contain NaN or Inf")
-    top_k, temperature = check_routing_args(top_k, temperature, prototypes.shape[0])
-    return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes, top_k, temperature)
+    options = RoutingOptions(top_k, temperature).check_experts(prototypes.shape[0])
+    return torch_ops.route(x.reshape(-1, x.shape[-1]), prototypes, options.top_k, options.temperature)
 
 
 def prepare(
     experts: ModuleExperts,
     top_k: int | None = None,
-    temperature: float = 1.0,
-    mixing: str = "output",
+    temperature: float | None = None,
+    mixing: str | None = None,
     backend: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -99,14 +81,15 @@ def prepare(
 
     ``device``/``dtype`` pack right away; otherwise the first call packs for its input. See
     :class:`~genknowsub_fast.runner.RoutedLinear` for the calls (``runner(x, weight, bias)``,
-    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). ``top_k`` defaults
-    to min(3, number of experts). NaN or Inf in the experts is a ValueError.
+    ``runner.add_delta_(y, x, scores=None)``, ``runner.route_scores(x)``, ``runner.route(x)``). Routing options
+    left as None take the package defaults (:func:`~genknowsub_fast.options.resolve_routing`: top_k = min(3, number
+    of experts), temperature 1.0, mixing "output"). NaN or Inf in the experts is a ValueError.
     """
-    if isinstance(experts, ModuleExperts):
-        _check_finite(experts)
-        if top_k is None:
-            top_k = min(DEFAULT_TOP_K, experts.num_experts)
-    return RoutedLinear(experts, top_k, temperature, mixing, backend, device, dtype, name)
+    if not isinstance(experts, ModuleExperts):
+        raise ValueError(f"experts must be a ModuleExperts, got {type(experts).__name__}")
+    experts.check_finite()
+    options = resolve_routing(experts.num_experts, top_k, temperature, mixing)
+    return RoutedLinear(experts, options, backend, device, dtype, name)
 
 
 def routed_lora(
@@ -134,8 +117,9 @@ def routed_lora(
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({b.shape[1]}, {a.shape[2]})")
     ranks = torch.full((a.shape[0],), a.shape[1], dtype=torch.int64)
     experts = ModuleExperts(a, b, scaling, prototypes, ranks)
-    _check_finite(experts)
-    return RoutedLinear(experts, top_k, temperature, mixing, backend)(x, weight, bias)
+    experts.check_finite()
+    options = RoutingOptions(top_k, temperature, mixing).check_experts(experts.num_experts)
+    return RoutedLinear(experts, options, backend)(x, weight, bias)
 
 
 __all__ = [
@@ -143,7 +127,6 @@ __all__ = [
     "arrow_route",
     "routed_lora",
     "prepare",
-    "check_routing_args",
     "resolve_backend",
     "triton_status",
     "RoutedLinear",

@@ -23,7 +23,7 @@ from torch import nn
 
 from .experts import ModuleExperts
 from .library import LoraLibrary, model_family
-from .runner import RoutedLinear, check_routing_args
+from .runner import RoutedLinear
 
 # Linear layers that adapters usually target, per model family (Phi-3 fuses q/k/v and gate/up).
 TARGETS = {
@@ -115,9 +115,8 @@ class _PatchedForward:
         lin = layer._linear
         if lin is not None:
             # The parameters straight from the module's dict, which is what lin.weight returns when they are
-            # registered, without nn.Module.__getattr__ after a failed normal lookup (7.1k instructions a call
-            # against 1.4k, callgrind). Otherwise (torch.nn.utils.weight_norm makes weight a plain attribute) the
-            # attributes.
+            # registered, without nn.Module.__getattr__'s slow path (docs/design.md, "What a call costs").
+            # Otherwise (torch.nn.utils.weight_norm makes weight a plain attribute) the attributes.
             params = lin._parameters
             if "weight" in params and "bias" in params:
                 weight, bias = params["weight"], params["bias"]
@@ -147,10 +146,8 @@ class _PeftArrowForward(_PatchedForward):
     and PEFT's own forward otherwise (after ``set_adapter("task_0")``, ``disable_adapter()``, a mixed-batch call), so
     the patched model computes what PEFT computes in every adapter state, and PEFT's training path keeps working.
 
-    ``active`` is the integration's ``router_is_active``: three PEFT properties, measured at 1.7-2.3 µs per call
-    (timeit, loaded 2-core machine), i.e. 8 × 2.3 µs = 0.16 % of an 11.8 ms tiny Phi-3 decode step (8 patched
-    layers, 1 thread); interleaved decode timings with and without it did not tell them apart (median ratio 1.01,
-    quartiles 0.83-1.13).
+    ``active`` is the integration's ``router_is_active``: three PEFT properties read per call (their cost is in
+    docs/design.md, "What a call costs").
     """
 
     __slots__ = ("active",)
@@ -273,7 +270,7 @@ def patch_model(
     library: LoraLibrary | str | os.PathLike | None = None,
     top_k: int | None = None,
     temperature: float | None = None,
-    mixing: str = "output",
+    mixing: str | None = None,
     backend: str = "auto",
     prototypes: str | None = None,
 ) -> nn.Module:
@@ -286,7 +283,8 @@ def patch_model(
             model.
         top_k: experts per token (default: the library's routing default, else min(3, number of experts)).
         temperature: softmax temperature > 0 (default: the library's routing default, else 1.0).
-        mixing: ``"output"`` (PEFT's Arrow) or ``"weights"`` (per-token merged A and B, one shared scaling).
+        mixing: ``"output"`` (PEFT's Arrow; the default) or ``"weights"`` (per-token merged A and B, one shared
+            scaling).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
         prototypes: only with a PEFT Arrow model and ``library=None``: ``"peft"`` (default; PEFT's own prototypes and
             GenKnowSub state, so the outputs are PEFT's) or ``"exact"`` (exact Arrow prototypes of the same experts).
@@ -330,7 +328,7 @@ def patch_model(
         if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
             raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
         targets = _find_targets(model, library)
-        top_k, temperature = check_routing_args(*library.default_routing(top_k, temperature), library.num_experts)
+        options = library.routing_options(top_k, temperature, mixing)
 
         layers = []
         for path, (_, module) in targets.items():
@@ -340,7 +338,7 @@ def patch_model(
                 raise ValueError(
                     f"module {path!r} is a PEFT LoRA layer with its own active adapters; merge_and_unload() it first"
                 )
-            runner = RoutedLinear(experts, top_k, temperature, mixing, backend, name=path)
+            runner = RoutedLinear(experts, options, backend, name=path)
             # On a quantised base the experts run in float32, as PEFT (its adapters stay float32) and the original
             # code do, so the delta is not rounded to the model dtype before it is added.
             quantised = _is_quantised(module)

@@ -16,8 +16,6 @@ Routing scores are float32 on every backend; ties go to the lower expert index.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -26,22 +24,9 @@ import torch.nn.functional as F
 from .backends import cpu_kernel, torch_ops
 from .backends.packing import COMPUTE_DTYPES, PackedExperts, check_factors, check_mixing, pack_experts
 from .experts import ModuleExperts
+from .options import RoutingOptions
 
 BACKENDS = ("auto", "torch", "triton")
-
-
-def check_routing_args(top_k: object, temperature: object, num_experts: int) -> tuple[int, float]:
-    """Validated ``(top_k, temperature)`` as (int, float); ValueError naming the argument otherwise.
-
-    ``top_k`` is any integer (numpy integers too, not bool) in [1, num_experts]; ``temperature`` any finite real > 0
-    (not bool).
-    """
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= int(top_k) <= num_experts:
-        raise ValueError(f"top_k must be an integer in [1, {num_experts}] (the number of experts), got {top_k!r}")
-    ok = not isinstance(temperature, bool) and isinstance(temperature, numbers.Real)
-    if not (ok and math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return int(top_k), float(temperature)
 
 
 def triton_status() -> tuple[bool, str]:
@@ -91,9 +76,9 @@ class RoutedLinear:
 
     Args:
         experts: the layer's :class:`~genknowsub_fast.experts.ModuleExperts`.
-        top_k: experts per token, in [1, E].
-        temperature: softmax temperature > 0.
-        mixing: ``"output"`` (PEFT's Arrow) or ``"weights"`` (merged A and B, one shared scaling and rank).
+        options: validated :class:`~genknowsub_fast.options.RoutingOptions` (top_k, temperature, mixing), as
+            :func:`~genknowsub_fast.options.resolve_routing` makes them where the user's call enters; ``top_k`` must
+            not exceed this layer's experts, and ``mixing="weights"`` needs one shared rank and scaling.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`resolve_backend`).
         device, dtype: pack for this device and dtype now (default: on the first call, for the input's).
         name: a label for messages (the module path).
@@ -102,9 +87,7 @@ class RoutedLinear:
     def __init__(
         self,
         experts: ModuleExperts,
-        top_k: int = 3,
-        temperature: float = 1.0,
-        mixing: str = "output",
+        options: RoutingOptions,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -112,13 +95,18 @@ class RoutedLinear:
     ):
         if not isinstance(experts, ModuleExperts):
             raise ValueError(f"experts must be a ModuleExperts, got {type(experts).__name__}")
+        if not isinstance(options, RoutingOptions):
+            raise ValueError(
+                "options must be a RoutingOptions (see genknowsub_fast.options.resolve_routing), got "
+                f"{type(options).__name__}"
+            )
         check_factors(experts.a, experts.b, experts.scaling, experts.prototypes)
-        self.top_k, self.temperature = check_routing_args(top_k, temperature, experts.num_experts)
-        check_mixing(mixing, experts.scaling, experts.ranks)
+        options.check_experts(experts.num_experts)
+        check_mixing(options.mixing, experts.scaling, experts.ranks)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.experts = experts
-        self.mixing = mixing
+        self.options = options
         self.backend = backend
         self.name = name
         self._plan: _Plan | None = None
@@ -130,6 +118,18 @@ class RoutedLinear:
         return {**self.__dict__, "_plan": None}
 
     # ---------------------------------------------------------------------------------------------------- properties
+    @property
+    def top_k(self) -> int:
+        return self.options.top_k
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def mixing(self) -> str:
+        return self.options.mixing
+
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
@@ -178,7 +178,7 @@ class RoutedLinear:
         if backend == "triton":
             from .backends import triton_ops
 
-            plan.triton = triton_ops.prepare(packed, self.top_k, self.temperature)
+            plan.triton = triton_ops.prepare(packed, self.options)
         elif device.type == "cpu" and dtype in cpu_kernel.KERNEL_DTYPES and cpu_kernel.available():
             plan.backend = "cpu"
             plan.kernel = cpu_kernel.op().default
@@ -222,10 +222,8 @@ class RoutedLinear:
             x2 = x.reshape(-1, x.shape[-1])
             y = plan.triton(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
             return y.view(*x.shape[:-1], self.d_out)
-        # x and y keep their leading shape: the compiled op takes (..., d) tensors. What a patched hidden-256 Phi-3
-        # qkv_proj (E=6, r=8, k=3, float32, T=1) added per call to F.linear's 100k instructions (callgrind): 72k when
-        # this method reshaped x (8.6k), viewed y back (13.9k), and went through cpu_kernel.add_delta_ (3.7k of
-        # checks), with takes() at 11.4k and the op at 36k; now the op, a cheaper takes() and a few k.
+        # x and y keep their leading shape: the compiled op takes (..., d) tensors, so no reshape or view is paid per
+        # call (docs/design.md, "What a call costs").
         if not x.is_contiguous():
             x = x.contiguous()
         y = F.linear(x, weight, bias) if weight is not None else x.new_zeros(*x.shape[:-1], self.d_out)
@@ -249,4 +247,4 @@ class RoutedLinear:
         return torch_ops.route_from_scores(scores, self.top_k, self.temperature)
 
 
-__all__ = ["RoutedLinear", "check_routing_args", "resolve_backend", "triton_status", "BACKENDS"]
+__all__ = ["RoutedLinear", "resolve_backend", "triton_status", "BACKENDS"]

@@ -9,6 +9,8 @@ import torch
 import genknowsub_fast as gkf
 from genknowsub_fast import ModuleExperts, reference
 from genknowsub_fast.backends import cpu_kernel
+from genknowsub_fast.options import RoutingOptions, resolve_routing
+from genknowsub_fast.runner import RoutedLinear
 from tests.routing_cases import make_case
 from tests.tolerances import FP32_SAME_MATH, assert_close_to_reference
 
@@ -64,8 +66,8 @@ def test_plan_is_reused_and_rebuilt_on_dtype_change():
         runner(case.x.to(torch.bfloat16))
     assert runner._plan is not plan and runner.packed.a.dtype == torch.bfloat16
     assert runner.packed.prototypes.dtype == torch.float32
-    if cpu_kernel.available():
-        assert runner.active_backend in ("cpu", "torch")
+    # The compiled kernel takes bf16 CPU calls; without the extension the portable torch regimes run.
+    assert runner.active_backend == ("cpu" if cpu_kernel.available() else "torch")
 
 
 def test_validation_happens_at_construction():
@@ -86,6 +88,20 @@ def test_validation_happens_at_construction():
         runner(torch.randn(3, 15))
     with pytest.raises(ValueError, match="inputs must be one of"):
         runner(torch.ones(3, 16, dtype=torch.int64))
+
+
+def test_runner_takes_resolved_options_only():
+    """The runner has no routing defaults of its own: options come resolved from where the user's call entered."""
+    case = make_case(3, 2, 2, 16, 8, seed=1)  # 2 experts
+    ex = _experts(case)
+    with pytest.raises(TypeError):
+        RoutedLinear(ex)  # no bare top_k default (it used to be 3, which a 2-expert layer refused)
+    with pytest.raises(ValueError, match="RoutingOptions"):
+        RoutedLinear(ex, 2)
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 2\]"):
+        RoutedLinear(ex, RoutingOptions(3))
+    runner = RoutedLinear(ex, resolve_routing(ex.num_experts))
+    assert runner.options == RoutingOptions(2, 1.0, "output") and runner.top_k == 2
 
 
 def test_pickle_and_deepcopy_drop_the_plan_and_rebuild_it():

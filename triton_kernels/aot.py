@@ -41,7 +41,7 @@ TOP_K = 3
 TOKENS = (1, 7, 16, 17, 256, 4096, 16384)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The Triton of the GPU machine's image: the compile and spill check must run under it, since register allocation
-# differs between versions (issue 17 found two configurations of the earlier table that spilled 4 bytes under 3.6.0
+# differs between versions (two configurations of an earlier table spilled 4 bytes under 3.6.0
 # only).
 DEVICE_TRITON = "3.6.0"
 # SM counts of the parts these architectures are benchmarked on (A100 SXM: 108, H100 SXM: 132; vendor data sheets);

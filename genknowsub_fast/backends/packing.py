@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-MIXING_MODES = ("output", "weights")
+from ..options import MIXING_MODES
+
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

@@ -1,4 +1,4 @@
-"""Triton backend: ``prepare(packed, top_k, temperature) -> TritonLayer``, what the prepared runner calls on CUDA.
+"""Triton backend: ``prepare(packed, options) -> TritonLayer``, what the prepared runner calls on CUDA.
 
 A layer is validated and laid out once, when prepared: the float32 prototypes, their 16-bit pieces for the route pass
 (``triton_kernels/pieces.py``), A as (E·r, d_in) and Bᵀ with one row stride. Each call then only looks up its plan
@@ -19,6 +19,7 @@ import torch
 from genknowsub_fast.triton_kernels import custom_ops, linear
 from genknowsub_fast.triton_kernels.pieces import split_prototypes
 
+from ..options import RoutingOptions
 from .packing import PackedExperts
 
 __all__ = ["SUPPORTED_DTYPES", "TritonLayer", "prepare", "status"]
@@ -139,14 +140,13 @@ class TritonLayer:
 
 def prepare(
     packed: PackedExperts,
-    top_k: int,
-    temperature: float,
+    options: RoutingOptions,
     *,
     regime: str | None = None,
     split: int | None = None,
     fuse_base: bool | None = None,
 ) -> TritonLayer:
-    """A :class:`TritonLayer` for ``packed`` (routing arguments already validated by the caller).
+    """A :class:`TritonLayer` for ``packed`` routed with ``options`` (validated by the caller's RoutingOptions).
 
     ValueError when the kernels cannot run these tensors: a dtype other than float16/bfloat16/float32, A and Bᵀ of
     different dtypes or devices, or a device that is neither CUDA nor the CPU under the Triton interpreter.
@@ -168,4 +168,4 @@ def prepare(
         )
     if regime is not None and regime not in linear.REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {linear.REGIMES}")
-    return TritonLayer(packed, top_k, temperature, regime, split, fuse_base)
+    return TritonLayer(packed, options.top_k, options.temperature, regime, split, fuse_base)

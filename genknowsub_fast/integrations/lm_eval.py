@@ -20,6 +20,16 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 
+def _number(value: object, kind: type, name: str) -> object:
+    """A --model_args string as ``kind`` (int or float); anything else as given, for the routing check."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 @register_model("genknowsub")
 class GenKnowSubLM(HFLM):
     """``HFLM`` whose model is patched with :func:`genknowsub_fast.patch_model` after loading."""
@@ -30,7 +40,7 @@ class GenKnowSubLM(HFLM):
         library: str | None = None,
         top_k: int | str | None = None,
         temperature: float | str | None = None,
-        mixing: str = "output",
+        mixing: str | None = None,
         backend: str = "auto",
         **kwargs,
     ) -> None:
@@ -40,15 +50,11 @@ class GenKnowSubLM(HFLM):
         if library is None:
             raise ValueError("model 'genknowsub' needs library=FILE in --model_args (a genknowsub-fast library)")
         lib = gkf.LoraLibrary.load(str(library))
-        k, t = lib.default_routing(top_k, temperature)
-        k, t = int(k), float(t)
-        if not 1 <= k <= lib.num_experts:
-            raise ValueError(f"top_k={k} is outside [1, {lib.num_experts}] (the library's experts)")
-        if not t > 0:
-            raise ValueError(f"temperature must be > 0, got {t}")
+        # --model_args values arrive as strings; the library's routing_options checks the numbers.
+        routing = lib.routing_options(_number(top_k, int, "top_k"), _number(temperature, float, "temperature"), mixing)
         super().__init__(pretrained=pretrained, **kwargs)
-        gkf.patch_model(self.model, lib, top_k=k, temperature=t, mixing=mixing, backend=backend)
-        self.library_path, self.top_k, self.temperature = str(library), k, t
+        gkf.patch_model(self.model, lib, routing.top_k, routing.temperature, routing.mixing, backend=backend)
+        self.library_path, self.top_k, self.temperature = str(library), routing.top_k, routing.temperature
 
     def get_model_info(self) -> dict:
         """lm-eval's model info plus the library and the routing settings (written into the results)."""

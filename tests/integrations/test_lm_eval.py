@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import genknowsub_fast as gkf
-from genknowsub_fast.eval_formats import lm_eval_task_yaml
 from genknowsub_fast.evaluate import accuracy, score_choices, score_choices_naive
+from genknowsub_fast.evaluate.formats import lm_eval_task_yaml
 from genknowsub_fast.synthetic import make_choice_examples, make_tokenizer
 from tests.tolerances import assert_close_to_reference
 
@@ -85,7 +85,7 @@ def test_bad_library_is_a_value_error_before_loading(local):
         GenKnowSubLM(pretrained=str(root / "model"))
     with pytest.raises(ValueError, match="does not exist"):
         GenKnowSubLM(pretrained="/nonexistent", library=str(root / "missing.safetensors"))
-    with pytest.raises(ValueError, match=r"top_k=9 is outside \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 5\]"):
         GenKnowSubLM(pretrained="/nonexistent", library=str(root / "lib.safetensors"), top_k=9)
 
 

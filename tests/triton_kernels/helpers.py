@@ -14,11 +14,12 @@ import torch
 
 from genknowsub_fast import reference
 from genknowsub_fast.backends.packing import PackedExperts, pack_experts
+from genknowsub_fast.options import RoutingOptions
 from tests.tolerances import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-# bf16 only on a GPU: the interpreter's bfloat16 tl.dot is wrong (DESIGN.md, "Running without a GPU").
+# bf16 only on a GPU: the Triton interpreter computes bfloat16 tl.dot wrongly.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
 
 
@@ -60,7 +61,7 @@ class Problem:
         """``triton_ops.prepare`` of these experts; ``overrides``: regime / split / fuse_base."""
         from genknowsub_fast.backends import triton_ops
 
-        return triton_ops.prepare(self.packed(dtype, mixing), top_k, temperature, **overrides)
+        return triton_ops.prepare(self.packed(dtype, mixing), RoutingOptions(top_k, temperature, mixing), **overrides)
 
     def cast(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """x, weight and bias in ``dtype`` on DEVICE."""

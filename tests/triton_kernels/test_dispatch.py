@@ -97,7 +97,7 @@ def _check_plan(t, er, k, dtype, dev, scores):
 @pytest.mark.parametrize("shape", [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)])
 @pytest.mark.parametrize("er", [(10, 4), (64, 8)])
 def test_decode_grid_fills_the_gpu_at_t1(shape, er):
-    """At T = 1 the shrink runs at least one CTA per two SMs (the issue's target), each over a slice of d_in."""
+    """At T = 1 the shrink runs at least one CTA per two SMs, each over a slice of d_in."""
     d_in, d_out = shape
     for cap, sms in (H100, A100):
         p = choose_plan(1, *er, 3, d_in, d_out, torch.bfloat16, cap, sms).decode

@@ -8,6 +8,7 @@ import torch
 from genknowsub_fast.triton_kernels import launch as launch_mod
 
 from genknowsub_fast.backends import triton_ops
+from genknowsub_fast.options import RoutingOptions
 from tests.triton_kernels.helpers import DEVICE, DTYPES, check, make_problem, require_triton
 
 
@@ -147,7 +148,7 @@ def test_status_reports_how_it_runs():
 def test_what_the_backend_cannot_run_is_a_value_error():
     prob = make_problem(3, 3, 2, 16, 8, seed=1)
     with pytest.raises(ValueError, match="float16, torch.bfloat16, torch.float32"):
-        triton_ops.prepare(prob.packed(torch.float64), 2, 1.0)
+        triton_ops.prepare(prob.packed(torch.float64), RoutingOptions(2))
     with pytest.raises(ValueError, match="regime"):
         prob.layer(torch.float32, 2, 1.0, regime="fast")
     layer = prob.layer(torch.float32, 2, 1.0)

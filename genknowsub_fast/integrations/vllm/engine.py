@@ -15,9 +15,8 @@ import weakref
 from importlib.metadata import entry_points
 
 from genknowsub_fast.backends.packing import check_mixing
-from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, RoutingOptions, routed_architecture
+from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, ServedOptions, routed_architecture
 from genknowsub_fast.library import LoraLibrary
-from genknowsub_fast.runner import check_routing_args
 
 PLUGIN_NAME = "genknowsub_fast"
 PLUGIN_GROUP = "vllm.general_plugins"
@@ -43,7 +42,7 @@ def hf_overrides(
     *,
     top_k: int | None = None,
     temperature: float | None = None,
-    mixing: str = "output",
+    mixing: str | None = None,
     backend: str = "auto",
     trust_remote_code: bool = False,
 ) -> dict:
@@ -52,7 +51,7 @@ def hf_overrides(
     Also what ``vllm serve MODEL --hf-overrides '<this dict as JSON>'`` takes. ValueError for an unsupported
     architecture, a missing library file or bad routing options.
     """
-    options = RoutingOptions(os.fspath(library_path), top_k, temperature, mixing, backend)
+    options = ServedOptions(os.fspath(library_path), top_k, temperature, mixing, backend)
     if not os.path.isfile(options.library):
         raise ValueError(f"library file {options.library!r} does not exist")
     arch = routed_architecture(model_architecture(model, trust_remote_code))
@@ -79,7 +78,7 @@ def make_llm(
     *,
     top_k: int | None = None,
     temperature: float | None = None,
-    mixing: str = "output",
+    mixing: str | None = None,
     **llm_kwargs,
 ):
     """A ``vllm.LLM`` serving ``model`` with every target linear layer routed through ``library`` (GenKnowSub +
@@ -88,9 +87,10 @@ def make_llm(
     Args:
         model: a Phi-3 or Phi-2 checkpoint (local folder or hub id), as for ``vllm.LLM``.
         library: a LoraLibrary, or the path of one saved with ``LoraLibrary.save``.
-        top_k: experts per token; temperature: routing softmax temperature (> 0); both default to the library's
-            :meth:`~genknowsub_fast.LoraLibrary.default_routing` (its own options, else min(3, E) and 1.0), as in
-            ``patch_model``; mixing: ``"output"`` or ``"weights"``.
+        top_k: experts per token; temperature: routing softmax temperature (> 0); mixing: ``"output"`` or
+            ``"weights"``. Each left as None takes the library's
+            :meth:`~genknowsub_fast.LoraLibrary.routing_options` (its own options, else min(3, E), 1.0, "output"),
+            as in ``patch_model``.
         **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``tensor_parallel_size``, ``max_model_len``, ...). An
             ``hf_overrides`` dict is merged with the routing overrides; it may not set their keys.
 
@@ -107,11 +107,9 @@ def make_llm(
     check_plugin()
 
     lib = library if isinstance(library, LoraLibrary) else LoraLibrary.load(library)
-    top_k, temperature = lib.default_routing(top_k, temperature)
-    check_routing_args(top_k, temperature, lib.num_experts)
-    RoutingOptions(os.fspath(library) if not isinstance(library, LoraLibrary) else "-", top_k, temperature, mixing)
+    routing = lib.routing_options(top_k, temperature, mixing)
     for experts in lib.modules.values():
-        check_mixing(mixing, experts.scaling, experts.ranks)
+        check_mixing(routing.mixing, experts.scaling, experts.ranks)
     tmpdir = None
     if isinstance(library, LoraLibrary):
         tmpdir = tempfile.mkdtemp(prefix="genknowsub_fast_vllm_")
@@ -123,9 +121,9 @@ def make_llm(
         overrides = hf_overrides(
             model,
             path,
-            top_k=top_k,
-            temperature=temperature,
-            mixing=mixing,
+            top_k=routing.top_k,
+            temperature=routing.temperature,
+            mixing=routing.mixing,
             trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)),
         )
         from vllm import LLM

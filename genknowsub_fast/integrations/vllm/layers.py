@@ -32,7 +32,7 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from genknowsub_fast.experts import ModuleExperts
 from genknowsub_fast.integrations.vllm import custom_ops
-from genknowsub_fast.integrations.vllm.options import RoutingOptions
+from genknowsub_fast.integrations.vllm.options import ServedOptions
 from genknowsub_fast.integrations.vllm.sharding import (
     PartShard,
     RoutedPart,
@@ -44,7 +44,8 @@ from genknowsub_fast.integrations.vllm.sharding import (
     slice_rows,
 )
 from genknowsub_fast.library import LoraLibrary
-from genknowsub_fast.ops import prepare
+from genknowsub_fast.options import RoutingOptions
+from genknowsub_fast.runner import RoutedLinear
 
 
 class RoutedLinearMethod(LinearMethodBase):
@@ -113,18 +114,15 @@ def build_routing(
     layer: LinearBase,
     members: Sequence[tuple[str, int | None]],
     library: LoraLibrary,
-    top_k: int,
-    temperature: float,
-    options: RoutingOptions,
+    routing: RoutingOptions,
+    backend: str,
     device: torch.device,
     dtype: torch.dtype,
 ) -> ShardedRouting:
     """This rank's routed delta of ``layer``, fed by the library modules ``members`` (path, fused part or None)."""
 
     def runner(experts: ModuleExperts, path: str):
-        return prepare(
-            experts, top_k, temperature, options.mixing, options.backend, device=device, dtype=dtype, name=path
-        )
+        return RoutedLinear(experts, routing, backend, device=device, dtype=dtype, name=path)
 
     if isinstance(layer, RowParallelLinear):
         if len(members) != 1 or members[0][1] is not None:
@@ -200,7 +198,7 @@ def _on_other_stage(named: dict[str, nn.Module], path: str) -> bool:
 
 
 def attach_routing(
-    model: nn.Module, options: RoutingOptions, device: torch.device | str, dtype: torch.dtype
+    model: nn.Module, options: ServedOptions, device: torch.device | str, dtype: torch.dtype
 ) -> dict[str, ShardedRouting]:
     """Route ``model``'s target layers through the library named by ``options``; returns layer path → routing.
 
@@ -208,16 +206,14 @@ def attach_routing(
     routing (the wrapped method is unwrapped first).
     """
     library = LoraLibrary.load(options.library)
-    top_k, temperature = library.default_routing(options.top_k, options.temperature)
-    top_k, temperature = int(top_k), float(temperature)
+    routing = library.routing_options(options.top_k, options.temperature, options.mixing)
     groups, _ = _resolve(model, library)
     if not groups:
         raise ValueError("no library module is on this pipeline stage's layers")
     device = torch.device(device)
     settings = {
         **options.to_dict(),
-        "top_k": top_k,
-        "temperature": temperature,
+        **routing.as_dict(),
         "dtype": str(dtype),
         "device": str(device),
     }
@@ -225,14 +221,14 @@ def attach_routing(
     built = {}
     for layer_path, members in groups.items():
         layer = model.get_submodule(layer_path)
-        built[layer_path] = build_routing(layer, members, library, top_k, temperature, options, device, dtype)
-    for layer_path, routing in built.items():
+        built[layer_path] = build_routing(layer, members, library, routing, options.backend, device, dtype)
+    for layer_path, sharded in built.items():
         layer = model.get_submodule(layer_path)
         inner = layer.quant_method
         if isinstance(inner, RoutedLinearMethod):
             inner = inner.inner
         layer.quant_method = RoutedLinearMethod(
-            inner, routing, custom_ops.register_layer(routing, f"{digest}:{layer_path}")
+            inner, sharded, custom_ops.register_layer(sharded, f"{digest}:{layer_path}")
         )
     return built
 

@@ -14,7 +14,7 @@ from vllm.model_executor.models.phi3 import Phi3ForCausalLM
 from vllm.model_executor.models.transformers import TransformersForCausalLM
 
 from genknowsub_fast.integrations.vllm.layers import attach_routing
-from genknowsub_fast.integrations.vllm.options import RoutingOptions
+from genknowsub_fast.integrations.vllm.options import ServedOptions
 
 # vLLM configures only the "vllm" logger tree, so the message goes there to show next to vLLM's own.
 logger = init_logger("vllm.genknowsub_fast")
@@ -24,15 +24,15 @@ class RoutedModelMixin:
     """Adds GenKnowSub + Arrow routing to a vLLM model class; put it first in the bases."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
-        options = RoutingOptions.from_config(vllm_config.model_config.hf_config)  # fail before building anything
+        options = ServedOptions.from_config(vllm_config.model_config.hf_config)  # fail before building anything
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         routed = attach_routing(self, options, vllm_config.device_config.device, vllm_config.model_config.dtype)
+        runner = next(iter(routed.values())).parts[0].runner
         logger.info(
-            "genknowsub_fast: %d linear layers routed through %s (top_k=%s, mixing=%s)",
+            "genknowsub_fast: %d linear layers routed through %s (%s)",
             len(routed),
             options.library,
-            options.top_k,
-            options.mixing,
+            runner.options,
         )
 
 

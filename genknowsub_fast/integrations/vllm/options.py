@@ -8,11 +8,10 @@ vLLM then refuses the unknown architecture instead of quietly serving the base m
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 
-from genknowsub_fast.backends.packing import MIXING_MODES
+from genknowsub_fast.options import check_values
 
 CONFIG_KEY = "genknowsub_fast"
 
@@ -26,38 +25,30 @@ _KEYS = ("library", "top_k", "temperature", "mixing", "backend")
 
 
 @dataclass(frozen=True)
-class RoutingOptions:
-    """What a routed model needs besides its weights.
+class ServedOptions:
+    """What a routed model needs besides its weights, as it travels in the HF config to vLLM's workers.
 
     ``library``: path of a saved LoraLibrary (``LoraLibrary.save``), readable by every worker. ``top_k`` /
-    ``temperature``: None takes the library's routing defaults (else min(3, E) and 1.0), as ``patch_model`` does.
+    ``temperature`` / ``mixing``: None takes the library's routing defaults when a worker loads it
+    (:meth:`~genknowsub_fast.LoraLibrary.routing_options`), as ``patch_model`` does; given values are checked here by
+    the package's one routing check (:func:`genknowsub_fast.options.check_values`). ``backend``: as in ``patch_model``.
     """
 
     library: str
     top_k: int | None = None
     temperature: float | None = None
-    mixing: str = "output"
+    mixing: str | None = None
     backend: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.library, (str, os.PathLike)) or not os.fspath(self.library):
             raise ValueError(f"{CONFIG_KEY}.library must be the path of a saved LoraLibrary, got {self.library!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)):
-            raise ValueError(f"{CONFIG_KEY}.top_k must be an integer, got {self.top_k!r}")
-        if self.temperature is not None and not (
-            isinstance(self.temperature, (int, float))
-            and not isinstance(self.temperature, bool)
-            and math.isfinite(self.temperature)
-            and self.temperature > 0
-        ):
-            raise ValueError(f"{CONFIG_KEY}.temperature must be a finite number > 0, got {self.temperature!r}")
-        if self.mixing not in MIXING_MODES:
-            raise ValueError(f"{CONFIG_KEY}.mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
+        check_values(self.top_k, self.temperature, self.mixing, prefix=f"{CONFIG_KEY}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"{CONFIG_KEY}.backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
-    def from_dict(cls, raw: object) -> RoutingOptions:
+    def from_dict(cls, raw: object) -> ServedOptions:
         """Options from the dict under :data:`CONFIG_KEY`; ValueError names an unknown key or a bad value."""
         if not isinstance(raw, dict):
             raise ValueError(f"the {CONFIG_KEY!r} entry of the model config must be a dict, got {type(raw).__name__}")
@@ -69,7 +60,7 @@ class RoutingOptions:
         return cls(**raw)
 
     @classmethod
-    def from_config(cls, hf_config: object) -> RoutingOptions:
+    def from_config(cls, hf_config: object) -> ServedOptions:
         """Options from a model's HF config; ValueError when it has none (a routed architecture needs them)."""
         raw = getattr(hf_config, CONFIG_KEY, None)
         if raw is None:
@@ -97,4 +88,4 @@ def routed_architecture(architecture: str) -> str:
     return ROUTED_ARCHITECTURES[architecture]
 
 
-__all__ = ["CONFIG_KEY", "ROUTED_ARCHITECTURES", "RoutingOptions", "routed_architecture"]
+__all__ = ["CONFIG_KEY", "ROUTED_ARCHITECTURES", "ServedOptions", "routed_architecture"]

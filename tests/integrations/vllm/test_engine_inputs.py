@@ -29,7 +29,7 @@ def test_hf_overrides_name_the_routed_architecture(saved):
     over = hf_overrides(model_dir, lib_path, top_k=2)
     assert over == {
         "architectures": ["GenKnowSubPhi3ForCausalLM"],
-        "genknowsub_fast": {"library": lib_path, "top_k": 2, "mixing": "output", "backend": "auto"},
+        "genknowsub_fast": {"library": lib_path, "top_k": 2, "backend": "auto"},  # unset options: the library's
     }
 
 

@@ -7,25 +7,25 @@ import pytest
 from genknowsub_fast.integrations.vllm.options import (
     CONFIG_KEY,
     ROUTED_ARCHITECTURES,
-    RoutingOptions,
+    ServedOptions,
     routed_architecture,
 )
 
 
 def test_round_trip_through_the_config_dict():
-    opts = RoutingOptions("lib.safetensors", top_k=2, temperature=0.5, mixing="weights")
-    assert RoutingOptions.from_dict(opts.to_dict()) == opts
-    defaults = {"library": "x", "mixing": "output", "backend": "auto"}
-    assert RoutingOptions.from_dict({"library": "x"}).to_dict() == defaults
+    opts = ServedOptions("lib.safetensors", top_k=2, temperature=0.5, mixing="weights")
+    assert ServedOptions.from_dict(opts.to_dict()) == opts
+    defaults = {"library": "x", "backend": "auto"}  # unset routing options are resolved against the library
+    assert ServedOptions.from_dict({"library": "x"}).to_dict() == defaults
 
     class Config:
         pass
 
     cfg = Config()
     setattr(cfg, CONFIG_KEY, opts.to_dict())
-    assert RoutingOptions.from_config(cfg) == opts
+    assert ServedOptions.from_config(cfg) == opts
     with pytest.raises(ValueError, match="needs routing options"):
-        RoutingOptions.from_config(Config())
+        ServedOptions.from_config(Config())
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,7 @@ def test_round_trip_through_the_config_dict():
         ({"library": "x", "topk": 2}, "unknown genknowsub_fast option"),
         ({"library": "x", "top_k": 2.0}, "top_k must be an integer"),
         ({"library": "x", "top_k": True}, "top_k must be an integer"),
+        ({"library": "x", "top_k": 0}, "top_k must be an integer >= 1"),
         ({"library": "x", "temperature": 0}, "temperature must be"),
         ({"library": "x", "temperature": float("nan")}, "temperature must be"),
         ({"library": "x", "mixing": "sum"}, "mixing must be"),
@@ -45,7 +46,7 @@ def test_round_trip_through_the_config_dict():
 )
 def test_bad_options_are_value_errors(raw, match):
     with pytest.raises(ValueError, match=match):
-        RoutingOptions.from_dict(raw)
+        ServedOptions.from_dict(raw)
 
 
 def test_routed_architectures():

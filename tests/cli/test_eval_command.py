@@ -74,7 +74,7 @@ def _bad_jsonl(files, text):
         ({"--template": "{choice} then {context}"}, "{context} must come before {choice}"),
         ({"--reduction": "max"}, "--reduction 'max': expected one of mean, sum_continuation"),
         ({"--top-k": "0"}, "argument --top-k: expected an integer ≥ 1, got '0'"),
-        ({"--top-k": "6"}, "--top-k 6 is outside [1, 5]"),
+        ({"--top-k": "6"}, "--top-k / --temperature: top_k must be an integer in [1, 5]"),
         ({"--batch-size": "0"}, "argument --batch-size: expected an integer ≥ 1, got '0'"),
         ({"--temperature": "0"}, "argument --temperature: expected a finite number > 0, got '0'"),
         ({"--dtype": "int8"}, "--dtype 'int8': expected one of float32"),

@@ -17,8 +17,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``eval`` subcommand's arguments (numbers are checked while parsing)."""
-    from .cli_args import positive_float, positive_int
-    from .eval_formats import REDUCTIONS, TEMPLATES
+    from ..evaluate.formats import REDUCTIONS, TEMPLATES
+    from .args import positive_float, positive_int
 
     p.add_argument("--model", required=True, metavar="DIR", help="HF causal LM directory (save_pretrained)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: --model)")
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_jsonl(path: str) -> list[dict]:
     """The examples of a JSONL file, checked (ValueError naming the line)."""
-    from .eval_formats import check_examples
+    from ..evaluate.formats import check_examples
 
     examples = []
     with open(path, encoding="utf-8") as f:
@@ -73,12 +73,12 @@ def _check_dir(path: str, what: str, needs: tuple[str, ...]) -> None:
 
 
 def _check_args(args: argparse.Namespace):
-    """Everything checked before the model loads; returns (examples, library, dtype, device, top_k, temperature)."""
+    """Everything checked before the model loads; returns (examples, library, dtype, device, routing options)."""
     import torch
 
-    from .eval_formats import REDUCTIONS, resolve_template
-    from .library import LoraLibrary
-    from .paths import check_output_file
+    from ..evaluate.formats import REDUCTIONS, resolve_template
+    from ..library import LoraLibrary
+    from ..paths import check_output_file
 
     resolve_template(args.template)
     if args.reduction not in REDUCTIONS:
@@ -103,29 +103,30 @@ def _check_args(args: argparse.Namespace):
         check_output_file(args.out, "--out")
     examples = read_jsonl(args.data)
     library = LoraLibrary.load(args.library)
-    if args.top_k is not None and not 1 <= args.top_k <= library.num_experts:
-        raise ValueError(f"--top-k {args.top_k} is outside [1, {library.num_experts}] (the library's experts)")
-    top_k, temperature = library.default_routing(args.top_k, args.temperature)  # --out records the values used
-    return examples, library, getattr(torch, args.dtype), device, int(top_k), float(temperature)
+    try:  # --out records the values used
+        routing = library.routing_options(args.top_k, args.temperature)
+    except ValueError as exc:
+        raise ValueError(f"--top-k / --temperature: {exc} in library {args.library!r}") from None
+    return examples, library, getattr(torch, args.dtype), device, routing
 
 
 def run(args: argparse.Namespace) -> int:
     """Check, load, patch, score; print the accuracy; write ``--out``. Bad input: ValueError (one line, exit 2)."""
-    examples, library, dtype, device, top_k, temperature = _check_args(args)
+    examples, library, dtype, device, routing = _check_args(args)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import genknowsub_fast as gkf
 
-    from .evaluate import accuracy, predictions, score_choices
-    from .paths import write_atomically
+    from ..evaluate.scoring import accuracy, predictions, score_choices
+    from ..paths import write_atomically
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model).to(device=device, dtype=dtype).eval()
     except (OSError, KeyError) as exc:  # transformers' "not a model / tokenizer directory" errors
         raise ValueError(f"cannot load {args.model!r}: {' '.join(str(exc).split())[:300]}") from None
-    gkf.patch_model(model, library, top_k=top_k, temperature=temperature)
+    gkf.patch_model(model, library, top_k=routing.top_k, temperature=routing.temperature)
     start = time.perf_counter()
     scores = score_choices(
         model,
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     acc = accuracy(scores, examples)
     preds = predictions(scores)
-    print(f"accuracy {acc:.4f} on {len(examples)} examples ({args.reduction}, top-k {top_k}, {seconds:.1f} s)")
+    print(f"accuracy {acc:.4f} on {len(examples)} examples ({args.reduction}, top-k {routing.top_k}, {seconds:.1f} s)")
     if args.out:
         rows = []
         for i, (ex, s, p) in enumerate(zip(examples, scores, preds)):
@@ -155,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
             "data": args.data,
             "template": args.template,
             "reduction": args.reduction,
-            "top_k": top_k,
-            "temperature": temperature,
+            "top_k": routing.top_k,
+            "temperature": routing.temperature,
             "seconds": seconds,
             "examples": rows,
         }
