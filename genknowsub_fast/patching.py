@@ -286,16 +286,20 @@ def patch_model(
         mixing: ``"output"`` (PEFT's Arrow; the default) or ``"weights"`` (per-token merged A and B, one shared
             scaling).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
-        prototypes: only with a PEFT Arrow model and ``library=None``: ``"peft"`` (default; PEFT's own prototypes and
-            GenKnowSub state, so the outputs are PEFT's) or ``"exact"`` (exact Arrow prototypes of the same experts).
-            See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`.
+        prototypes: only with a PEFT Arrow model and ``library=None``: ``"peft"`` (PEFT's own prototypes and
+            GenKnowSub state, so the outputs are PEFT's) or ``"exact"`` (exact Arrow prototypes of the same experts);
+            None (default) is ``"peft"`` with a warning where PEFT's prototypes are far from exact. See
+            :func:`genknowsub_fast.integrations.peft.library_from_peft_model`.
 
     A PEFT Arrow model must run its Arrow router when it is patched (``model.set_adapter("arrow_router")``). Once
     patched, a layer whose PEFT adapter state changes (``set_adapter``, ``disable_adapter()``) runs PEFT's own forward.
     The patched model holds a copy of the adapters as they were at patch time: patch again after changing them.
 
-    Every check runs before any module is patched (a PEFT Arrow model first runs PEFT's own pending lazy steps, which
-    its next forward would run anyway). A model already patched raises ValueError.
+    Patching a PEFT Arrow model reads PEFT's subtracted experts without changing the model's adapter weights: its
+    ``save_pretrained`` writes what it wrote before patching (PEFT's GenKnowSub, which subtracts in place, runs on
+    PEFT's own next forward, as without patching).
+
+    Every check runs before any module is patched. A model already patched raises ValueError.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -313,7 +317,7 @@ def patch_model(
                     "library is None, which needs a PEFT Arrow model (from peft.create_arrow_model); "
                     "pass a LoraLibrary for any other model"
                 )
-            library = peft_integration.library_from_peft_model(model, prototypes or "peft")
+            library = peft_integration.library_from_peft_model(model, prototypes)
         elif prototypes is not None:
             raise ValueError(
                 "prototypes= chooses the prototypes of a PEFT Arrow model patched without a library; "

@@ -23,7 +23,10 @@ from .args import (
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", nargs="+", required=True, metavar="DIR", help="task adapter directories (PEFT format)")
+    p.add_argument(
+        "--task", nargs="+", required=True, metavar="DIR",
+        help="task adapter directories (PEFT format; for Trainer runs the checkpoint to use, RUN/checkpoint-N)",
+    )  # fmt: skip
     p.add_argument("--general", nargs="+", default=[], metavar="DIR", help="general-knowledge adapter directories")
     p.add_argument(
         "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
@@ -32,7 +35,6 @@ def _add_build(p: argparse.ArgumentParser) -> None:
         "--prototypes", choices=("exact", "power", "svd"), default="exact",
         help="exact: top right singular vector (default); power: PEFT's 15-step power iteration; svd: full SVD (slow)",
     )  # fmt: skip
-    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
     add_adapter_options(p)
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
 
@@ -47,7 +49,6 @@ def _run_build(args: argparse.Namespace) -> int:
         args.general or None,
         gks=args.gks or "auto",
         prototypes=args.prototypes,
-        names=args.names,
         **adapter_options(args),
     )
     lib.save(args.output)

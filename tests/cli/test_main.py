@@ -1,5 +1,6 @@
 """The genknowsub-fast command: build, info, demo, and one-line errors with exit code 2."""
 
+import os
 import shutil
 
 import pytest
@@ -153,13 +154,15 @@ def _copy_naming_base(src, dst, base_model):
 
 
 def test_build_names_and_base_model_name(phi3_setup, tmp_path, capsys):
-    """The command-line forms of the duplicate-name and base-model-name checks: --names for directories that share a
-    name, --base-model-name for one base model named two ways; each refusal names the flag."""
+    """The command-line forms of the duplicate-name and base-model-name checks: --names with duplicates, and
+    --base-model-name for one base model named two ways; each refusal names the flag."""
     first = _copy_naming_base(phi3_setup.task[0], tmp_path / "a" / "task_0", "microsoft/Phi-3-mini-4k-instruct")
     other = _copy_naming_base(phi3_setup.task[1], tmp_path / "b" / "task_0", "/models/my-phi3")
     out = str(tmp_path / "x.safetensors")
-    assert main(["build", "--task", first, other, "-o", out]) == 2
-    _one_line_error(capsys, "build", "(command line: --names)")
+    assert main(["build", "--task", first, other, "--names", "a", "a", "-o", out]) == 2
+    _one_line_error(capsys, "build", "(command line: --names) has duplicates: ['a']")
+    assert main(["build", "--task", first, other, "-o", out]) == 2  # told apart by their parents: a/task_0, b/task_0
+    _one_line_error(capsys, "build", "(a/task_0: microsoft/Phi-3-mini-4k-instruct; b/task_0: /models/my-phi3)")
     args = ["build", "--task", first, other, "--names", "a", "b", "-o", out]
     assert main(args) == 2
     _one_line_error(capsys, "build", "--base-model-name")
@@ -210,3 +213,28 @@ def test_parse_errors_are_one_line(capsys):
     assert err == "genknowsub-fast build: error: the following arguments are required: --task " + (
         "(see genknowsub-fast build --help)\n"
     )
+
+
+# ------------------------------------------------------------------ the original code's Trainer checkpoint layout
+def test_build_from_trainer_checkpoints(trainer_runs, tmp_path, capsys):
+    """`build` on <run>/checkpoint-17 adapters as Trainer saves them: experts and general adapters named after their
+    runs; explicit names for every list; a run directory refused with its checkpoints, highest step first."""
+    out = str(tmp_path / "lib.safetensors")
+    assert main(["build", "--task", *trainer_runs.task, "--general", *trainer_runs.general, "-o", out]) == 0
+    lib = LoraLibrary.load(out)
+    assert lib.expert_names == ["cluster0_batch16", "cluster1_batch16", "cluster2_batch16"]
+    assert lib.general_names == ["wiki_langen", "wiki_langde", "wiki_langfr"]
+    capsys.readouterr()
+    args = ["build", "--task", *trainer_runs.task[:2], "--general", trainer_runs.general[0], "--add"]
+    args += [trainer_runs.general[1], "--names", "c0", "c1", "--general-names", "en", "--add-names", "de"]
+    assert main([*args, "--add-weights", "-1", "-o", out]) == 0
+    lib = LoraLibrary.load(out)
+    assert (lib.expert_names, lib.general_names, lib.added_names) == (["c0", "c1"], ["en"], ["de"])
+    run = os.path.dirname(trainer_runs.task[0])
+    assert main(["build", "--task", run, trainer_runs.task[1], "-o", out]) == 2
+    _one_line_error(capsys, "build", "(checkpoint-17, checkpoint-9, highest step first); pass the checkpoint to use")
+    assert main(["build", "--task", *trainer_runs.task[:2], "--general-names", "en", "-o", out]) == 2
+    _one_line_error(capsys, "build", "1 general_names (command line: --general-names) given for 0 general adapters")
+    general = ["--general", *trainer_runs.general[:2], "--general-names", "en", "en", "-o", out]
+    assert main(["build", "--task", *trainer_runs.task[:2], *general]) == 2
+    _one_line_error(capsys, "build", "general_names (command line: --general-names) has duplicates: ['en']")
