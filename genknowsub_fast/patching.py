@@ -47,12 +47,14 @@ class PatchedLayer:
             form for the current device and dtype.
         recorder: None, or a callable ``recorder(layer, x)`` called with every input before the layer runs (the
             routing analytics use it); set it to None to stop. It costs one ``is not None`` test per call when unset.
+        expert_names: the library's expert names, in index order (what routing tables and plots label experts with).
     """
 
     name: str
     module: nn.Module
     runner: RoutedLinear
     recorder: Recorder | None = None
+    expert_names: tuple[str, ...] = ()
     # How to run and how to undo (private).
     _linear: nn.Module | None = field(default=None, repr=False)  # layer holding W: one runner call for W + delta
     _transposed: bool = field(default=False, repr=False)  # _linear stores W as (d_in, d_out) (GPT-2 Conv1D)
@@ -349,7 +351,13 @@ def patch_model(
             dtype = torch.float32 if quantised else _module_dtype(module, library.dtype)
             runner.prepare(_module_device(module), dtype)
             inner = _inner_layer(module)
-            layer = PatchedLayer(path, module, runner, _delta_dtype=torch.float32 if quantised else None)
+            layer = PatchedLayer(
+                path,
+                module,
+                runner,
+                expert_names=tuple(library.expert_names),
+                _delta_dtype=torch.float32 if quantised else None,
+            )
             if type(inner) is nn.Linear or _is_conv1d(inner):
                 layer._linear = inner
                 layer._transposed = _is_conv1d(inner)
