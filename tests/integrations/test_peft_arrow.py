@@ -512,9 +512,8 @@ def _saved_tensors(root) -> dict[str, torch.Tensor]:
 
     from safetensors.torch import load_file
 
-    return {
-        f"{f.relative_to(root)}:{k}": t for f in sorted(Path(root).rglob("*.safetensors")) for k, t in load_file(f).items()
-    }
+    files = sorted(Path(root).rglob("*.safetensors"))
+    return {f"{f.relative_to(root)}:{k}": t for f in files for k, t in load_file(f).items()}
 
 
 def test_patching_does_not_change_what_save_pretrained_writes(gpt2, tmp_path):
