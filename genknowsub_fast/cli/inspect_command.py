@@ -127,8 +127,9 @@ def _check_inputs(args) -> None:
         if not os.path.isdir(d):
             raise ValueError(f"adapter directory {d!r} does not exist")
     if args.text_file is not None:
-        if not os.path.isfile(args.text_file):
-            raise ValueError(f"text file {args.text_file!r} does not exist")
+        from ..paths import check_input_file
+
+        check_input_file(args.text_file, "text file")
         if os.path.getsize(args.text_file) == 0:
             raise ValueError(f"text file {args.text_file!r} is empty")
         if args.model == _NO_MODEL:
