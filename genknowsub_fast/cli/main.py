@@ -94,7 +94,10 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=3, help="experts per token (at most --tasks)")
     p.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill timing")
     p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (the median is reported)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=5,
+        help="timing rounds, each timing base, PEFT and patched in turn (the median and range are reported)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="directory for the adapters, library and plots (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model, adapters and tokens (default: 0)")
 

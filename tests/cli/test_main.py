@@ -1,6 +1,7 @@
 """The genknowsub-fast command: build, info, demo, and one-line errors with exit code 2."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -88,7 +89,7 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
             "--decode",
             "2",
             "--repeats",
-            "1",
+            "2",
             "--out",
             str(tmp_path),
         ]
@@ -98,6 +99,24 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     assert "max |patched − PEFT| logits" in text and "OK" in text and "FAIL" not in text
     assert "patched" in text and "PEFT Arrow" in text
     assert (tmp_path / "library.safetensors").is_file()
+    # The timings: taken in turn, each ratio with the range of its rounds, said to be indicative.
+    assert "base, PEFT and patched timed in turn, 2 rounds after a warm-up" in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith(("PEFT Arrow", "patched  "))]
+    assert len(rows) == 2 and all(re.fullmatch(r"\([\d.]+-[\d.]+\)", row[-1]) for row in rows), rows
+    assert "(indicative: a random 'tiny' model is small" in text
+
+
+def test_demo_times_its_models_in_turn():
+    """The demo timed base, PEFT and patched one after another (base's repeats, then PEFT's, ...): a load change on
+    the machine moved their ratio (2.00× on one run, 0.80× on the next). Now every round times each in turn."""
+    from genknowsub_fast.cli.demo import interleaved_times, ratio_summary
+
+    calls = []
+    runs = {name: (lambda n=name: calls.append(n) or (1.0, 2.0)) for name in ("base", "PEFT Arrow", "patched")}
+    times = interleaved_times(runs, repeats=2, warmup=1)
+    assert calls == ["base", "PEFT Arrow", "patched"] * 3
+    assert times == {name: [(1.0, 2.0)] * 2 for name in runs}
+    assert ratio_summary([2.0, 3.0, 4.0], [1.0, 2.0, 2.0]) == "2.00 (1.50-2.00)"
 
 
 @pytest.mark.parametrize(
