@@ -280,9 +280,7 @@ def model_name(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def check_base_model_name(
-    library: LoraLibrary, name: str | None, strict: bool = False, what: str = "the model"
-) -> None:
+def check_base_model_name(library: LoraLibrary, name: str | None, strict: bool = False) -> None:
     """Compare the base model the library's adapters name with ``name`` (a model's name or path) where both are known,
     as :func:`genknowsub_fast.library.base_model.model_id` identifies them (a hub id ``org/x``, a cache snapshot of it
     and a folder called ``x`` are one model): a :class:`BaseModelWarning` when they differ, or with ``strict`` a
@@ -294,11 +292,11 @@ def check_base_model_name(
         return
     if strict:
         raise ValueError(
-            f"the library was built from adapters trained on {lib_name!r}, and {what} is {name!r} "
+            f"the library was built from adapters trained on {lib_name!r}, and the model is {name!r} "
             "(strict_base_model=True refuses another base model name, even with the same shapes)"
         )
     warnings.warn(
-        f"the library was built from adapters trained on {lib_name!r}, but {what} is {name!r}; every shape fits, so "
+        f"the library was built from adapters trained on {lib_name!r}, but the model is {name!r}; every shape fits, so "
         "it is used. If it is another model of the same shapes, the experts do not belong to it "
         "(strict_base_model=True refuses this); if it is the same model under another name, build the library with "
         f"base_model_name={name!r} (command line: --base-model-name) to record that",
@@ -308,12 +306,16 @@ def check_base_model_name(
 
 
 def check_fits(
-    model: nn.Module, library: LoraLibrary, strict_base_model: bool = False, what: str = "the model"
+    model: nn.Module,
+    library: LoraLibrary,
+    strict_base_model: bool = False,
+    name: str | None = None,
 ) -> dict[str, tuple[str, nn.Module]]:
     """ValueError unless ``library`` fits ``model``: the same model family where both say, every library module found
-    in the model with the experts' (d_in, d_out); then the base model names compared (:func:`check_base_model_name`).
-    Returns library module path → (name, module) in the model. Works on a model on the meta device (no memory):
-    :func:`check_fits_config` checks a model's config that way before the model is loaded."""
+    in the model with the experts' (d_in, d_out); then the base model names compared (:func:`check_base_model_name`;
+    the model's name is ``name`` when given, else :func:`model_name`). Returns library module path → (name, module)
+    in the model. Works on a model on the meta device (no memory): :func:`check_fits_config` checks a model's config
+    that way before the model is loaded."""
     base = getattr(model, "get_base_model", lambda: model)()
     fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
     if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
@@ -321,12 +323,12 @@ def check_fits(
     targets = _find_targets(model, library)
     for path, (_, module) in targets.items():
         _check_shapes(path, module, library.modules[path])
-    check_base_model_name(library, model_name(model), strict_base_model, what)
+    check_base_model_name(library, name or model_name(model), strict_base_model)
     return targets
 
 
 def check_fits_config(
-    config, library: LoraLibrary, strict_base_model: bool = False, what: str = "the model"
+    config, library: LoraLibrary, strict_base_model: bool = False, what: str = "the model", name: str | None = None
 ) -> None:
     """:func:`check_fits` on the model a Hugging Face config describes, built on the meta device from the config alone
     (module names and shapes, no weights, no memory): what ``eval`` and ``make_llm`` check before loading a model.
@@ -338,7 +340,7 @@ def check_fits_config(
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an architecture transformers cannot build from its config alone
         raise ValueError(f"cannot build {what} from its config to check the library: {exc}") from exc
-    check_fits(model, library, strict_base_model, what)
+    check_fits(model, library, strict_base_model, name)
 
 
 def patch_model(
