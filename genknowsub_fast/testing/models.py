@@ -19,13 +19,18 @@ PHI3_SIZES = {
 }
 
 
-def phi3_config(size: str = "tiny"):
-    """The ``Phi3Config`` of one of :data:`PHI3_SIZES` (eager attention)."""
+def phi3_config(size: str = "tiny", vocab_size: int | None = None):
+    """The ``Phi3Config`` of one of :data:`PHI3_SIZES` (eager attention); ``vocab_size`` replaces the size's own (e.g.
+    ``len(tokenizer)``, so that every token the model can generate decodes)."""
     from transformers import Phi3Config
 
     if size not in PHI3_SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {list(PHI3_SIZES)}")
     hidden, inter, layers, heads, vocab = PHI3_SIZES[size]
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 8:
+            raise ValueError(f"vocab_size must be an integer >= 8 (the special token ids), got {vocab_size!r}")
+        vocab = vocab_size
     return Phi3Config(
         hidden_size=hidden,
         intermediate_size=inter,
@@ -41,11 +46,14 @@ def phi3_config(size: str = "tiny"):
     )
 
 
-def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode)."""
+def make_phi3(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int | None = None
+) -> nn.Module:
+    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode); ``vocab_size``
+    replaces the size's vocabulary (see :func:`phi3_config`)."""
     from transformers import Phi3ForCausalLM
 
-    cfg = phi3_config(size)
+    cfg = phi3_config(size, vocab_size)
     torch.manual_seed(seed)
     return Phi3ForCausalLM(cfg).to(dtype).eval()
 
