@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 
 from genknowsub_fast.backends.packing import check_mixing
 from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, ServedOptions, routed_architecture
+from genknowsub_fast.integrations.vllm.plugin import check_library, checked_here
 from genknowsub_fast.library import LoraLibrary
 
 PLUGIN_NAME = "genknowsub_fast"
@@ -39,27 +40,6 @@ def model_architecture(model: str | os.PathLike, trust_remote_code: bool = False
     if len(archs) != 1:
         raise ValueError(f"the config of {os.fspath(model)!r} names architectures {archs}; expected exactly one")
     return archs[0]
-
-
-def check_library(
-    library: LoraLibrary,
-    config,
-    model: str | os.PathLike,
-    library_name: str,
-    strict_base_model: bool = False,
-) -> None:
-    """ValueError in one line naming both, unless ``library`` fits the model ``config`` describes: model family, every
-    library module present with the experts' shapes (on a meta-device model built from the config, as
-    :func:`genknowsub_fast.patching.check_fits_config`); the base model names compared where both are known (a
-    :class:`~genknowsub_fast.patching.BaseModelWarning`, or with ``strict_base_model`` a ValueError). What
-    ``make_llm`` and the server plugin check before vLLM's engine starts."""
-    from genknowsub_fast.patching import check_fits_config
-
-    what = f"model {os.fspath(model)!r}"
-    try:
-        check_fits_config(config, library, strict_base_model, what=what, name=os.fspath(model))
-    except ValueError as exc:
-        raise ValueError(f"library {library_name!r} does not fit {what}: {exc}") from None
 
 
 def hf_overrides(
@@ -167,8 +147,6 @@ def make_llm(
             strict_base_model=strict_base_model,
         )
         from vllm import LLM
-
-        from genknowsub_fast.integrations.vllm.plugin import checked_here
 
         with checked_here(path, model):  # the plugin's own check (for servers) need not run again in this process
             llm = LLM(os.fspath(model), hf_overrides={**user_overrides, **overrides}, **llm_kwargs)

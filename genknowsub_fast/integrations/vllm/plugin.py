@@ -12,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from genknowsub_fast.integrations.vllm.options import ROUTED_ARCHITECTURES
+
+if TYPE_CHECKING:
+    from genknowsub_fast.library import LoraLibrary
 
 _MODULE = "genknowsub_fast.integrations.vllm.models"
 # (library path, model) pairs make_llm has checked in this process, so vLLM's configuration step does not check again.
@@ -58,8 +62,7 @@ class LibraryCheck:
 
 def check_served_model(hf_config, model: str) -> None:
     """ValueError in one line unless the library named by ``hf_config``'s routing options fits the model it describes
-    (see :func:`genknowsub_fast.integrations.vllm.engine.check_library`)."""
-    from genknowsub_fast.integrations.vllm.engine import check_library
+    (see :func:`check_library`)."""
     from genknowsub_fast.integrations.vllm.options import ServedOptions
     from genknowsub_fast.library import LoraLibrary
 
@@ -68,6 +71,27 @@ def check_served_model(hf_config, model: str) -> None:
         return
     library = LoraLibrary.load(options.library)
     check_library(library, hf_config, model, os.fspath(options.library), options.strict_base_model)
+
+
+def check_library(
+    library: LoraLibrary,
+    config,
+    model: str | os.PathLike,
+    library_name: str,
+    strict_base_model: bool = False,
+) -> None:
+    """ValueError in one line naming both, unless ``library`` fits the model ``config`` describes: model family, every
+    library module present with the experts' shapes (on a meta-device model built from the config, as
+    :func:`genknowsub_fast.patching.check_fits_config`); the base model names compared where both are known (a
+    :class:`~genknowsub_fast.patching.BaseModelWarning`, or with ``strict_base_model`` a ValueError). What
+    ``make_llm`` and the server (:class:`LibraryCheck`) check before vLLM's engine starts."""
+    from genknowsub_fast.patching import check_fits_config
+
+    what = f"model {os.fspath(model)!r}"
+    try:
+        check_fits_config(config, library, strict_base_model, what=what, name=os.fspath(model))
+    except ValueError as exc:
+        raise ValueError(f"library {library_name!r} does not fit {what}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -81,4 +105,4 @@ def checked_here(library: str | os.PathLike, model: str | os.PathLike) -> Iterat
         _CHECKED.discard(key)
 
 
-__all__ = ["LibraryCheck", "check_served_model", "checked_here", "register"]
+__all__ = ["LibraryCheck", "check_library", "check_served_model", "checked_here", "register"]
