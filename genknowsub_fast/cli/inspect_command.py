@@ -207,8 +207,16 @@ def run(args: argparse.Namespace) -> int:
                 "genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
             )
         else:
+            from ..memory import available_bytes, human_bytes
+            from ..testing import phi3_cost
+
+            what, need = phi3_cost(fits)  # only described here: nothing is built, so it need not fit now
+            free = available_bytes()
+            short = ""
+            if free is not None and need > free:
+                short = f" (more than the {human_bytes(free)} of memory available now)"
             print(
-                f"\nrouting not measured (no --model): --model auto would build a {check_phi3_fits(fits)} and route "
+                f"\nrouting not measured (no --model): --model auto would build a {what}{short} and route "
                 f"{args.tokens} random token ids through it; a random model's routing is not your base model's"
             )
     else:

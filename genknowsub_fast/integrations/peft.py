@@ -235,7 +235,6 @@ def _read_library(
     model: nn.Module, layers: list[tuple[str, nn.Module]], prototypes: str, warn: bool
 ) -> LoraLibrary:
     """The library of a PEFT Arrow model whose lazy steps have run (see :func:`library_from_peft_model`)."""
-
     first_name, first = layers[0]
     router0 = arrow_router(first)
     task_names = list(router0.task_adapter_names)

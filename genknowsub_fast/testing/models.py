@@ -67,16 +67,24 @@ def phi3_num_parameters(size: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_phi3_fits(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> str:
-    """Describe what building ``copies`` random Phi-3 ``size`` models costs, or raise ValueError before anything is
-    built when that is more memory than this process has left (:func:`genknowsub_fast.memory.check_fits`)."""
-    from ..memory import check_fits, human_bytes
+def phi3_cost(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> tuple[str, int]:
+    """What building ``copies`` random Phi-3 ``size`` models costs: a description and the bytes (nothing is built)."""
+    from ..memory import human_bytes
 
     n = phi3_num_parameters(size)
     need = copies * n * torch.empty(0, dtype=dtype).element_size()
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
     what = f"random Phi-3 '{size}': {count} parameters, {human_bytes(need)} in {str(dtype).split('.')[-1]}"
     what += f" for {copies} copies" if copies > 1 else ""
+    return what, need
+
+
+def check_phi3_fits(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """Describe what building ``copies`` random Phi-3 ``size`` models costs, or raise ValueError before anything is
+    built when that is more memory than this process has left (:func:`genknowsub_fast.memory.check_fits`)."""
+    from ..memory import check_fits
+
+    what, need = phi3_cost(size, copies, dtype)
     return check_fits(need, what, hint="choose a smaller size")
 
 
@@ -108,5 +116,6 @@ __all__ = [
     "make_phi3",
     "make_phi2",
     "phi3_num_parameters",
+    "phi3_cost",
     "check_phi3_fits",
 ]

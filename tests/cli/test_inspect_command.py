@@ -116,9 +116,15 @@ def test_phi3_mini_shaped_library_costs_are_said_and_checked(mini_lib_path, caps
     and an explicit --model that does not fit in memory is refused before anything is built or computed."""
     import genknowsub_fast.memory as memory
 
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64_000_000_000)
     assert main(["inspect", str(mini_lib_path)]) == 0
-    assert "random Phi-3 'phi3-mini': 3.82 B parameters, 15.3 GB in float32" in capsys.readouterr().out
+    assert "random Phi-3 'phi3-mini': 3.82 B parameters, 15.3 GB in float32 and route" in capsys.readouterr().out
     monkeypatch.setattr(memory, "available_bytes", lambda: 6_000_000_000)
+    # Without --model nothing is built: the cost is described, and that it would not fit now (this was an error when
+    # the machine had less memory free than the model would need).
+    assert main(["inspect", str(mini_lib_path)]) == 0
+    out = capsys.readouterr().out
+    assert "15.3 GB in float32 (more than the 6.0 GB of memory available now) and route" in out
     for model in ("auto", "phi3-mini"):
         assert main(["inspect", str(mini_lib_path), "--model", model]) == 2
         _one_line_error(capsys, "15.3 GB in float32, but only 6.0 GB of memory is available")
