@@ -176,12 +176,14 @@ def run_demo(args: argparse.Namespace) -> int:
         args.repeats,
     )
     base_pre, base_dec = ([t[i] for t in times["base"]] for i in (0, 1))
-    print(f"      {'model':<12} {'prefill ms':>11} {'× base':>17} {'decode ms/tok':>14} {'× base':>17}")
+    print(f"      {'model':<12} {'prefill ms':>11} {'× base (range)':>20} {'decode ms/tok':>14} {'× base (range)':>20}")
     for name, rows in times.items():
         pre, dec = [t[0] for t in rows], [t[1] for t in rows]
+        pre_ratio = "1.00" if name == "base" else ratio_summary(pre, base_pre)
+        dec_ratio = "1.00" if name == "base" else ratio_summary(dec, base_dec)
         print(
-            f"      {name:<12} {statistics.median(pre) * 1e3:>11.1f} {ratio_summary(pre, base_pre):>17} "
-            f"{statistics.median(dec) * 1e3:>14.2f} {ratio_summary(dec, base_dec):>17}"
+            f"      {name:<12} {statistics.median(pre) * 1e3:>11.1f} {pre_ratio:>20} "
+            f"{statistics.median(dec) * 1e3:>14.2f} {dec_ratio:>20}"
         )
     print(
         f"      (indicative: a random '{args.size}' model is small, so per-call costs weigh more than at real "
