@@ -30,6 +30,7 @@ _EXPORTS = {
     "is_patched": "patching",
     "patched_layers": "patching",
     "PatchedLayer": "patching",
+    "BaseModelWarning": "patching",
     "library_stats": "analytics",
     "compare_gks": "analytics",
     "record_routing": "analytics",

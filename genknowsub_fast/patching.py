@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,12 +48,14 @@ class PatchedLayer:
             form for the current device and dtype.
         recorder: None, or a callable ``recorder(layer, x)`` called with every input before the layer runs (the
             routing analytics use it); set it to None to stop. It costs one ``is not None`` test per call when unset.
+        expert_names: the library's expert names, in index order (what routing tables and plots label experts with).
     """
 
     name: str
     module: nn.Module
     runner: RoutedLinear
     recorder: Recorder | None = None
+    expert_names: tuple[str, ...] = ()
     # How to run and how to undo (private).
     _linear: nn.Module | None = field(default=None, repr=False)  # layer holding W: one runner call for W + delta
     _transposed: bool = field(default=False, repr=False)  # _linear stores W as (d_in, d_out) (GPT-2 Conv1D)
@@ -265,6 +268,81 @@ def _check_shapes(path: str, module: nn.Module, experts: ModuleExperts) -> None:
         )
 
 
+class BaseModelWarning(UserWarning):
+    """The library's adapters name another base model than the model's own name, though every shape fits: the experts
+    may belong to another model of the same shapes. ``strict_base_model=True`` refuses such a model instead."""
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The name or path a Hugging Face model was loaded from (its config's ``_name_or_path``), or None."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    name = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+def check_base_model_name(library: LoraLibrary, name: str | None, strict: bool = False) -> None:
+    """Compare the base model the library's adapters name with ``name`` (a model's name or path) where both are known,
+    as :func:`genknowsub_fast.library.base_model.model_id` identifies them (a hub id ``org/x``, a cache snapshot of it
+    and a folder called ``x`` are one model): a :class:`BaseModelWarning` when they differ, or with ``strict`` a
+    ValueError."""
+    from .library.base_model import model_id
+
+    lib_name = library.base_model_name
+    if not (lib_name and name) or model_id(lib_name).lower() == model_id(name).lower():
+        return
+    if strict:
+        raise ValueError(
+            f"the library was built from adapters trained on {lib_name!r}, and the model is {name!r} "
+            "(strict_base_model=True refuses another base model name, even with the same shapes)"
+        )
+    warnings.warn(
+        f"the library was built from adapters trained on {lib_name!r}, but the model is {name!r}; every shape fits, so "
+        "it is used. If it is another model of the same shapes, the experts do not belong to it "
+        "(strict_base_model=True refuses this); if it is the same model under another name, build the library with "
+        f"base_model_name={name!r} (command line: --base-model-name) to record that",
+        BaseModelWarning,
+        stacklevel=4,
+    )
+
+
+def check_fits(
+    model: nn.Module,
+    library: LoraLibrary,
+    strict_base_model: bool = False,
+    name: str | None = None,
+) -> dict[str, tuple[str, nn.Module]]:
+    """ValueError unless ``library`` fits ``model``: the same model family where both say, every library module found
+    in the model with the experts' (d_in, d_out); then the base model names compared (:func:`check_base_model_name`;
+    the model's name is ``name`` when given, else :func:`model_name`). Returns library module path → (name, module)
+    in the model. Works on a model on the meta device (no memory): :func:`check_fits_config` checks a model's config
+    that way before the model is loaded."""
+    base = getattr(model, "get_base_model", lambda: model)()
+    fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
+    if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
+        raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
+    targets = _find_targets(model, library)
+    for path, (_, module) in targets.items():
+        _check_shapes(path, module, library.modules[path])
+    check_base_model_name(library, name or model_name(model), strict_base_model)
+    return targets
+
+
+def check_fits_config(
+    config, library: LoraLibrary, strict_base_model: bool = False, what: str = "the model", name: str | None = None
+) -> None:
+    """:func:`check_fits` on the model a Hugging Face config describes, built on the meta device from the config alone
+    (module names and shapes, no weights, no memory): what ``eval`` and ``make_llm`` check before loading a model.
+    ``config`` is a ``transformers.PretrainedConfig`` (its ``_name_or_path`` is the model's name)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # an architecture transformers cannot build from its config alone
+        raise ValueError(f"cannot build {what} from its config to check the library: {exc}") from exc
+    check_fits(model, library, strict_base_model, name)
+
+
 def patch_model(
     model: nn.Module,
     library: LoraLibrary | str | os.PathLike | None = None,
@@ -273,6 +351,7 @@ def patch_model(
     mixing: str | None = None,
     backend: str = "auto",
     prototypes: str | None = None,
+    strict_base_model: bool = False,
 ) -> nn.Module:
     """Route the model's target layers through the library's experts with Arrow (+ GenKnowSub); returns ``model``.
 
@@ -286,16 +365,23 @@ def patch_model(
         mixing: ``"output"`` (PEFT's Arrow; the default) or ``"weights"`` (per-token merged A and B, one shared
             scaling).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
-        prototypes: only with a PEFT Arrow model and ``library=None``: ``"peft"`` (default; PEFT's own prototypes and
-            GenKnowSub state, so the outputs are PEFT's) or ``"exact"`` (exact Arrow prototypes of the same experts).
-            See :func:`genknowsub_fast.integrations.peft.library_from_peft_model`.
+        prototypes: only with a PEFT Arrow model and ``library=None``: ``"peft"`` (PEFT's own prototypes and
+            GenKnowSub state, so the outputs are PEFT's) or ``"exact"`` (exact Arrow prototypes of the same experts);
+            None (default) is ``"peft"`` with a warning where PEFT's prototypes are far from exact. See
+            :func:`genknowsub_fast.integrations.peft.library_from_peft_model`.
+        strict_base_model: refuse (ValueError) a model whose name (``config._name_or_path``) identifies another base
+            model than the one the library's adapters name, even when every shape fits; by default that is a
+            :class:`BaseModelWarning` and the model is patched. Nothing is compared where either name is unknown.
 
     A PEFT Arrow model must run its Arrow router when it is patched (``model.set_adapter("arrow_router")``). Once
     patched, a layer whose PEFT adapter state changes (``set_adapter``, ``disable_adapter()``) runs PEFT's own forward.
     The patched model holds a copy of the adapters as they were at patch time: patch again after changing them.
 
-    Every check runs before any module is patched (a PEFT Arrow model first runs PEFT's own pending lazy steps, which
-    its next forward would run anyway). A model already patched raises ValueError.
+    Patching a PEFT Arrow model reads PEFT's subtracted experts without changing the model's adapter weights: its
+    ``save_pretrained`` writes what it wrote before patching (PEFT's GenKnowSub, which subtracts in place, runs on
+    PEFT's own next forward, as without patching).
+
+    Every check runs before any module is patched. A model already patched raises ValueError.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -313,7 +399,7 @@ def patch_model(
                     "library is None, which needs a PEFT Arrow model (from peft.create_arrow_model); "
                     "pass a LoraLibrary for any other model"
                 )
-            library = peft_integration.library_from_peft_model(model, prototypes or "peft")
+            library = peft_integration.library_from_peft_model(model, prototypes)
         elif prototypes is not None:
             raise ValueError(
                 "prototypes= chooses the prototypes of a PEFT Arrow model patched without a library; "
@@ -323,17 +409,12 @@ def patch_model(
             library = LoraLibrary.load(library)
         if not isinstance(library, LoraLibrary):
             raise ValueError(f"library must be a LoraLibrary or the path of a saved one, got {type(library).__name__}")
-        base = getattr(model, "get_base_model", lambda: model)()
-        fam_model, fam_lib = model_family(type(base).__name__), model_family(library.base_model_class)
-        if fam_model and fam_lib and fam_model != fam_lib and fam_lib in TARGETS and fam_model in TARGETS:
-            raise ValueError(f"the library was built for a {library.base_model_class}, not a {type(base).__name__}")
-        targets = _find_targets(model, library)
+        targets = check_fits(model, library, strict_base_model)
         options = library.routing_options(top_k, temperature, mixing)
 
         layers = []
         for path, (_, module) in targets.items():
             experts = library.modules[path]
-            _check_shapes(path, module, experts)
             if _is_peft_lora_layer(module) and not getattr(module, "lora_arrow", None):
                 raise ValueError(
                     f"module {path!r} is a PEFT LoRA layer with its own active adapters; merge_and_unload() it first"
@@ -345,7 +426,13 @@ def patch_model(
             dtype = torch.float32 if quantised else _module_dtype(module, library.dtype)
             runner.prepare(_module_device(module), dtype)
             inner = _inner_layer(module)
-            layer = PatchedLayer(path, module, runner, _delta_dtype=torch.float32 if quantised else None)
+            layer = PatchedLayer(
+                path,
+                module,
+                runner,
+                expert_names=tuple(library.expert_names),
+                _delta_dtype=torch.float32 if quantised else None,
+            )
             if type(inner) is nn.Linear or _is_conv1d(inner):
                 layer._linear = inner
                 layer._transposed = _is_conv1d(inner)
@@ -414,6 +501,11 @@ def patched(model: nn.Module, library: LoraLibrary | None = None, **kwargs) -> I
 
 
 __all__ = [
+    "BaseModelWarning",
+    "check_base_model_name",
+    "check_fits",
+    "check_fits_config",
+    "model_name",
     "patch_model",
     "unpatch_model",
     "patched",

@@ -1,4 +1,4 @@
-"""Output paths: checked before any work, written atomically with the permissions of any new file.
+"""Input and output paths: checked before any work; outputs written atomically with the permissions of any new file.
 
 The command line checks every output path first (a missing directory, a path that is a directory, a place it cannot
 write) so that a mistake costs nothing; the library writes its file under a temporary name and renames it into place.
@@ -23,6 +23,31 @@ def _probe(directory: str, what: str, path: str) -> None:
         os.unlink(tmp)
     except OSError as exc:
         raise ValueError(f"{what} {path!r}: cannot write in {directory!r} ({exc.strerror or exc})") from None
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def check_input_file(path: str | os.PathLike, what: str = "input file") -> str:
+    """``path`` if it is a regular file (or a link to one); ValueError saying what it is otherwise: missing, or a
+    directory, FIFO, socket or device (reading a FIFO would wait for a writer instead of failing)."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path!r} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path!r} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise ValueError(f"{what} {path!r} is {kind}, not a regular file")
+    return path
 
 
 def check_output_file(path: str | os.PathLike, what: str = "output file") -> str:
@@ -85,4 +110,4 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
         raise
 
 
-__all__ = ["check_output_file", "check_output_dir", "write_atomically"]
+__all__ = ["check_input_file", "check_output_file", "check_output_dir", "write_atomically"]

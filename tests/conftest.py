@@ -55,3 +55,53 @@ def phi2_setup(tmp_path_factory) -> TinySetup:
     from genknowsub_fast.synthetic import PHI2_TARGETS, make_phi2
 
     return _tiny(tmp_path_factory, make_phi2, PHI2_TARGETS, "phi2")
+
+
+# What Hugging Face Trainer writes into <output_dir>/checkpoint-<global_step> besides the model (transformers'
+# Trainer._save_checkpoint; checked against a real run of transformers 5.x on a PEFT model): the PEFT model's
+# save_pretrained files (adapter_config.json, adapter_model.safetensors, README.md) sit directly in it.
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
+
+
+def trainer_checkpoint(adapter_dir, run_dir, step: int) -> str:
+    """Copy a PEFT adapter directory to ``run_dir/checkpoint-<step>`` with the other files Trainer writes there."""
+    import json
+    import shutil
+
+    dst = os.path.join(run_dir, f"checkpoint-{step}")
+    shutil.copytree(adapter_dir, dst)
+    for name in TRAINER_FILES:
+        if name == "trainer_state.json":
+            state = {"global_step": step, "best_model_checkpoint": None, "log_history": []}
+            with open(os.path.join(dst, name), "w") as f:
+                json.dump(state, f)
+        else:
+            torch.save({"step": step}, os.path.join(dst, name))
+    return dst
+
+
+@dataclass
+class TrainerRuns:
+    """The original GenKnowSub code's adapters as Trainer saved them: ``<run>/checkpoint-<N>``."""
+
+    root: str
+    task: list  # cluster{i}_batch16/checkpoint-17
+    general: list  # wiki_lang{en,de,fr}/checkpoint-17
+    plain: TinySetup  # the same adapters in plain directories (task_i, general_i)
+
+
+@pytest.fixture(scope="session")
+def trainer_runs(tmp_path_factory, phi3_setup) -> TrainerRuns:
+    """phi3_setup's first three task and three general adapters in Trainer's layout; every task run also keeps an
+    earlier checkpoint-9, as Trainer does with several saves."""
+    root = tmp_path_factory.mktemp("trainer_runs")
+    task = []
+    for i, src in enumerate(phi3_setup.task[:3]):
+        run = os.path.join(root, f"cluster{i}_batch16")
+        trainer_checkpoint(src, run, 9)
+        task.append(trainer_checkpoint(src, run, 17))
+    general = [
+        trainer_checkpoint(src, os.path.join(root, f"wiki_lang{lang}"), 17)
+        for lang, src in zip(("en", "de", "fr"), phi3_setup.general, strict=True)
+    ]
+    return TrainerRuns(str(root), task, general, phi3_setup)

@@ -127,6 +127,27 @@ def test_library_matching_nothing_or_wrong_shapes(phi3_setup, phi2_setup):
     assert not gkf.is_patched(model), "a failed patch must leave the model untouched"
 
 
+def test_same_shapes_another_base_model_name(phi3_setup):
+    """A model of the same shapes named as another base model was patched silently: now a warning, and a refusal
+    with strict_base_model=True; one model named in two ways that identify it (hub id, local folder) passes."""
+    lib = LoraLibrary.from_adapters(phi3_setup.task, base_model_name="microsoft/Phi-3-mini-4k-instruct")
+    model = phi3_setup.fresh()
+    model.config._name_or_path = "/models/my-other-phi3"
+    with pytest.warns(gkf.BaseModelWarning, match=r"trained on 'microsoft/Phi-3-mini-4k-instruct', but the "
+                      r"model is '/models/my-other-phi3'.*strict_base_model=True refuses this"):  # fmt: skip
+        gkf.patch_model(model, lib)
+    gkf.unpatch_model(model)
+    with pytest.raises(ValueError, match="strict_base_model=True refuses another base model name"):
+        gkf.patch_model(model, lib, strict_base_model=True)
+    assert not gkf.is_patched(model)
+    for same in ("microsoft/Phi-3-mini-4k-instruct", "/models/phi-3-mini-4k-instruct", ""):
+        model.config._name_or_path = same
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gkf.BaseModelWarning)
+            gkf.patch_model(model, lib, strict_base_model=True)
+        gkf.unpatch_model(model)
+
+
 def test_bad_routing_arguments(phi3_setup):
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     for kwargs, match in (

@@ -172,7 +172,8 @@ def record_routing(
 ) -> Iterator[RoutingStats]:
     """Record the routing of every patched module of ``model`` while the block runs; yields the :class:`RoutingStats`.
 
-    ``expert_names`` (e.g. ``library.expert_names``) label the experts in tables and plots; ``stats`` continues an
+    ``expert_names`` label the experts in tables and plots (default: the names of the library the model was patched
+    with; ``expert_0``, ... only where the patched layers do not share one list of names); ``stats`` continues an
     earlier recording, which must have been made with the same top_k and temperature on every module (else
     ValueError: counts of different routings do not add up).
 
@@ -183,8 +184,14 @@ def record_routing(
         raise ValueError("record_routing needs a model patched by genknowsub_fast.patch_model")
     if any(layer.recorder is not None for layer in layers):
         raise ValueError("routing is already being recorded on this model")
+    if expert_names is None:
+        known = {layer.expert_names for layer in layers}
+        if len(known) == 1 and next(iter(known)):
+            expert_names = list(next(iter(known)))
     if stats is None:
         stats = RoutingStats(expert_names)
+    elif stats.expert_names is None and expert_names is not None:
+        stats.expert_names = list(expert_names)
     for layer in layers:
         old = stats.modules.get(layer.name)
         if old is not None and (old.top_k, old.temperature) != (layer.top_k, layer.temperature):

@@ -200,13 +200,17 @@ def compare_gks(
 ) -> GksComparison:
     """Build the library from ``task_dirs`` without and with GenKnowSub against ``general_dirs`` and compare them.
 
-    Extra keyword arguments go to :meth:`LoraLibrary.from_adapters` (``prototypes``, ``allow_pickle``, ``names``...).
+    Extra keyword arguments go to :meth:`LoraLibrary.from_adapters` (``prototypes``, ``allow_pickle``, ``names``...);
+    those of the general and added adapters (``general_names``, ``general_weights``, ``add_adapters``, ``add_names``,
+    ``add_weights``, ``task_weight``) only to the library with GenKnowSub.
     """
     if not general_dirs:
         raise ValueError("compare_gks needs at least one general adapter directory")
+    gks_only = ("general_names", "general_weights", "add_adapters", "add_names", "add_weights", "task_weight")
+    before_kwargs = {k: v for k, v in from_adapters_kwargs.items() if k not in gks_only}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="experts with ΔW = 0")
-        before = LoraLibrary.from_adapters(task_dirs, None, **from_adapters_kwargs)
+        before = LoraLibrary.from_adapters(task_dirs, None, **before_kwargs)
         after = LoraLibrary.from_adapters(task_dirs, general_dirs, gks=gks, **from_adapters_kwargs)
     return GksComparison(library_stats(before, top), library_stats(after, top), before, after)
 

@@ -49,8 +49,49 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    value = _number(text, float, "a finite number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+_NAMING = (
+    "default: the directory names; a Trainer checkpoint RUN/checkpoint-N is named after RUN, and directories that "
+    "share a name get as many parent directories as tell them apart"
+)
+
+
 def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    """Options for reading adapter directories, shared by ``build`` and ``inspect --task/--general``."""
+    """Options for reading adapter directories and combining them (GenKnowSub variants), shared by ``build`` and
+    ``inspect --task/--general``."""
+    p.add_argument(
+        "--add", nargs="+", default=None, metavar="DIR",
+        help="adapter directories added after the subtraction (the original code's cross-lingual variants; needs "
+        "--general)",
+    )  # fmt: skip
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help=f"task expert names ({_NAMING})")
+    p.add_argument(
+        "--general-names", nargs="+", default=None, metavar="NAME", help=f"general adapter names ({_NAMING})"
+    )
+    p.add_argument("--add-names", nargs="+", default=None, metavar="NAME", help=f"added adapter names ({_NAMING})")
+    p.add_argument(
+        "--general-weights", nargs="+", type=finite_float, default=None, metavar="W",
+        help="one coefficient per general adapter (default: 1/G each, their mean)",
+    )  # fmt: skip
+    p.add_argument(
+        "--add-weights", nargs="+", type=finite_float, default=None, metavar="W",
+        help="one coefficient per added adapter (default: 1 each; -1 subtracts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--task-weight", type=finite_float, default=1.0, metavar="T", help="coefficient of the task expert (default 1)"
+    )
+    p.add_argument(
+        "--prototype-scope", choices=("module", "layer"), default="module",
+        help="module: one prototype per module and expert (PEFT's Arrow, default); layer: one per decoder layer, "
+        "shared by its modules (the original Phi-2 code)",
+    )  # fmt: skip
     p.add_argument(
         "--base-model-name",
         default=None,
@@ -72,6 +113,14 @@ def adapter_options(args: argparse.Namespace) -> dict:
         "allow_pickle": args.allow_pickle,
         "base_model_name": args.base_model_name,
         "ignore_modules_to_save": args.ignore_modules_to_save,
+        "names": args.names,
+        "general_names": args.general_names,
+        "add_names": args.add_names,
+        "add_adapters": args.add,
+        "general_weights": args.general_weights,
+        "add_weights": args.add_weights,
+        "task_weight": args.task_weight,
+        "prototype_scope": args.prototype_scope,
     }
 
 
@@ -98,6 +147,7 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "positive_float",
+    "finite_float",
     "one_line",
     "warn_one_line",
 ]

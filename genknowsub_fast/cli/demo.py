@@ -20,21 +20,29 @@ from collections.abc import Callable
 import torch
 
 from .. import reference
-from ..hf_compat import cache_kwarg
+from ..hf_compat import cache_kwarg, peft_without_bitsandbytes
 from ..library import LoraLibrary
 from ..patching import patch_model, patched, patched_layers
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved_times(
+    runs: dict[str, Callable[[], tuple[float, float]]], repeats: int, warmup: int = 1
+) -> dict[str, list[tuple[float, float]]]:
+    """Each run's (prefill, decode) seconds over ``repeats`` rounds after ``warmup`` discarded rounds; within a round
+    every run is timed once, in turn (as the benchmarks do), so a change of machine load meets all of them alike."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for r in range(warmup + repeats):
+        for name, run in runs.items():
+            result = run()
+            if r >= warmup:
+                times[name].append(result)
+    return times
+
+
+def ratio_summary(times: list[float], base: list[float]) -> str:
+    """The median of the per-round ratios ``times / base`` and their range: ``1.07 (0.98-1.15)``."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def decode_time(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
@@ -117,7 +125,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[3/6] {lib!r}\n      built in {time.perf_counter() - t0:.2f} s, saved to {lib_path}")
 
     k = args.top_k
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), peft_without_bitsandbytes():
         warnings.simplefilter("ignore")
         peft_model = create_arrow_model(
             copy.deepcopy(base), ad.task, ArrowConfig(top_k=k, use_gks=True, rng_seed=args.seed), ad.general
@@ -145,25 +153,42 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"      max layer delta error vs float64 reference: {err_ref:.2e} (relative) {'OK' if ok_ref else 'FAIL'}")
 
-    print(f"[5/6] speed (median of {args.repeats}; prefill {args.tokens} tokens, decode {args.decode} tokens):")
-    rows = []
+    print(
+        f"[5/6] speed: base, PEFT and patched timed in turn, {args.repeats} rounds after a warm-up (prefill "
+        f"{args.tokens} tokens, decode {args.decode} tokens); median, and the range of the per-round ratio:"
+    )
 
-    def timed(name, model):
+    def timing(model: torch.nn.Module) -> tuple[float, float]:
         with torch.no_grad():
-            pre = median_time(lambda: model(ids), args.repeats)
-        dec = statistics.median(decode_time(model, ids[:, :16], args.decode) for _ in range(args.repeats))
-        rows.append((name, pre, dec))
+            t0 = time.perf_counter()
+            model(ids)
+            pre = time.perf_counter() - t0
+        return pre, decode_time(model, ids[:, :16], args.decode)
 
-    timed("base", base)
-    timed("PEFT Arrow", peft_model)
-    # The patched timing patches the base model object itself, so both read the same weight memory (a deepcopy of the
-    # weights alone decoded 2-5 % slower or faster than the original here, which would blur the ratio).
-    with patched(base, lib, top_k=k):
-        timed("patched", base)
-    b_pre, b_dec = rows[0][1], rows[0][2]
-    print(f"      {'model':<12} {'prefill ms':>11} {'× base':>7} {'decode ms/tok':>14} {'× base':>7}")
-    for name, pre, dec in rows:
-        print(f"      {name:<12} {pre * 1e3:>11.1f} {pre / b_pre:>7.2f} {dec * 1e3:>14.2f} {dec / b_dec:>7.2f}")
+    def patched_timing() -> tuple[float, float]:
+        # The base model object itself is patched for its turn, so both read the same weight memory (a deepcopy of
+        # the weights alone decoded 2-5 % slower or faster than the original here, which would blur the ratio).
+        with patched(base, lib, top_k=k):
+            return timing(base)
+
+    times = interleaved_times(
+        {"base": lambda: timing(base), "PEFT Arrow": lambda: timing(peft_model), "patched": patched_timing},
+        args.repeats,
+    )
+    base_pre, base_dec = ([t[i] for t in times["base"]] for i in (0, 1))
+    print(f"      {'model':<12} {'prefill ms':>11} {'× base (range)':>20} {'decode ms/tok':>14} {'× base (range)':>20}")
+    for name, rows in times.items():
+        pre, dec = [t[0] for t in rows], [t[1] for t in rows]
+        pre_ratio = "1.00" if name == "base" else ratio_summary(pre, base_pre)
+        dec_ratio = "1.00" if name == "base" else ratio_summary(dec, base_dec)
+        print(
+            f"      {name:<12} {statistics.median(pre) * 1e3:>11.1f} {pre_ratio:>20} "
+            f"{statistics.median(dec) * 1e3:>14.2f} {dec_ratio:>20}"
+        )
+    print(
+        f"      (indicative: a random '{args.size}' model is small, so per-call costs weigh more than at real "
+        "sizes, and other work on this machine moves single timings; benchmarks/ measures real shapes)"
+    )
 
     print("[6/6] experts chosen (top-1 share of the prompt's tokens, first and last patched qkv_proj):")
     from ..ops import arrow_route

@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import time
+import warnings
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="float32", help=f"{', '.join(_DTYPES)} (default: float32)")
     p.add_argument("--out", metavar="FILE.json", help="write the accuracy and per-example scores here")
+    p.add_argument(
+        "--strict-base-model",
+        action="store_true",
+        help="refuse a model whose name differs from the base model the library's adapters name (default: a warning)",
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -78,7 +85,7 @@ def _check_args(args: argparse.Namespace):
 
     from ..evaluate.formats import REDUCTIONS, resolve_template
     from ..library import LoraLibrary
-    from ..paths import check_output_file
+    from ..paths import check_input_file, check_output_file
 
     resolve_template(args.template)
     if args.reduction not in REDUCTIONS:
@@ -94,11 +101,15 @@ def _check_args(args: argparse.Namespace):
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r}: expected cpu or cuda")
     _check_dir(args.model, "--model", ("config.json",))
-    _check_dir(args.tokenizer or args.model, "--tokenizer", ("tokenizer.json", "tokenizer_config.json"))
-    if not os.path.exists(args.library):  # a directory is named as such by LoraLibrary.load below
-        raise ValueError(f"--library {args.library!r} does not exist")
-    if not os.path.isfile(args.data):
-        raise ValueError(f"--data {args.data!r} does not exist")
+    if args.tokenizer is not None:
+        _check_dir(args.tokenizer, "--tokenizer", _TOKENIZER_FILES)
+    elif not any(os.path.isfile(os.path.join(args.model, n)) for n in _TOKENIZER_FILES):
+        raise ValueError(
+            f"--model {args.model!r} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): pass --tokenizer DIR"
+        )
+    if not os.path.isdir(args.library):  # a directory is named as such (with a hint) by LoraLibrary.load below
+        check_input_file(args.library, "--library")
+    check_input_file(args.data, "--data")
     if args.out:
         check_output_file(args.out, "--out")
     examples = read_jsonl(args.data)
@@ -107,7 +118,26 @@ def _check_args(args: argparse.Namespace):
         routing = library.routing_options(args.top_k, args.temperature)
     except ValueError as exc:
         raise ValueError(f"--top-k / --temperature: {exc} in library {args.library!r}") from None
+    _check_library_fits(args, library)
     return examples, library, getattr(torch, args.dtype), device, routing
+
+
+def _check_library_fits(args: argparse.Namespace, library) -> None:
+    """The library against the model's config (module paths, shapes, model family, base model name) before the
+    model's weights are loaded: a model on the meta device, built from config.json alone."""
+    from transformers import AutoConfig
+
+    from ..patching import check_fits_config
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError, KeyError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise ValueError(f"cannot read the config of --model {args.model!r}: {why}") from None
+    try:
+        check_fits_config(config, library, args.strict_base_model, what=f"--model {args.model!r}")
+    except ValueError as exc:
+        raise ValueError(f"--library {args.library!r} does not fit --model {args.model!r}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model).to(device=device, dtype=dtype).eval()
     except (OSError, KeyError) as exc:  # transformers' "not a model / tokenizer directory" errors
         raise ValueError(f"cannot load {args.model!r}: {' '.join(str(exc).split())[:300]}") from None
-    gkf.patch_model(model, library, top_k=routing.top_k, temperature=routing.temperature)
+    with warnings.catch_warnings():  # the base model name was compared against the config above
+        warnings.simplefilter("ignore", gkf.BaseModelWarning)
+        gkf.patch_model(model, library, top_k=routing.top_k, temperature=routing.temperature)
     start = time.perf_counter()
     scores = score_choices(
         model,

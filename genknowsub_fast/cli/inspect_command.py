@@ -26,6 +26,12 @@ import warnings
 from .args import adapter_options, add_adapter_options, positive_float, positive_int
 
 _NO_MODEL = "none"
+# Adapter options (cli.args.add_adapter_options) that only mean something with --task and --general: their defaults.
+_ADAPTER_ONLY = {
+    "add": None, "names": None, "general_names": None, "add_names": None, "general_weights": None,
+    "add_weights": None, "task_weight": 1.0, "prototype_scope": "module", "base_model_name": None,
+    "ignore_modules_to_save": False, "allow_pickle": False,
+}  # fmt: skip
 _HONEST_NOTE = (
     "note: routing of a randomly initialised model on {inputs}: it shows how the library's prototypes split a random "
     "model's hidden states (useful to compare libraries, e.g. with and without GenKnowSub), not how your base model "
@@ -54,7 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--temperature", type=positive_float, default=None, help="router temperature (default: the library's, else 1)"
     )
-    p.add_argument("--task", nargs="+", default=None, metavar="DIR", help="task adapters, for a before/after GKS view")
+    p.add_argument(
+        "--task", nargs="+", default=None, metavar="DIR",
+        help="task adapters, for a before/after GKS view (for Trainer runs the checkpoint used, RUN/checkpoint-N)",
+    )  # fmt: skip
     p.add_argument("--general", nargs="+", default=None, metavar="DIR", help="general adapters subtracted by GKS")
     add_adapter_options(p)
     p.add_argument("--out", default=None, metavar="DIR", help="directory for the PNG plots and stats.json")
@@ -110,12 +119,17 @@ def _check_inputs(args) -> None:
     """The checks that need neither the library nor a model."""
     if (args.task is None) != (args.general is None):
         raise ValueError("--task and --general go together (both are needed for the before/after GKS view)")
-    for d in (args.task or []) + (args.general or []):
+    if args.task is None:
+        given = [f"--{k.replace('_', '-')}" for k, default in _ADAPTER_ONLY.items() if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --task and --general")
+    for d in (args.task or []) + (args.general or []) + (args.add or []):
         if not os.path.isdir(d):
             raise ValueError(f"adapter directory {d!r} does not exist")
     if args.text_file is not None:
-        if not os.path.isfile(args.text_file):
-            raise ValueError(f"text file {args.text_file!r} does not exist")
+        from ..paths import check_input_file
+
+        check_input_file(args.text_file, "text file")
         if os.path.getsize(args.text_file) == 0:
             raise ValueError(f"text file {args.text_file!r} is empty")
         if args.model == _NO_MODEL:
@@ -193,8 +207,16 @@ def run(args: argparse.Namespace) -> int:
                 "genknowsub_fast.record_routing (README, 'Plotting the routing of your own model')"
             )
         else:
+            from ..memory import available_bytes, human_bytes
+            from ..testing import phi3_cost
+
+            what, need = phi3_cost(fits)  # only described here: nothing is built, so it need not fit now
+            free = available_bytes()
+            short = ""
+            if free is not None and need > free:
+                short = f" (more than the {human_bytes(free)} of memory available now)"
             print(
-                f"\nrouting not measured (no --model): --model auto would build a {check_phi3_fits(fits)} and route "
+                f"\nrouting not measured (no --model): --model auto would build a {what}{short} and route "
                 f"{args.tokens} random token ids through it; a random model's routing is not your base model's"
             )
     else:

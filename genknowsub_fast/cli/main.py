@@ -23,7 +23,10 @@ from .args import (
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", nargs="+", required=True, metavar="DIR", help="task adapter directories (PEFT format)")
+    p.add_argument(
+        "--task", nargs="+", required=True, metavar="DIR",
+        help="task adapter directories (PEFT format; for Trainer runs the checkpoint to use, RUN/checkpoint-N)",
+    )  # fmt: skip
     p.add_argument("--general", nargs="+", default=[], metavar="DIR", help="general-knowledge adapter directories")
     p.add_argument(
         "--gks", choices=("param", "delta"), default=None, help="GenKnowSub mode (default: param with --general)"
@@ -32,7 +35,6 @@ def _add_build(p: argparse.ArgumentParser) -> None:
         "--prototypes", choices=("exact", "power", "svd"), default="exact",
         help="exact: top right singular vector (default); power: PEFT's 15-step power iteration; svd: full SVD (slow)",
     )  # fmt: skip
-    p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="expert names (default: directory names)")
     add_adapter_options(p)
     p.add_argument("-o", "--output", required=True, help="library file to write (.safetensors)")
 
@@ -47,7 +49,6 @@ def _run_build(args: argparse.Namespace) -> int:
         args.general or None,
         gks=args.gks or "auto",
         prototypes=args.prototypes,
-        names=args.names,
         **adapter_options(args),
     )
     lib.save(args.output)
@@ -93,7 +94,10 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=3, help="experts per token (at most --tasks)")
     p.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill timing")
     p.add_argument("--decode", type=positive_int, default=16, help="decode steps timed")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (the median is reported)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=5,
+        help="timing rounds, each timing base, PEFT and patched in turn (the median and range are reported)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="directory for the adapters, library and plots (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model, adapters and tokens (default: 0)")
 

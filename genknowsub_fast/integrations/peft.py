@@ -42,6 +42,8 @@ _ROUTER_ATTRS = (
     "temperature",
     "rng_seed",
     "_protos_ready",
+    "gks_done",
+    "gks_added_adapter_names",
     "gen_know_sub",
     "build_prototypes",
 )
@@ -128,6 +130,43 @@ def materialise(model: nn.Module, build_prototypes: bool = True) -> None:
             router.build_prototypes(module.lora_A, module.lora_B)
 
 
+class _KeptFactors:
+    """The task adapters' factors and GenKnowSub state of every Arrow layer, saved so they can be put back.
+
+    PEFT's GenKnowSub subtracts in place from the task adapters' weights, so after it ``save_pretrained`` writes the
+    subtracted adapters, and loading those with ``use_gks=True`` subtracts a second time. Reading a library puts the
+    weights and PEFT's GenKnowSub flags back as they were, so that reading (and patching) leaves what the model saves
+    unchanged. PEFT's prototypes, computed from the subtracted factors, are kept: PEFT's next forward subtracts again
+    (the same result) and, finding its prototypes ready, keeps them, as it would have.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]):
+        self.saved = []
+        for name, module in layers:
+            router = arrow_router(module)
+            _check_router(name, router)
+            weights = [
+                (param, param.detach().clone())
+                for n in router.task_adapter_names
+                for param in (module.lora_A[n].weight, module.lora_B[n].weight)
+            ]
+            self.saved.append((router, router.gks_done, list(router.gks_added_adapter_names), weights))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for router, gks_done, added, weights in self.saved:
+                for param, value in weights:
+                    param.copy_(value)
+                router.gks_done = gks_done
+                router.gks_added_adapter_names = added
+
+
+class PrototypeConvergenceWarning(UserWarning):
+    """PEFT's power-iteration prototypes are far from the exact ones, so PEFT's routing (which a patched PEFT model
+    reproduces) differs from exact Arrow's. Silence it by choosing: ``prototypes="peft"`` or ``prototypes="exact"``
+    (or ``warnings.filterwarnings("ignore", category=PrototypeConvergenceWarning)``)."""
+
+
 def _inactive_lora_modules(model: nn.Module, names: set[str]) -> list[str]:
     """PEFT LoRA layers without an Arrow router (embeddings, convolutions) that hold LoRA of the task adapters."""
     out = []
@@ -158,27 +197,44 @@ def _compare_prototypes(lib: LoraLibrary, peft_protos: dict[str, torch.Tensor]) 
     return worst, below, total, where
 
 
-def library_from_peft_model(model: nn.Module, prototypes: str = "peft") -> LoraLibrary:
+def library_from_peft_model(model: nn.Module, prototypes: str | None = None) -> LoraLibrary:
     """Build a library from a model made by ``peft.create_arrow_model`` (task / gks adapters + ArrowConfig).
 
     Args:
         model: the PEFT Arrow model.
-        prototypes: ``"peft"`` (default): PEFT's own prototypes, so that a model patched with the library gives PEFT's
-            outputs; ``"exact"``: exact prototypes of the same experts (Arrow as defined).
+        prototypes: ``"peft"``: PEFT's own prototypes, so that a model patched with the library gives PEFT's outputs;
+            ``"exact"``: exact prototypes of the same experts (Arrow as defined). None (default) is ``"peft"`` with a
+            :class:`PrototypeConvergenceWarning` where PEFT's prototypes are far from exact; ``"peft"`` given by name
+            takes them without the warning.
 
     PEFT's lazy GenKnowSub (and, for ``"peft"``, its prototype step) runs first on layers that have not run it yet,
     exactly as PEFT's next forward would (see :func:`materialise`); the library then holds the subtracted factors and
-    records the general adapters' names. The ArrowConfig's ``top_k`` and ``router_temperature`` become the library's
-    default routing. Warns once when PEFT's prototypes are far from exact (min |cos| < 0.99), and once when embedding
-    or convolution LoRA of the task adapters is present (PEFT's router ignores it, and so does the library).
+    records the general adapters' names. PEFT subtracts in place, so the task adapters' weights and PEFT's GenKnowSub
+    flags are then put back as they were: the model's ``save_pretrained`` writes the same adapters as before (not
+    subtracted ones, which loading with ``use_gks=True`` would subtract twice), and PEFT's own next forward subtracts
+    as it would have. PEFT's prototypes stay built. The ArrowConfig's ``top_k`` and ``router_temperature`` become the
+    library's default routing. Warns once when embedding or convolution LoRA of the task adapters is present (PEFT's
+    router ignores it, and so does the library).
     """
+    warn = prototypes is None
+    prototypes = "peft" if prototypes is None else prototypes
     if prototypes not in PEFT_PROTOTYPES:
         raise ValueError(f"prototypes must be one of {PEFT_PROTOTYPES} for a PEFT Arrow model, got {prototypes!r}")
     layers = arrow_layers(model)
     if not layers:
         raise ValueError("model has no PEFT Arrow layers (expected a model made by peft.create_arrow_model)")
-    materialise(model, build_prototypes=prototypes == "peft")
+    kept = _KeptFactors(layers)
+    try:
+        materialise(model, build_prototypes=prototypes == "peft")
+        return _read_library(model, layers, prototypes, warn)
+    finally:
+        kept.restore()
 
+
+def _read_library(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], prototypes: str, warn: bool
+) -> LoraLibrary:
+    """The library of a PEFT Arrow model whose lazy steps have run (see :func:`library_from_peft_model`)."""
     first_name, first = layers[0]
     router0 = arrow_router(first)
     task_names = list(router0.task_adapter_names)
@@ -198,8 +254,8 @@ def library_from_peft_model(model: nn.Module, prototypes: str = "peft") -> LoraL
             for n, ad in group.items():
                 if n not in module.lora_A or n not in module.lora_B:
                     raise ValueError(f"PEFT Arrow layer {name!r} has no adapter {n!r}")
-                ad.a[path] = module.lora_A[n].weight.detach()
-                ad.b[path] = module.lora_B[n].weight.detach()
+                ad.a[path] = module.lora_A[n].weight.detach().clone()  # the weights are put back afterwards
+                ad.b[path] = module.lora_B[n].weight.detach().clone()
                 ad.scaling[path] = float(module.scaling[n])
                 if not torch.isfinite(ad.a[path]).all() or not torch.isfinite(ad.b[path]).all():
                     raise ValueError(f"adapter {n!r}, module {path!r}: weights contain NaN or Inf")
@@ -219,7 +275,7 @@ def library_from_peft_model(model: nn.Module, prototypes: str = "peft") -> LoraL
             f"{len(inactive)} module(s) hold LoRA of the task adapters that PEFT's Arrow router does not route "
             f"({', '.join(inactive[:4])}{', ...' if len(inactive) > 4 else ''}): that LoRA is inactive under the "
             "router in PEFT, and the library leaves it out as well",
-            stacklevel=3,
+            stacklevel=4,
         )
     lib = LoraLibrary.from_loaded(
         [tasks[n] for n in task_names],
@@ -234,13 +290,17 @@ def library_from_peft_model(model: nn.Module, prototypes: str = "peft") -> LoraL
         for path, m in lib.modules.items():
             m.prototypes = peft_protos[path].to(m.a.dtype)
         lib.prototype_method = "peft"
-        if below:
+        if below and warn:
             warnings.warn(
-                f"PEFT's Arrow prototypes (15 steps of power iteration) are far from the exact ones: min |cos| "
-                f"{worst:.4f} ({where}); {below} of {total} (module, expert) pairs are below {CONVERGED_MIN_COS}. "
-                'The patched model reproduces PEFT\'s outputs; for exact Arrow use prototypes="exact" '
-                '(patch_model(model, prototypes="exact") or LoraLibrary.from_peft_model(model, prototypes="exact")).',
-                stacklevel=3,
+                f"PEFT's Arrow prototypes are far from the exact ones for {below} of {total} (module, expert) pairs "
+                f"(min |cos| {worst:.4f}, {where}). PEFT computes each prototype with 15 steps of power iteration, "
+                "which have not converged where an expert's top two singular values are close (common for ordinary "
+                "adapters), so PEFT sends some tokens to other experts than Arrow's exact prototypes would. The "
+                "patched model reproduces PEFT's outputs, routing included. Pass prototypes=\"exact\" for exact Arrow "
+                '(patch_model(model, prototypes="exact") or LoraLibrary.from_peft_model(model, prototypes="exact")), '
+                'or prototypes="peft" to keep PEFT\'s routing without this warning.',
+                PrototypeConvergenceWarning,
+                stacklevel=4,
             )
     base = getattr(model, "get_base_model", lambda: model)()
     lib.base_model_class = lib.base_model_class or type(base).__name__
@@ -256,6 +316,7 @@ __all__ = [
     "materialise",
     "library_from_peft_model",
     "peft_version",
+    "PrototypeConvergenceWarning",
     "PEFT_PROTOTYPES",
     "CONVERGED_MIN_COS",
 ]

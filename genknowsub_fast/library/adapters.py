@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..experts import all_finite
+from .naming import default_names, missing_config_message
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
@@ -65,7 +66,7 @@ class PickledAdapterError(ValueError):
 def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
-        raise ValueError(f"adapter {path!r} has no adapter_config.json")
+        raise ValueError(missing_config_message(path))
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -125,7 +126,8 @@ def read_adapter(
         path: directory holding ``adapter_config.json`` and ``adapter_model.safetensors``.
         allow_pickle: also accept a pickled ``adapter_model.bin``. It is read with ``torch.load(weights_only=True)``,
             which accepts tensors and plain containers only, so a file holding anything else is refused, not run.
-        name: expert name; defaults to the directory's name.
+        name: expert name; defaults to the directory's name, or for a Trainer checkpoint (``run/checkpoint-17``)
+            the run directory's name (see :mod:`genknowsub_fast.library.naming`).
         ignore_modules_to_save: leave out the full-module tensors an adapter saved for its ``modules_to_save`` (e.g.
             a fine-tuned ``lm_head``), listing them in :attr:`LoraAdapter.ignored_modules`; Arrow routes LoRA factors
             only, so without this such an adapter is refused.
@@ -144,7 +146,7 @@ def read_adapter(
     state = _read_state(path, allow_pickle)
     modules_to_save = [str(m) for m in cfg.get("modules_to_save") or []]
 
-    adapter = LoraAdapter(name=name or os.path.basename(os.path.normpath(path)))
+    adapter = LoraAdapter(name=name or default_names([path])[0])
     adapter.base_model_name = cfg.get("base_model_name_or_path") or None
     adapter.base_model_class = (cfg.get("auto_mapping") or {}).get("base_model_class")
     for key, tensor in state.items():

@@ -16,8 +16,8 @@ import torch
 
 from ..backends import prototype_ext
 from ..experts import ModuleExperts
-from . import file_checks as checks
 from . import gks as gks_math
+from . import naming
 from .adapters import LoraAdapter, read_adapter
 from .base_model import model_family, model_id
 from .layer_prototypes import group_by_layer, layer_factors
@@ -31,24 +31,21 @@ def read_adapter_dirs(
     allow_pickle: bool,
     ignore_modules_to_save: bool,
     progress: bool | None,
+    general_names: Sequence[str] | None = None,
+    add_names: Sequence[str] | None = None,
 ) -> tuple[list[LoraAdapter], list[LoraAdapter], list[LoraAdapter]]:
-    """(tasks, general, added) adapters read from their directories, the task adapters named ``names`` (default: the
-    directory names). Every directory and name is checked before the first file is read."""
-    for p in task_adapters + general_adapters + add_adapters:
-        if not os.path.isdir(p):
-            raise ValueError(f"adapter path {os.fspath(p)!r} does not exist or is not a directory")
+    """(tasks, general, added) adapters read from their directories, named ``names`` / ``general_names`` /
+    ``add_names`` (default: :func:`.naming.default_names`). Every directory and name is checked before the first file
+    is read."""
+    naming.check_adapter_dirs(task_adapters + general_adapters + add_adapters)
     # The original code's average-of-tasks variant subtracts the mean of the task adapters themselves.
     tasks_as_general = _same_dirs(general_adapters, task_adapters)
     _check_distinct_dirs(task_adapters, [] if tasks_as_general else general_adapters, add_adapters)
-    task_names = list(names) if names is not None else [_dir_name(p) for p in task_adapters]
-    try:
-        checks.check_names(task_names, "expert names")
-        checks.check_names([_dir_name(p) for p in general_adapters], "general adapter names", allow_empty=True)
-        checks.check_names([_dir_name(p) for p in add_adapters], "added adapter names", allow_empty=True)
-    except ValueError as exc:
-        raise ValueError(
-            f"{exc}; pass names=[...] (command line: --names) to name task experts whose directories share a name"
-        ) from None
+    all_names = (
+        naming.adapter_names(task_adapters, names, "task")
+        + naming.adapter_names(general_adapters, general_names, "general")
+        + naming.adapter_names(add_adapters, add_names, "added")
+    )
     if progress is None:
         progress = sys.stderr.isatty()
     paths = task_adapters + general_adapters + add_adapters
@@ -61,7 +58,7 @@ def read_adapter_dirs(
         ]
     n_t, n_g = len(task_adapters), len(general_adapters)
     tasks, general, add = read[:n_t], read[n_t : n_t + n_g], read[n_t + n_g :]
-    for adapter, n in zip(tasks, task_names, strict=True):
+    for adapter, n in zip(read, all_names, strict=True):
         adapter.name = n
     _warn_ignored_modules(read)
     return tasks, general, add
@@ -128,10 +125,6 @@ def _pad_stack(mats: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
             m = torch.cat([m, m.new_zeros(shape)], dim=dim)
         out.append(m)
     return torch.stack(out)
-
-
-def _dir_name(path: str | os.PathLike) -> str:
-    return os.path.basename(os.path.normpath(os.fspath(path)))
 
 
 def _same_dirs(a: Sequence[str | os.PathLike], b: Sequence[str | os.PathLike]) -> bool:

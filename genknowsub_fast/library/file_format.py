@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..experts import ModuleExperts
-from ..paths import write_atomically
+from ..paths import check_input_file, write_atomically
 from . import file_checks as checks
 
 FORMAT_VERSION = 1
@@ -63,8 +63,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, ModuleExperts], dict]:
             else ""
         )
         raise ValueError(f"library file {path!r} is a directory{hint}")
-    if not os.path.isfile(path):
-        raise ValueError(f"library file {path!r} does not exist")
+    check_input_file(path, "library file")  # missing, or a FIFO / socket / device (which would not be read)
     where = f"library {path!r}"
     try:
         with safe_open(path, framework="pt", device="cpu") as f:

@@ -161,6 +161,8 @@ class LoraLibrary:
         add_weights: Sequence[float] | None = None,
         task_weight: float = 1.0,
         prototype_scope: str = "module",
+        general_names: Sequence[str] | None = None,
+        add_names: Sequence[str] | None = None,
     ) -> LoraLibrary:
         """Build a library from PEFT LoRA adapter directories.
 
@@ -175,7 +177,8 @@ class LoraLibrary:
                 dtype (float32, bfloat16, float16 or float64).
             allow_pickle: accept pickled ``adapter_model.bin`` files (read with ``torch.load(weights_only=True)``:
                 tensors only, a file holding anything else is refused).
-            names: expert names (default: the directory names); they must be distinct.
+            names: expert names, one per task adapter (default: named after the directories, see below); they must
+                be distinct.
             rng_seed: start-vector seed of ``prototypes="power"``.
             progress: show a progress bar while reading (default: when stderr is a terminal).
             base_model_name: the base model all adapters were trained on. By default the adapters'
@@ -191,13 +194,22 @@ class LoraLibrary:
             task_weight: coefficient of the task expert itself (default 1).
             prototype_scope: ``"module"`` (one prototype per module and expert, PEFT's Arrow) or ``"layer"`` (one
                 per decoder layer and expert, shared by the layer's modules, as the original Phi-2 code).
+            general_names, add_names: names of the general and of the added adapters (default: named after the
+                directories, as the experts); recorded in the library (``general_names``, ``added_names``).
 
         The coefficients combine the factors in ``"param"`` mode and the ΔW in ``"delta"`` mode (see
         :mod:`genknowsub_fast.library.gks`); the README gives the arguments of each variant of the original code.
 
+        Default names: each adapter is named after its directory, except that a Hugging Face Trainer checkpoint
+        ``<run>/checkpoint-<N>`` is named after its run directory (``cluster0_batch16/checkpoint-17`` ->
+        ``cluster0_batch16``); adapters of one list that would share a name get as many more trailing path components
+        as tell them apart (``en/wiki/checkpoint-17``, ``de/wiki/checkpoint-17`` -> ``en/wiki``, ``de/wiki``). The
+        rules are in :mod:`genknowsub_fast.library.naming`. A training run directory that holds checkpoints but no
+        adapter of its own is refused with the checkpoints it holds (highest step first): pass the checkpoint to use.
+
         The same directory twice, a directory both a task and a general adapter (unless the general adapters are
-        exactly the task adapters: the average-of-tasks variant), or two experts with one name (e.g. two directories
-        called ``adapter``: pass ``names``) are ValueErrors, checked before anything is read.
+        exactly the task adapters: the average-of-tasks variant), or two adapters of one list with one name (pass
+        ``names`` / ``general_names`` / ``add_names``) are ValueErrors, checked before anything is read.
         """
         for what, given in (("task_adapters", task_adapters), ("general_adapters", general_adapters),
                             ("add_adapters", add_adapters)):  # fmt: skip
@@ -211,14 +223,13 @@ class LoraLibrary:
         gks = resolve_gks(gks, len(general_adapters), len(add_adapters))
         if prototypes not in ("exact", "power", "svd"):
             raise ValueError(f"prototypes must be 'exact', 'power' or 'svd', got {prototypes!r}")
-        if names is not None and len(names) != len(task_adapters):
-            raise ValueError(f"{len(names)} names given for {len(task_adapters)} task adapters")
         checks.check_float_dtype(dtype)
         if base_model_name is not None and not (isinstance(base_model_name, str) and base_model_name):
             raise ValueError(f"base_model_name must be a non-empty string, got {base_model_name!r}")
         tasks, general, add = build.read_adapter_dirs(
-            task_adapters, general_adapters, add_adapters, names, allow_pickle, ignore_modules_to_save, progress
-        )
+            task_adapters, general_adapters, add_adapters, names, allow_pickle, ignore_modules_to_save, progress,
+            general_names=general_names, add_names=add_names,
+        )  # fmt: skip
         return cls.from_loaded(
             tasks,
             general,
@@ -299,12 +310,14 @@ class LoraLibrary:
         return lib
 
     @classmethod
-    def from_peft_model(cls, model: torch.nn.Module, prototypes: str = "peft") -> LoraLibrary:
+    def from_peft_model(cls, model: torch.nn.Module, prototypes: str | None = None) -> LoraLibrary:
         """Build a library from a model made by ``peft.create_arrow_model`` (task_i / gks_i adapters + ArrowConfig).
 
-        ``prototypes="peft"`` (default) takes PEFT's own prototypes, so the library reproduces PEFT's outputs;
-        ``"exact"`` computes exact ones for the same experts. PEFT's lazy GenKnowSub (and prototype) steps run first
-        where they have not, as PEFT's next forward would. The reading is done by
+        ``prototypes="peft"`` takes PEFT's own prototypes, so the library reproduces PEFT's outputs; ``"exact"``
+        computes exact ones for the same experts; None (default) is ``"peft"`` with a warning where PEFT's prototypes
+        are far from exact (``"peft"`` by name takes them without it). PEFT's lazy GenKnowSub (and prototype) steps
+        run first where they have not, as PEFT's next forward would; the model's adapter weights are left as they were
+        (what its ``save_pretrained`` writes does not change). The reading is done by
         :func:`genknowsub_fast.integrations.peft.library_from_peft_model`, found through the ``peft`` entry point of
         the ``genknowsub_fast.model_readers`` group (installed with the package).
         """

@@ -14,6 +14,7 @@ from .models import (
     make_phi2,
     make_phi3,
     phi3_config,
+    phi3_cost,
     phi3_num_parameters,
 )
 from .text import CHAT_TOKENS, WORDS, make_choice_examples, make_tokenizer
@@ -26,6 +27,7 @@ __all__ = [
     "make_phi3",
     "make_phi2",
     "phi3_num_parameters",
+    "phi3_cost",
     "check_phi3_fits",
     "spectrum_factors",
     "decaying_factors",

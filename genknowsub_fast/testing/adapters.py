@@ -91,6 +91,8 @@ def write_adapters(
     """
     from peft import LoraConfig, get_peft_model
 
+    from ..hf_compat import peft_without_bitsandbytes
+
     out_dir = os.fspath(out_dir)
     gen = torch.Generator().manual_seed(seed)
     ranks_t = list(task_ranks) if task_ranks is not None else [rank] * num_tasks
@@ -117,7 +119,7 @@ def write_adapters(
                 init_lora_weights=False,
                 lora_dropout=0.0,
             )
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), peft_without_bitsandbytes():
                 # PEFT reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning from transformers
                 # 5.x): nothing the caller can act on.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

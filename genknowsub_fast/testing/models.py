@@ -19,13 +19,18 @@ PHI3_SIZES = {
 }
 
 
-def phi3_config(size: str = "tiny"):
-    """The ``Phi3Config`` of one of :data:`PHI3_SIZES` (eager attention)."""
+def phi3_config(size: str = "tiny", vocab_size: int | None = None):
+    """The ``Phi3Config`` of one of :data:`PHI3_SIZES` (eager attention); ``vocab_size`` replaces the size's own (e.g.
+    ``len(tokenizer)``, so that every token the model can generate decodes)."""
     from transformers import Phi3Config
 
     if size not in PHI3_SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {list(PHI3_SIZES)}")
     hidden, inter, layers, heads, vocab = PHI3_SIZES[size]
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 8:
+            raise ValueError(f"vocab_size must be an integer >= 8 (the special token ids), got {vocab_size!r}")
+        vocab = vocab_size
     return Phi3Config(
         hidden_size=hidden,
         intermediate_size=inter,
@@ -41,11 +46,14 @@ def phi3_config(size: str = "tiny"):
     )
 
 
-def make_phi3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode)."""
+def make_phi3(
+    size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int | None = None
+) -> nn.Module:
+    """A randomly initialised Phi-3 causal LM of one of :data:`PHI3_SIZES` (eager attention, eval mode); ``vocab_size``
+    replaces the size's vocabulary (see :func:`phi3_config`)."""
     from transformers import Phi3ForCausalLM
 
-    cfg = phi3_config(size)
+    cfg = phi3_config(size, vocab_size)
     torch.manual_seed(seed)
     return Phi3ForCausalLM(cfg).to(dtype).eval()
 
@@ -59,16 +67,24 @@ def phi3_num_parameters(size: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_phi3_fits(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> str:
-    """Describe what building ``copies`` random Phi-3 ``size`` models costs, or raise ValueError before anything is
-    built when that is more memory than this process has left (:func:`genknowsub_fast.memory.check_fits`)."""
-    from ..memory import check_fits, human_bytes
+def phi3_cost(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> tuple[str, int]:
+    """What building ``copies`` random Phi-3 ``size`` models costs: a description and the bytes (nothing is built)."""
+    from ..memory import human_bytes
 
     n = phi3_num_parameters(size)
     need = copies * n * torch.empty(0, dtype=dtype).element_size()
     count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
     what = f"random Phi-3 '{size}': {count} parameters, {human_bytes(need)} in {str(dtype).split('.')[-1]}"
     what += f" for {copies} copies" if copies > 1 else ""
+    return what, need
+
+
+def check_phi3_fits(size: str, copies: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """Describe what building ``copies`` random Phi-3 ``size`` models costs, or raise ValueError before anything is
+    built when that is more memory than this process has left (:func:`genknowsub_fast.memory.check_fits`)."""
+    from ..memory import check_fits
+
+    what, need = phi3_cost(size, copies, dtype)
     return check_fits(need, what, hint="choose a smaller size")
 
 
@@ -100,5 +116,6 @@ __all__ = [
     "make_phi3",
     "make_phi2",
     "phi3_num_parameters",
+    "phi3_cost",
     "check_phi3_fits",
 ]

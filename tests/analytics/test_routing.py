@@ -8,6 +8,7 @@ import torch
 
 from genknowsub_fast import LoraLibrary, patch_model, patched_layers, reference
 from genknowsub_fast.analytics import record_routing
+from genknowsub_fast.analytics.routing import RoutingStats
 from tests.tolerances import FLOAT64_EXACT, FP32_SAME_MATH
 
 
@@ -75,7 +76,8 @@ def test_recording_leaves_outputs_unchanged(phi3_setup, lib):
     assert all(layer.recorder is None for layer in patched_layers(model).values())
     m = next(iter(stats.modules.values()))
     assert m.tokens == phi3_setup.ids.numel() + 2 * 5
-    assert stats.names(lib.num_experts) == [f"expert_{i}" for i in range(lib.num_experts)]
+    assert stats.names(lib.num_experts) == lib.expert_names  # the patched model's library names them
+    assert RoutingStats().names(2) == ["expert_0", "expert_1"]  # nothing to name them by
 
 
 def test_record_routing_errors(phi3_setup, lib):
@@ -120,3 +122,17 @@ def test_only_the_recording_thread_is_counted(phi3_setup, lib):
         worker.join()
         model(phi3_setup.ids)
     assert {m.tokens for m in stats.modules.values()} == {phi3_setup.ids.numel()}
+
+
+def test_table_names_the_library_experts_by_default(phi3_setup, lib):
+    """record_routing(model).table() labelled the experts expert_0, ... although the patched model knows its library's
+    names."""
+    model = patch_model(phi3_setup.fresh(), lib, top_k=3)
+    with torch.no_grad(), record_routing(model) as stats:
+        model(phi3_setup.ids)
+    assert stats.expert_names == lib.expert_names == [f"task_{i}" for i in range(5)]
+    heading = stats.table().splitlines()[1]
+    assert all(n in heading for n in lib.expert_names) and "expert_0" not in heading
+    with torch.no_grad(), record_routing(model, ["a", "b", "c", "d", "e"]) as named:  # given names still win
+        model(phi3_setup.ids)
+    assert named.expert_names == ["a", "b", "c", "d", "e"]

@@ -160,3 +160,60 @@ def test_top_k_defaults_to_min_3_e_for_a_small_library(phi3_setup, files, tmp_pa
     result = json.loads(out.read_text())
     assert result["top_k"] == 2 and result["temperature"] == 1.0
     assert "top-k 2" in capsys.readouterr().out
+
+
+def _no_model_load(monkeypatch):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the library was checked against it")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+
+
+def test_library_for_another_model_is_refused_before_loading(phi2_setup, files, tmp_path, capsys, monkeypatch):
+    """eval loaded the model before refusing a library for another model; now the library is checked against the
+    model's config first (module paths and shapes, model family), in one line naming both."""
+    other = tmp_path / "phi2.safetensors"
+    gkf.LoraLibrary.from_adapters(phi2_setup.task).save(other)
+    _no_model_load(monkeypatch)
+    assert main(_args(files, **{"--library": str(other)})) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--library '{other}' does not fit --model '{files['model']}'" in err
+    assert "built for a PhiForCausalLM, not a Phi3ForCausalLM" in err
+
+
+def test_base_model_name_is_compared_with_the_model(phi3_setup, files, tmp_path, capsys, monkeypatch):
+    named = tmp_path / "named.safetensors"
+    gkf.LoraLibrary.from_adapters(phi3_setup.task, base_model_name="microsoft/Phi-3-mini-4k-instruct").save(named)
+    assert main(_args(files, **{"--library": str(named)})) == 0
+    err = capsys.readouterr().err
+    assert err.count("genknowsub-fast eval: warning: the library was built from adapters trained on") == 1, err
+    _no_model_load(monkeypatch)
+    assert main([*_args(files, **{"--library": str(named)}), "--strict-base-model"]) == 2
+    assert "strict_base_model=True refuses another base model name" in capsys.readouterr().err
+
+
+def test_model_without_tokenizer_names_the_option_that_applies(phi3_setup, files, tmp_path, capsys):
+    """A model directory without a tokenizer was reported as "--tokenizer 'X' has none of..." without --tokenizer."""
+    bare = tmp_path / "bare"
+    phi3_setup.base.save_pretrained(bare)
+    assert main(_args(files, **{"--model": str(bare)})) == 2
+    err = capsys.readouterr().err
+    expected = f"--model '{bare}' holds no tokenizer (none of tokenizer.json, tokenizer_config.json): pass --tokenizer"
+    assert expected in err, err
+    assert main(_args(files, **{"--model": str(bare), "--tokenizer": str(tmp_path)})) == 2
+    assert f"--tokenizer '{tmp_path}' has none of tokenizer.json" in capsys.readouterr().err
+
+
+def test_fifo_is_named_as_such(files, tmp_path, capsys):
+    """A FIFO given as the library was reported as "does not exist" (and reading one would wait for a writer)."""
+    fifo = tmp_path / "lib.fifo"
+    os.mkfifo(fifo)
+    assert main(_args(files, **{"--library": str(fifo)})) == 2
+    assert f"--library '{fifo}' is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+    assert main(_args(files, **{"--data": str(fifo)})) == 2
+    assert f"--data '{fifo}' is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a FIFO"):
+        gkf.LoraLibrary.load(fifo)

@@ -1,6 +1,7 @@
 """`genknowsub-fast inspect`: tables, PNG plots, no model unless asked, and one-line errors with exit code 2."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -115,9 +116,15 @@ def test_phi3_mini_shaped_library_costs_are_said_and_checked(mini_lib_path, caps
     and an explicit --model that does not fit in memory is refused before anything is built or computed."""
     import genknowsub_fast.memory as memory
 
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64_000_000_000)
     assert main(["inspect", str(mini_lib_path)]) == 0
-    assert "random Phi-3 'phi3-mini': 3.82 B parameters, 15.3 GB in float32" in capsys.readouterr().out
+    assert "random Phi-3 'phi3-mini': 3.82 B parameters, 15.3 GB in float32 and route" in capsys.readouterr().out
     monkeypatch.setattr(memory, "available_bytes", lambda: 6_000_000_000)
+    # Without --model nothing is built: the cost is described, and that it would not fit now (this was an error when
+    # the machine had less memory free than the model would need).
+    assert main(["inspect", str(mini_lib_path)]) == 0
+    out = capsys.readouterr().out
+    assert "15.3 GB in float32 (more than the 6.0 GB of memory available now) and route" in out
     for model in ("auto", "phi3-mini"):
         assert main(["inspect", str(mini_lib_path), "--model", model]) == 2
         _one_line_error(capsys, "15.3 GB in float32, but only 6.0 GB of memory is available")
@@ -169,3 +176,22 @@ def test_inspect_out_must_be_a_directory(lib_path, tmp_path, capsys):
     f.write_text("x")
     assert main(["inspect", str(lib_path), "--out", str(f)]) == 2
     _one_line_error(capsys, "not a directory")
+
+
+def test_inspect_trainer_checkpoints(trainer_runs, tmp_path, capsys):
+    """`inspect --task/--general` on Trainer's <run>/checkpoint-17 layout: the names match the library built from
+    the same directories; --names and --general-names apply to inspect too; a run directory names its checkpoints."""
+    lib_file = tmp_path / "lib.safetensors"
+    LoraLibrary.from_adapters(trainer_runs.task, trainer_runs.general).save(lib_file)
+    adapters = ["--task", *trainer_runs.task, "--general", *trainer_runs.general]
+    assert main(["inspect", str(lib_file), *adapters]) == 0
+    assert "cluster2_batch16" in capsys.readouterr().out
+    named = tmp_path / "named.safetensors"
+    LoraLibrary.from_adapters(trainer_runs.task, trainer_runs.general, names=["a", "b", "c"]).save(named)
+    assert main(["inspect", str(named), *adapters, "--names", "a", "b", "c", "--general-names", "x", "y", "z"]) == 0
+    capsys.readouterr()
+    run = os.path.dirname(trainer_runs.general[0])
+    assert main(["inspect", str(lib_file), "--task", *trainer_runs.task, "--general", run]) == 2
+    _one_line_error(capsys, "(checkpoint-17, highest step first); pass the checkpoint to use")
+    assert main(["inspect", str(lib_file), "--names", "a", "b", "c"]) == 2
+    _one_line_error(capsys, "--names only apply with --task and --general")

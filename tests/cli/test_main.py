@@ -1,5 +1,7 @@
 """The genknowsub-fast command: build, info, demo, and one-line errors with exit code 2."""
 
+import os
+import re
 import shutil
 
 import pytest
@@ -87,7 +89,7 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
             "--decode",
             "2",
             "--repeats",
-            "1",
+            "2",
             "--out",
             str(tmp_path),
         ]
@@ -97,6 +99,24 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     assert "max |patched − PEFT| logits" in text and "OK" in text and "FAIL" not in text
     assert "patched" in text and "PEFT Arrow" in text
     assert (tmp_path / "library.safetensors").is_file()
+    # The timings: taken in turn, each ratio with the range of its rounds, said to be indicative.
+    assert "base, PEFT and patched timed in turn, 2 rounds after a warm-up" in text
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith(("PEFT Arrow", "patched  "))]
+    assert len(rows) == 2 and all(re.fullmatch(r"\([\d.]+-[\d.]+\)", row[-1]) for row in rows), rows
+    assert "(indicative: a random 'tiny' model is small" in text
+
+
+def test_demo_times_its_models_in_turn():
+    """The demo timed base, PEFT and patched one after another (base's repeats, then PEFT's, ...): a load change on
+    the machine moved their ratio (2.00× on one run, 0.80× on the next). Now every round times each in turn."""
+    from genknowsub_fast.cli.demo import interleaved_times, ratio_summary
+
+    calls = []
+    runs = {name: (lambda n=name: calls.append(n) or (1.0, 2.0)) for name in ("base", "PEFT Arrow", "patched")}
+    times = interleaved_times(runs, repeats=2, warmup=1)
+    assert calls == ["base", "PEFT Arrow", "patched"] * 3
+    assert times == {name: [(1.0, 2.0)] * 2 for name in runs}
+    assert ratio_summary([2.0, 3.0, 4.0], [1.0, 2.0, 2.0]) == "2.00 (1.50-2.00)"
 
 
 @pytest.mark.parametrize(
@@ -153,13 +173,15 @@ def _copy_naming_base(src, dst, base_model):
 
 
 def test_build_names_and_base_model_name(phi3_setup, tmp_path, capsys):
-    """The command-line forms of the duplicate-name and base-model-name checks: --names for directories that share a
-    name, --base-model-name for one base model named two ways; each refusal names the flag."""
+    """The command-line forms of the duplicate-name and base-model-name checks: --names with duplicates, and
+    --base-model-name for one base model named two ways; each refusal names the flag."""
     first = _copy_naming_base(phi3_setup.task[0], tmp_path / "a" / "task_0", "microsoft/Phi-3-mini-4k-instruct")
     other = _copy_naming_base(phi3_setup.task[1], tmp_path / "b" / "task_0", "/models/my-phi3")
     out = str(tmp_path / "x.safetensors")
-    assert main(["build", "--task", first, other, "-o", out]) == 2
-    _one_line_error(capsys, "build", "(command line: --names)")
+    assert main(["build", "--task", first, other, "--names", "a", "a", "-o", out]) == 2
+    _one_line_error(capsys, "build", "(command line: --names) has duplicates: ['a']")
+    assert main(["build", "--task", first, other, "-o", out]) == 2  # told apart by their parents: a/task_0, b/task_0
+    _one_line_error(capsys, "build", "(a/task_0: microsoft/Phi-3-mini-4k-instruct; b/task_0: /models/my-phi3)")
     args = ["build", "--task", first, other, "--names", "a", "b", "-o", out]
     assert main(args) == 2
     _one_line_error(capsys, "build", "--base-model-name")
@@ -210,3 +232,28 @@ def test_parse_errors_are_one_line(capsys):
     assert err == "genknowsub-fast build: error: the following arguments are required: --task " + (
         "(see genknowsub-fast build --help)\n"
     )
+
+
+# ------------------------------------------------------------------ the original code's Trainer checkpoint layout
+def test_build_from_trainer_checkpoints(trainer_runs, tmp_path, capsys):
+    """`build` on <run>/checkpoint-17 adapters as Trainer saves them: experts and general adapters named after their
+    runs; explicit names for every list; a run directory refused with its checkpoints, highest step first."""
+    out = str(tmp_path / "lib.safetensors")
+    assert main(["build", "--task", *trainer_runs.task, "--general", *trainer_runs.general, "-o", out]) == 0
+    lib = LoraLibrary.load(out)
+    assert lib.expert_names == ["cluster0_batch16", "cluster1_batch16", "cluster2_batch16"]
+    assert lib.general_names == ["wiki_langen", "wiki_langde", "wiki_langfr"]
+    capsys.readouterr()
+    args = ["build", "--task", *trainer_runs.task[:2], "--general", trainer_runs.general[0], "--add"]
+    args += [trainer_runs.general[1], "--names", "c0", "c1", "--general-names", "en", "--add-names", "de"]
+    assert main([*args, "--add-weights", "-1", "-o", out]) == 0
+    lib = LoraLibrary.load(out)
+    assert (lib.expert_names, lib.general_names, lib.added_names) == (["c0", "c1"], ["en"], ["de"])
+    run = os.path.dirname(trainer_runs.task[0])
+    assert main(["build", "--task", run, trainer_runs.task[1], "-o", out]) == 2
+    _one_line_error(capsys, "build", "(checkpoint-17, checkpoint-9, highest step first); pass the checkpoint to use")
+    assert main(["build", "--task", *trainer_runs.task[:2], "--general-names", "en", "-o", out]) == 2
+    _one_line_error(capsys, "build", "1 general_names (command line: --general-names) given for 0 general adapters")
+    general = ["--general", *trainer_runs.general[:2], "--general-names", "en", "en", "-o", out]
+    assert main(["build", "--task", *trainer_runs.task[:2], *general]) == 2
+    _one_line_error(capsys, "build", "general_names (command line: --general-names) has duplicates: ['en']")

@@ -503,3 +503,67 @@ def test_other_peft_layouts_are_named(gpt2, monkeypatch):
         gkf.patch_model(copy.deepcopy(gpt2.base), LoraLibrary.from_adapters(gpt2.ts), prototypes="exact")
     with pytest.raises(ValueError, match="library is None"):
         gkf.patch_model(copy.deepcopy(gpt2.base))
+
+
+# ------------------------------------------------------------------------------------ saving after patching
+def _saved_tensors(root) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file under ``root``, by relative path and key."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(root).rglob("*.safetensors"))
+    return {f"{f.relative_to(root)}:{k}": t for f in files for k, t in load_file(f).items()}
+
+
+def test_patching_does_not_change_what_save_pretrained_writes(gpt2, tmp_path):
+    """create_arrow_model(...); patch_model(m); m.save_pretrained(d) wrote the task adapters with the general mean
+    already subtracted (PEFT subtracts in place, and patching ran that step), so reloading them with use_gks=True
+    subtracted it twice. Patching now leaves what save_pretrained writes as it is on the same model un-patched."""
+    model = arrow(gpt2.base, gpt2.ts, gpt2.gen, top_k=2, use_gks=True, rng_seed=42)
+    twin = copy.deepcopy(model)  # the same model, never patched
+    gkf.patch_model(model)
+    y_patched = logits(model, gpt2.x)
+    model.save_pretrained(tmp_path / "patched")
+    twin.save_pretrained(tmp_path / "twin")
+    saved, expected = _saved_tensors(tmp_path / "patched"), _saved_tensors(tmp_path / "twin")
+    assert saved.keys() == expected.keys() and len(saved) > 0
+    for k, t in expected.items():
+        assert torch.equal(saved[k], t), f"{k} differs from what the un-patched model saves"
+    # Reloading the saved adapters with use_gks=True subtracts once: PEFT's output of the original model.
+    saved_ts = [str(tmp_path / "patched" / f"task_{i}") for i in range(len(gpt2.ts))]
+    saved_gen = [str(tmp_path / "patched" / f"gks_{i}") for i in range(len(gpt2.gen))]
+    reloaded = arrow(gpt2.base, saved_ts, saved_gen, top_k=2, use_gks=True, rng_seed=42)
+    y_twin = logits(twin, gpt2.x)
+    assert torch.equal(logits(reloaded, gpt2.x), y_twin)
+    assert_matches_peft(y_patched, y_twin, gpt2.base_logits)
+    # Unpatched, PEFT's own forward runs its GenKnowSub as it would have: the twin's output, bit for bit.
+    gkf.unpatch_model(model)
+    assert torch.equal(logits(model, gpt2.x), y_twin)
+
+
+def test_reading_keeps_the_weights_of_a_model_that_already_ran(gpt2):
+    """After PEFT's own forward the weights are subtracted (PEFT's state); reading the library leaves them so."""
+    model = arrow(gpt2.base, gpt2.ts, gpt2.gen, top_k=2, use_gks=True, rng_seed=42)
+    logits(model, gpt2.x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    LoraLibrary.from_peft_model(model, prototypes="peft")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_convergence_warning_says_what_it_means_and_how_to_silence_it(nonconvergent):
+    """The warning fired on ordinary adapters without saying what it means for the user or how to silence it."""
+    from genknowsub_fast.integrations.peft import PrototypeConvergenceWarning
+
+    with pytest.warns(PrototypeConvergenceWarning) as caught:
+        LoraLibrary.from_peft_model(nonconvergent.model)
+    text = str(caught[0].message)
+    assert "sends some tokens to other experts than Arrow's exact prototypes would" in text
+    assert 'prototypes="peft" to keep PEFT\'s routing without this warning' in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's prototypes asked for by name: no warning
+        lib = LoraLibrary.from_peft_model(nonconvergent.model, prototypes="peft")
+        y = patched_logits(nonconvergent.model, nonconvergent.x, prototypes="peft")
+    assert lib.prototype_method == "peft"
+    assert_matches_peft(y, nonconvergent.y_peft, nonconvergent.base_logits, "non-converged, peft by name")

@@ -4,6 +4,7 @@ import copy
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_bad_inputs(phi3_setup, tmp_path):
         LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general, gks="mean")
     with pytest.raises(ValueError, match="prototypes must be"):
         LoraLibrary.from_adapters(phi3_setup.task, prototypes="random")
-    with pytest.raises(ValueError, match="names given"):
+    with pytest.raises(ValueError, match=r"1 names \(command line: --names\) given for 5 task adapters"):
         LoraLibrary.from_adapters(phi3_setup.task, names=["a"])
 
 
@@ -448,14 +449,31 @@ def test_duplicate_experts_are_refused_before_reading(phi3_setup, tmp_path, monk
         ([[t[0], t[1], t[0]]], {}, "given twice among the task adapters"),
         ([[t[0], link]], {"names": ["a", "b"]}, "given twice"),
         ([t[:2], [t[1]]], {}, "given twice"),
-        ([[t[0], other]], {}, r"duplicates: \['task_0'\].*names="),
-        ([t[:2]], {"names": ["a", "a"]}, r"duplicates: \['a'\]"),
+        ([t[:2]], {"names": ["a", "a"]}, r"names \(command line: --names\) has duplicates: \['a'\]"),
+        (
+            [t[:2], t[2:4]],
+            {"general_names": ["g", "g"]},
+            r"general_names \(command line: --general-names\) has duplicates: \['g'\]",
+        ),
+        (
+            [t[:2], [t[2]]],
+            {"add_adapters": t[3:5], "add_names": ["u", "u"]},
+            r"add_names \(command line: --add-names\) has duplicates",
+        ),
+        (
+            [t[:2], t[2:4]],
+            {"general_names": ["g"]},
+            r"1 general_names \(command line: --general-names\) given for 2 general adapters",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             LoraLibrary.from_adapters(*args, **kwargs)
     monkeypatch.undo()
     lib = LoraLibrary.from_adapters([t[0], other], names=["first", "second"])
     assert lib.expert_names == ["first", "second"]
+    # Two directories called task_0 are told apart by their parents.
+    lib = LoraLibrary.from_adapters([t[0], other])
+    assert lib.expert_names == [f"{Path(t[0]).parent.name}/task_0", "elsewhere/task_0"]
 
 
 def test_from_loaded_refuses_duplicate_names(phi3_setup):

@@ -16,20 +16,26 @@ from importlib.metadata import entry_points
 
 from genknowsub_fast.backends.packing import check_mixing
 from genknowsub_fast.integrations.vllm.options import CONFIG_KEY, ServedOptions, routed_architecture
+from genknowsub_fast.integrations.vllm.plugin import check_library, checked_here
 from genknowsub_fast.library import LoraLibrary
 
 PLUGIN_NAME = "genknowsub_fast"
 PLUGIN_GROUP = "vllm.general_plugins"
 
 
-def model_architecture(model: str | os.PathLike, trust_remote_code: bool = False) -> str:
-    """The HF architecture named by a model's config (a local folder or a hub id available offline)."""
+def model_config(model: str | os.PathLike, trust_remote_code: bool = False):
+    """A model's HF config (a local folder or a hub id available offline); ValueError when it cannot be read."""
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(os.fspath(model), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(os.fspath(model), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError / ValueError / its own types for a missing config
         raise ValueError(f"cannot read the model config of {os.fspath(model)!r}: {exc}") from exc
+
+
+def model_architecture(model: str | os.PathLike, trust_remote_code: bool = False, config=None) -> str:
+    """The HF architecture named by a model's config (read from ``model`` unless ``config`` is given)."""
+    cfg = config if config is not None else model_config(model, trust_remote_code)
     archs = list(getattr(cfg, "architectures", None) or [])
     if len(archs) != 1:
         raise ValueError(f"the config of {os.fspath(model)!r} names architectures {archs}; expected exactly one")
@@ -45,13 +51,15 @@ def hf_overrides(
     mixing: str | None = None,
     backend: str = "auto",
     trust_remote_code: bool = False,
+    strict_base_model: bool = False,
 ) -> dict:
     """The ``hf_overrides`` that make vLLM serve ``model`` routed through the saved library at ``library_path``.
 
     Also what ``vllm serve MODEL --hf-overrides '<this dict as JSON>'`` takes. ValueError for an unsupported
-    architecture, a missing library file or bad routing options.
+    architecture, a missing library file or bad routing options. ``strict_base_model``: the server refuses a model
+    whose name identifies another base model than the library's adapters name (default: a warning).
     """
-    options = ServedOptions(os.fspath(library_path), top_k, temperature, mixing, backend)
+    options = ServedOptions(os.fspath(library_path), top_k, temperature, mixing, backend, strict_base_model)
     if not os.path.isfile(options.library):
         raise ValueError(f"library file {options.library!r} does not exist")
     arch = routed_architecture(model_architecture(model, trust_remote_code))
@@ -79,6 +87,7 @@ def make_llm(
     top_k: int | None = None,
     temperature: float | None = None,
     mixing: str | None = None,
+    strict_base_model: bool = False,
     **llm_kwargs,
 ):
     """A ``vllm.LLM`` serving ``model`` with every target linear layer routed through ``library`` (GenKnowSub +
@@ -91,10 +100,15 @@ def make_llm(
             ``"weights"``. Each left as None takes the library's
             :meth:`~genknowsub_fast.LoraLibrary.routing_options` (its own options, else min(3, E), 1.0, "output"),
             as in ``patch_model``.
+        strict_base_model: refuse a model whose name (``model``) identifies another base model than the one the
+            library's adapters name, even when every shape fits; by default that is a warning (as in
+            ``patch_model``).
         **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``tensor_parallel_size``, ``max_model_len``, ...). An
             ``hf_overrides`` dict is merged with the routing overrides; it may not set their keys.
 
-    Everything is checked before vLLM starts: ValueError names the problem.
+    Everything is checked before vLLM starts: ValueError names the problem. The library is checked against the
+    model's config (model family, every module path and shape, the base model name) and a library for another model
+    is refused in one line naming both, instead of failing inside vLLM's engine start-up.
     """
     if not isinstance(library, (str, os.PathLike, LoraLibrary)):
         raise ValueError(f"library must be a LoraLibrary or the path of a saved one, got {type(library).__name__}")
@@ -110,6 +124,11 @@ def make_llm(
     routing = lib.routing_options(top_k, temperature, mixing)
     for experts in lib.modules.values():
         check_mixing(routing.mixing, experts.scaling, experts.ranks)
+    trust_remote_code = bool(llm_kwargs.get("trust_remote_code", False))
+    config = model_config(model, trust_remote_code)
+    routed_architecture(model_architecture(model, config=config))  # a supported one, before the library is compared
+    name = "the LoraLibrary given" if isinstance(library, LoraLibrary) else os.fspath(library)
+    check_library(lib, config, model, name, strict_base_model)
     tmpdir = None
     if isinstance(library, LoraLibrary):
         tmpdir = tempfile.mkdtemp(prefix="genknowsub_fast_vllm_")
@@ -124,11 +143,13 @@ def make_llm(
             top_k=routing.top_k,
             temperature=routing.temperature,
             mixing=routing.mixing,
-            trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)),
+            trust_remote_code=trust_remote_code,
+            strict_base_model=strict_base_model,
         )
         from vllm import LLM
 
-        llm = LLM(os.fspath(model), hf_overrides={**user_overrides, **overrides}, **llm_kwargs)
+        with checked_here(path, model):  # the plugin's own check (for servers) need not run again in this process
+            llm = LLM(os.fspath(model), hf_overrides={**user_overrides, **overrides}, **llm_kwargs)
     except BaseException:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -138,4 +159,4 @@ def make_llm(
     return llm
 
 
-__all__ = ["check_plugin", "hf_overrides", "make_llm", "model_architecture"]
+__all__ = ["check_library", "check_plugin", "hf_overrides", "make_llm", "model_architecture", "model_config"]

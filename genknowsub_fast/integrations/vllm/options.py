@@ -21,7 +21,7 @@ ROUTED_ARCHITECTURES = {
     "PhiForCausalLM": "GenKnowSubPhiForCausalLM",
 }
 BACKENDS = ("auto", "torch", "triton")
-_KEYS = ("library", "top_k", "temperature", "mixing", "backend")
+_KEYS = ("library", "top_k", "temperature", "mixing", "backend", "strict_base_model")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class ServedOptions:
     ``temperature`` / ``mixing``: None takes the library's routing defaults when a worker loads it
     (:meth:`~genknowsub_fast.LoraLibrary.routing_options`), as ``patch_model`` does; given values are checked here by
     the package's one routing check (:func:`genknowsub_fast.options.check_values`). ``backend``: as in ``patch_model``.
+    ``strict_base_model``: refuse a model whose name identifies another base model than the library's adapters name
+    (default False: a warning), as in ``patch_model``.
     """
 
     library: str
@@ -39,6 +41,7 @@ class ServedOptions:
     temperature: float | None = None
     mixing: str | None = None
     backend: str = "auto"
+    strict_base_model: bool = False
 
     def __post_init__(self):
         if not isinstance(self.library, (str, os.PathLike)) or not os.fspath(self.library):
@@ -46,6 +49,8 @@ class ServedOptions:
         check_values(self.top_k, self.temperature, self.mixing, prefix=f"{CONFIG_KEY}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"{CONFIG_KEY}.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.strict_base_model, bool):
+            raise ValueError(f"{CONFIG_KEY}.strict_base_model must be true or false, got {self.strict_base_model!r}")
 
     @classmethod
     def from_dict(cls, raw: object) -> ServedOptions:
@@ -71,10 +76,11 @@ class ServedOptions:
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict:
-        """The JSON-able dict stored under :data:`CONFIG_KEY` (unset options left out)."""
+        """The JSON-able dict stored under :data:`CONFIG_KEY` (unset options, and strict_base_model when false, left
+        out)."""
         d = asdict(self)
         d["library"] = os.fspath(self.library)
-        return {k: v for k, v in d.items() if v is not None}
+        return {k: v for k, v in d.items() if v is not None and not (k == "strict_base_model" and not v)}
 
 
 def routed_architecture(architecture: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -76,3 +77,46 @@ def test_importing_the_public_module_imports_no_vllm():
     subprocess.run([sys.executable, "-c", code], check=True)
     code = "import sys, genknowsub_fast; assert 'genknowsub_fast.integrations' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """Any import of vllm fails: make_llm must refuse before it starts vLLM."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+
+
+def test_library_for_another_model_is_refused_before_vllm_starts(saved, phi2_setup, no_vllm):
+    """make_llm(model, library for another base model) failed after about 25 s inside vLLM's engine start-up; it is
+    now one ValueError naming both, before vLLM is imported."""
+    model_dir, lib, lib_path, root = saved
+    other = os.path.join(root, "phi2.safetensors")
+    gkf.LoraLibrary.from_adapters(phi2_setup.task).save(other)
+    message = f"library '{other}' does not fit model '{model_dir}': the library was built for a PhiForCausalLM"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_llm(model_dir, other)
+    # same family, a module the model does not have, or another shape
+    missing = lib.to()
+    missing.modules["model.layers.7.mlp.down_proj"] = missing.modules.pop("model.layers.1.mlp.down_proj")
+    with pytest.raises(ValueError, match=r"does not fit model .*1 library modules are not in the model"):
+        make_llm(model_dir, missing)
+    narrow = lib.to()
+    m = narrow.modules["model.layers.0.self_attn.o_proj"]
+    narrow.modules["model.layers.0.self_attn.o_proj"] = type(m)(
+        m.a[:, :, :-1], m.b, m.scaling, m.prototypes[:, :-1], m.ranks
+    )
+    with pytest.raises(ValueError, match=r"'the LoraLibrary given' does not fit .* is 64→64 but the library's"):
+        make_llm(model_dir, narrow)
+
+
+def test_base_model_name_is_compared(saved, phi3_setup, no_vllm):
+    """A same-shape model with another name than the adapters' base model was served silently: now a warning, and a
+    refusal with strict_base_model=True."""
+    model_dir, _, _, root = saved
+    named = os.path.join(root, "named.safetensors")
+    gkf.LoraLibrary.from_adapters(phi3_setup.task, base_model_name="microsoft/Phi-3-mini-4k-instruct").save(named)
+    # The check passes with a warning; vLLM (blocked here) would start next.
+    with pytest.warns(gkf.BaseModelWarning, match=f"but the model is '{model_dir}'"), pytest.raises(ImportError):
+        make_llm(model_dir, named)
+    with pytest.raises(ValueError, match="strict_base_model=True refuses another base model name"):
+        make_llm(model_dir, named, strict_base_model=True)
+    assert hf_overrides(model_dir, named, strict_base_model=True)["genknowsub_fast"]["strict_base_model"] is True

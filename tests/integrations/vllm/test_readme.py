@@ -1,6 +1,7 @@
 """The README's "Serving with vLLM" snippets, run as written: the Python example, then vLLM's OpenAI-compatible
-server with the same model and library, queried over HTTP on the loopback; it must generate the tokens make_llm
-generated."""
+server with the same model and library on the loopback, queried with the README's plain client request; the client
+must get the text make_llm generated (the earlier example served a model without a tokenizer: a plain client got
+"text": "")."""
 
 from __future__ import annotations
 
@@ -26,17 +27,20 @@ require_vllm()
 
 pytestmark = pytest.mark.slow
 README = Path(__file__).resolve().parents[3] / "README.md"
-PROMPT = [1, 20, 30, 40]
 SERVER_START_S = 600
 
 
-def _snippets() -> tuple[str, str]:
+def _snippets() -> tuple[str, str, dict]:
+    """The Python example, the server command and the client's request body."""
     text = README.read_text()
     block = text.split("<!-- vllm-example -->", 1)[1].split("<!-- /vllm-example -->", 1)[0]
     python = re.search(r"```python\n(.*?)```", block, re.S).group(1)
-    bash = re.search(r"```bash\n(.*?)```", block, re.S).group(1)
-    assert "#" not in bash.replace("\\\n", ""), "one command, no comments: the test appends --port to it"
-    return python, bash.replace("\\\n", " ").strip()
+    server, client = (b.replace("\\\n", " ").strip() for b in re.findall(r"```bash\n(.*?)```", block, re.S))
+    assert "#" not in server, "one command, no comments: the test appends --port to it"
+    assert "--host 127.0.0.1" in server, "the example server listens on the loopback only"
+    assert client.startswith("curl -s http://127.0.0.1:8000/v1/completions"), client
+    body = json.loads(re.search(r"-d '(\{.*\})'", client).group(1))
+    return python, server, body
 
 
 def _env() -> dict:
@@ -72,40 +76,46 @@ def _wait_healthy(proc: subprocess.Popen, port: int) -> None:
     raise AssertionError(f"the server was not healthy after {SERVER_START_S} s")
 
 
-def test_readme_serving_example_runs_and_the_server_agrees(tmp_path):
-    python, bash = _snippets()
-    assert str(PROMPT) in python, "the test queries the server with the README example's prompt"
+def test_readme_serving_example_runs_and_a_plain_client_gets_its_text(tmp_path):
+    python, server, body = _snippets()
     (tmp_path / "example.py").write_text(python)
     done = subprocess.run(
-        [sys.executable, "example.py"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    printed = [line for line in done.stdout.splitlines() if re.fullmatch(r"\[[\d, ]*\]", line.strip())]
-    assert len(printed) == 1, f"expected one printed token list in the example's output: {done.stdout[-2000:]}"
-    tokens = ast.literal_eval(printed[0].strip())
-    assert len(tokens) == 8
+    printed = [line for line in done.stdout.splitlines() if re.fullmatch(r"(['\"]).*\1", line.strip())]
+    assert len(printed) == 1, f"expected one printed text in the example's output: {done.stdout[-2000:]}"
+    generated = ast.literal_eval(printed[0].strip())
+    assert generated, "the example's model generated no visible text"
+    assert body["prompt"] in python, "the client sends the example's prompt"
 
     port = _free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         # As written, plus a free port: the default 8000 may be taken on a shared machine.
         proc = subprocess.Popen(
-            ["bash", "-c", f"exec {bash} --port {port}"],
+            ["bash", "-c", f"exec {server} --port {port}"],
             cwd=tmp_path,
             env=_env(),
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the server and its engine processes, stopped below
         )
         try:
             _wait_healthy(proc, port)
-            body = {"model": "phi3-small", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
-            reply = _post(f"http://127.0.0.1:{port}/v1/completions", {**body, "return_token_ids": True})
+            reply = _post(f"http://127.0.0.1:{port}/v1/completions", body)  # the README's request, nothing added
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
         finally:
             _stop(proc)
-    assert reply["choices"][0]["token_ids"] == tokens
+    assert reply["choices"][0]["text"] == generated
     assert "linear layers routed through lib.safetensors" in log_path.read_text(), "the server must route the model"
 
 
