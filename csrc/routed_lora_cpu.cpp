@@ -44,7 +44,7 @@ constexpr int64_t kScoresInPassMaxE = 32;
 constexpr int64_t kScoresTiledMinT = 8;
 constexpr int64_t kScoresTokens = 32;
 constexpr int64_t kScoresProtoBytes = int64_t(256) << 10;
-// float32 prototypes with many tokens and experts: MKL's sgemm (x converted to float32 first) instead of the tiles.
+// Many tokens and experts: MKL's sgemm (x converted to float32 first) instead of the tiles.
 constexpr bool kScoresMkl = false;
 // The shrink and the expand run grouped by expert (each expert's A rows and Bᵀ chunk read once for all the tokens that
 // chose it, in register tiles of several tokens) when experts are chosen by at least kGroupedMinUses tokens on
@@ -156,10 +156,7 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prot
   TORCH_CHECK(y.scalar_type() == x.scalar_type() && a.scalar_type() == x.scalar_type() &&
                   b_t.scalar_type() == x.scalar_type(),
               op, ": y, a and b_t must have x's dtype ", x.scalar_type());
-  TORCH_CHECK(prototypes.scalar_type() == at::kFloat ||
-                  (prototypes.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16),
-              op, ": prototypes must be float32 (or bfloat16 with bfloat16 x), got ", prototypes.scalar_type(),
-              " with x ", x.scalar_type());
+  TORCH_CHECK(prototypes.scalar_type() == at::kFloat, op, ": prototypes must be float32");
   TORCH_CHECK(x.dim() >= 1 && y.dim() == x.dim() && prototypes.dim() == 2 && a.dim() == 3 && b_t.dim() == 3, op,
               ": expected x (..., d_in), y (..., d_out), prototypes (E, d_in), a (E, r, d_in), b_t (E, r, d_out)");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && prototypes.is_contiguous() && a.is_contiguous(), op,
@@ -201,9 +198,8 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   std::vector<float> w(t * k), h(t * kr), g(t * kr);
   Problem p;
   p.dtype = dtype_of(x.scalar_type());
-  p.proto_dtype = dtype_of(prototypes.scalar_type());
   p.t = t, p.d_in = d_in, p.d_out = d_out, p.e = e, p.r = r, p.k = k, p.ld_b = b_t.stride(1);
-  p.x = x.data_ptr(), p.y = y.data_ptr(), p.proto = prototypes.data_ptr(), p.a = a.data_ptr(), p.b = b_t.data_ptr();
+  p.x = x.data_ptr(), p.y = y.data_ptr(), p.proto = prototypes.data_ptr<float>(), p.a = a.data_ptr(), p.b = b_t.data_ptr();
   p.temperature = temperature;
   p.idx = idx.data(), p.w = w.data(), p.h = h.data(), p.g = g.data();
   PhaseClock clock;
@@ -214,9 +210,9 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   // float32 x against float32 prototypes may also take MKL's sgemm (kScoresMkl).
   at::Tensor s_t;
   const float* s = nullptr;
-  bool mkl = t >= kScoresTiledMinT && e > kScoresInPassMaxE && p.proto_dtype == DType::kF32 && kScoresMkl;
+  bool mkl = t >= kScoresTiledMinT && e > kScoresInPassMaxE && kScoresMkl;
 #ifdef GKF_PHASE_TIMING
-  if (const int f = forced("GKF_FORCE_SCORES", "tiles", "mkl"); f >= 0) mkl = f == 1 && p.proto_dtype == DType::kF32;
+  if (const int f = forced("GKF_FORCE_SCORES", "tiles", "mkl"); f >= 0) mkl = f == 1;
 #endif
   if (scores.has_value()) {
     s = scores->data_ptr<float>();
@@ -233,10 +229,12 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
     const int64_t tb = t >= kScoresTiledMinT ? kScoresTokens : 1;
     const int64_t n_eb = (e + eb - 1) / eb, n_tb = (t + tb - 1) / tb;
     run(serial, n_tb * n_eb, 1, [&](int64_t lo, int64_t hi) {
+      static thread_local std::vector<float> xf;  // converted x rows of one register tile
+      if (xf.size() < static_cast<size_t>(4 * d_in)) xf.resize(4 * d_in);
       for (int64_t u = lo; u < hi; ++u) {
         const int64_t t0 = (u / n_eb) * tb, e0 = (u % n_eb) * eb;
         const int64_t t1 = std::min(t, t0 + tb), e1 = std::min(e, e0 + eb);
-        kern.scores(p, t0, t1, e0, e1, out + t0 * e + e0, e);
+        kern.scores(p, t0, t1, e0, e1, out + t0 * e + e0, e, xf.data());
       }
     });
     s = out;

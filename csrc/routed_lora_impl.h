@@ -1,8 +1,9 @@
 // The routed-LoRA kernels, written once against a vector-operations struct O (cpu_vec.h) and instantiated per ISA by
 // routed_lora_isa_*.cpp inside that ISA's target region and namespace. Every sum is in float32 registers: elements of
-// x, prototypes, A, Bᵀ and y are converted on load (bfloat16 / float16 → float32 is exact), products and sums are
-// float32 (FMAs, or vdpbf16ps where both factors are bfloat16: their product is exact in float32 either way, only the
-// order of the float32 additions differs), and y gets one rounding per element, y + Σ (the delta summed first).
+// x, A, Bᵀ and y are converted on load (bfloat16 / float16 → float32 is exact), products and sums are float32 (FMAs,
+// or vdpbf16ps for the bfloat16 shrink: the product of two bfloat16 values is exact in float32 either way, only the
+// order of the float32 additions differs), and y gets one rounding per element, y + Σ (the delta summed first). The
+// routing scores are float32 sums against the float32 prototypes.
 //
 // Needs: <cstdint>, <cstring>, <cmath>, <limits>, <type_traits>, routed_lora_kernels.h (outside the region), cpu_vec.h
 // (inside).
@@ -107,22 +108,34 @@ struct TopK {
 };
 
 // Scores of tokens [t0, t1) against experts [e0, e1): tiles of kDotM tokens × 4 experts, token tiles outer (the tile's
-// x rows stay in L1 while the range's prototype rows come from L2). A tile past e1 repeats the last row; its extra
-// outputs are dropped.
-template <class O, typename T, typename TP>
-static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out) {
+// x rows stay in L1 while the range's prototype rows come from L2). bfloat16 / float16 x rows are converted to float32
+// once per tile (exactly) into `xf` (kDotM × d floats), not once per expert tile. A tile past e1 repeats the last row;
+// its extra outputs are dropped.
+template <class O, typename T>
+static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
+                     float* xf) {
   const T* x = static_cast<const T*>(p.x);
-  const TP* proto = static_cast<const TP*>(p.proto);
   const int64_t d = p.d_in;
   constexpr int M = O::kDotM;
   float s[M * 4];
   for (int64_t i = t0; i < t1; i += M) {
     const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
-    const T* xs[M];
-    for (int q = 0; q < m; ++q) xs[q] = x + (i + q) * d;
+    const float* xs[M];
+    for (int q = 0; q < m; ++q) {
+      if constexpr (std::is_same_v<T, float>) {
+        xs[q] = x + (i + q) * d;
+      } else {
+        float* row = xf + q * d;
+        const T* src = x + (i + q) * d;
+        int64_t c = 0;
+        for (; c + O::W <= d; c += O::W) O::store(row + c, O::load(src + c));
+        if (c < d) O::store_part(row + c, O::load_part(src + c, d - c), d - c);
+        xs[q] = row;
+      }
+    }
     for (int64_t j = e0; j < e1; j += 4) {
-      const TP* rs[4];
-      for (int q = 0; q < 4; ++q) rs[q] = proto + (j + q < e1 ? j + q : e1 - 1) * d;
+      const float* rs[4];
+      for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e1 ? j + q : e1 - 1) * d;
       dot_tiles<O>(xs, m, rs, d, s);
       const int64_t n = e1 - j < 4 ? e1 - j : 4;
       for (int q = 0; q < m; ++q)
@@ -134,12 +147,11 @@ static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64
 // For tokens [t0, t1): routing (scores given or computed here), then, when `shrink`, h = A_idx x. With `p.t` small
 // (a decode call), the rows the token chose are fetched from memory while the routing of the next token runs: right
 // after its top-k, the token's A rows and (up to an L2-sized budget) its Bᵀ rows are prefetched.
-template <class O, typename T, typename TP>
+template <class O, typename T>
 static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
   const T* x = static_cast<const T*>(p.x);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
-  const TP* proto = static_cast<const TP*>(p.proto);
   const int64_t e = p.e, d = p.d_in, k = p.k, r = p.r, kr = k * r;
   const bool prefetch = p.t <= 4;
   for (int64_t i = t0; i < t1; ++i) {
@@ -151,8 +163,8 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
     } else {
       float s[4];
       for (int64_t j = 0; j < e; j += 4) {
-        const TP* rs[4];
-        for (int q = 0; q < 4; ++q) rs[q] = proto + (j + q < e ? j + q : e - 1) * d;
+        const float* rs[4];
+        for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e ? j + q : e - 1) * d;
         dot_tiles<O>(&xi, 1, rs, d, s);
         const int64_t n = e - j < 4 ? e - j : 4;
         for (int64_t q = 0; q < n; ++q) top.push(static_cast<int32_t>(j + q), std::fabs(s[q]));
@@ -417,33 +429,19 @@ static void expand_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pai
 
 template <class O>
 struct KernelsOf {
-  // The prototypes' dtype: float32 for every x dtype, or bfloat16 with bfloat16 x (the driver checks the pairs).
-  template <typename T>
-  static void scores_p(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld) {
-    if constexpr (std::is_same_v<T, Bf16>) {
-      if (p.proto_dtype == DType::kBF16) return scores_t<O, T, Bf16>(p, t0, t1, e0, e1, out, ld);
-    }
-    scores_t<O, T, float>(p, t0, t1, e0, e1, out, ld);
-  }
-  template <typename T>
-  static void route_p(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
-    if constexpr (std::is_same_v<T, Bf16>) {
-      if (p.proto_dtype == DType::kBF16) return route_t<O, T, Bf16>(p, scores, t0, t1, shrink);
-    }
-    route_t<O, T, float>(p, scores, t0, t1, shrink);
-  }
-  static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld) {
+  static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
+                     float* xf) {
     switch (p.dtype) {
-      case DType::kF32: return scores_p<float>(p, t0, t1, e0, e1, out, ld);
-      case DType::kBF16: return scores_p<Bf16>(p, t0, t1, e0, e1, out, ld);
-      case DType::kF16: return scores_p<F16>(p, t0, t1, e0, e1, out, ld);
+      case DType::kF32: return scores_t<O, float>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_t<O, Bf16>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
     }
   }
   static void route(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
     switch (p.dtype) {
-      case DType::kF32: return route_p<float>(p, scores, t0, t1, shrink);
-      case DType::kBF16: return route_p<Bf16>(p, scores, t0, t1, shrink);
-      case DType::kF16: return route_p<F16>(p, scores, t0, t1, shrink);
+      case DType::kF32: return route_t<O, float>(p, scores, t0, t1, shrink);
+      case DType::kBF16: return route_t<O, Bf16>(p, scores, t0, t1, shrink);
+      case DType::kF16: return route_t<O, F16>(p, scores, t0, t1, shrink);
     }
   }
   static void shrink_pairs(const Problem& p, const int32_t* pairs, int64_t n, int64_t r0, int64_t r1) {

@@ -17,15 +17,14 @@ struct F16 {
   uint16_t bits;
 };
 
-// One call of the op. x (T, d_in) and y (T, d_out) row-major; prototypes (E, d_in) in `proto_dtype` (float32, or
-// bfloat16 when x is bfloat16); a (E, r, d_in); b_t (E, r, d_out) with row stride ld_b; x, y, a, b_t in `dtype`.
+// One call of the op. x (T, d_in) and y (T, d_out) row-major; prototypes (E, d_in) float32; a (E, r, d_in); b_t
+// (E, r, d_out) with row stride ld_b; x, y, a, b_t in `dtype`.
 struct Problem {
   DType dtype = DType::kF32;
-  DType proto_dtype = DType::kF32;
   int64_t t = 0, d_in = 0, d_out = 0, e = 0, r = 0, k = 0, ld_b = 0;
   const void* x = nullptr;
   void* y = nullptr;
-  const void* proto = nullptr;
+  const float* proto = nullptr;
   const void* a = nullptr;
   const void* b = nullptr;
   double temperature = 1.0;
@@ -38,10 +37,11 @@ struct Problem {
 };
 
 struct Kernels {
-  // out[(i - t0) * ld_out + j - e0] = x_i · p_j (float32 sums of exact products) for tokens [t0, t1) and experts
-  // [e0, e1), in register tiles of several tokens × 4 experts (the prototype rows of [e0, e1) are reused from cache by
-  // every token tile: callers keep the range L2-sized).
-  void (*scores)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out);
+  // out[(i - t0) * ld_out + j - e0] = x_i · p_j (float32) for tokens [t0, t1) and experts [e0, e1), in register
+  // tiles of several tokens × 4 experts (the prototype rows of [e0, e1) are reused from cache by every token tile:
+  // callers keep the range L2-sized). xf: scratch of O::kDotM·d_in floats (at most 4·d_in) for converted x rows.
+  void (*scores)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
+                 float* xf);
   // For tokens [t0, t1): logits |s_ij| (s from `scores`, row stride E, or x · p computed here when null), top-k with
   // ties to the lower index, softmax over the k in float64 → idx, w; then, when `shrink`, h = A_idx x for the k
   // selected experts.

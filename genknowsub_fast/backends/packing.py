@@ -29,7 +29,7 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 class PackedExperts:
     """Experts of one target module in the layout the backends read (see the module docstring)."""
 
-    prototypes: torch.Tensor  # (E, d_in) float32 (bfloat16 for bfloat16 experts on the CPU: see prototype_dtype)
+    prototypes: torch.Tensor  # (E, d_in) float32
     a: torch.Tensor  # (E, r, d_in) compute dtype
     b_t: torch.Tensor  # (E, r, d_out) compute dtype, scaling folded in
     num_experts: int
@@ -109,7 +109,9 @@ def pack_experts(
     device = torch.device(device) if device is not None else a.device
     # Fold the scaling in float32 (or better) before casting, so fp16/bf16 storage rounds once.
     work = torch.promote_types(a.dtype, torch.float32)
-    protos = packed_prototypes(prototypes, dtype, device)
+    protos = prototypes.to(device=device, dtype=torch.promote_types(prototypes.dtype, torch.float32)).contiguous()
+    if protos.dtype == torch.float64 and dtype != torch.float64:
+        protos = protos.float()
     a_packed = a.to(device=device, dtype=dtype).contiguous()
     b_t = (b.to(work).transpose(1, 2) * scaling.to(work).view(e, 1, 1)).to(device=device, dtype=dtype)
     if b_t.device.type == "cpu":
@@ -117,32 +119,6 @@ def pack_experts(
     else:
         b_t = b_t.contiguous()
     return PackedExperts(protos, a_packed, b_t, e, r, mixing)
-
-
-def prototype_dtype(dtype: torch.dtype, device: torch.device | str, given: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype the prototypes (given in ``given``) are packed in for experts computed in ``dtype`` on ``device``.
-
-    float32 (float64 prototypes stay float64 for float64 experts), except bfloat16 experts on the CPU: their
-    prototypes are packed in bfloat16 (rounded once, to nearest even), so the CPU kernel scores with exact bfloat16
-    products summed in float32 (AVX-512 BF16's vdpbf16ps: twice the multiply-adds per instruction of float32 FMAs, and
-    half the bytes to read). The scores stay float32 sums on every path that reads these prototypes (the torch regimes
-    convert them to float32 exactly).
-    """
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
-        return torch.bfloat16
-    if given == torch.float64 and dtype == torch.float64:
-        return torch.float64
-    return torch.float32
-
-
-def packed_prototypes(prototypes: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """Prototypes (E, d_in) as :class:`PackedExperts` holds them for experts in ``dtype`` on ``device``: contiguous, in
-    :func:`prototype_dtype`; float64 values are rounded to float32 first (one rounding into float32 and, for bfloat16
-    experts on the CPU, one more into bfloat16: as the library's float32 prototypes would be)."""
-    target = prototype_dtype(dtype, device, prototypes.dtype)
-    if prototypes.dtype == torch.float64 and target != torch.float64:
-        prototypes = prototypes.float()
-    return prototypes.to(device=device, dtype=target).contiguous()
 
 
 def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +140,4 @@ def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = [
-    "PackedExperts", "pack_experts", "check_mixing", "check_factors", "padded_rows", "packed_prototypes",
-    "prototype_dtype", "MIXING_MODES",
-]  # fmt: skip
+__all__ = ["PackedExperts", "pack_experts", "check_mixing", "check_factors", "padded_rows", "MIXING_MODES"]

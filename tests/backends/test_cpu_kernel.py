@@ -104,7 +104,7 @@ def test_runner_runs_the_kernel_in_every_kernel_dtype_and_torch_under_autograd(d
         y = runner.add_delta_(base.clone(), x)
     packed = runner.packed
     b, ones = packed.b_t.transpose(1, 2), torch.ones(6, dtype=torch.float64)
-    w, idx = reference.route(x.float(), packed.prototypes.float(), 3, 1.0)
+    w, idx = reference.route(x.float(), packed.prototypes, 3, 1.0)
     ref64 = base.double() + reference.expand_with_routing(x.double(), packed.a.double(), b.double(), ones, w, idx)
     ref_lo = base + reference.expand_with_routing(x, packed.a, b.contiguous(), ones.to(dtype), w, idx)
     assert_close_to_reference(y, ref64, ref_lo, dtype, f"runner.add_delta_ {dtype}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genknowsub_fast.backends.packing import check_mixing, pack_experts, padded_rows, prototype_dtype
+from genknowsub_fast.backends.packing import check_mixing, pack_experts, padded_rows
 
 
 def test_views_and_folded_scaling():
@@ -31,19 +31,10 @@ def test_padded_rows_have_an_odd_cache_line_stride():
 
 def test_dtype_and_shape_checks():
     a, b, s, p = torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.ones(2), torch.randn(2, 4)
-    half = pack_experts(a, b, s, p, dtype=torch.float16)
-    assert half.b_t.dtype == half.a.dtype == torch.float16
-    assert half.prototypes.dtype == torch.float32, "float32 prototypes for float16 experts"
+    half = pack_experts(a, b, s, p, dtype=torch.bfloat16)
+    assert half.b_t.dtype == half.a.dtype == torch.bfloat16
+    assert half.prototypes.dtype == torch.float32, "routing scores are float32 whatever the compute dtype"
     torch.testing.assert_close(half.prototypes, p, rtol=0, atol=0)
-    # bfloat16 experts on the CPU: prototypes rounded once to bfloat16 (the kernel's scores are float32 sums of their
-    # exact products with x); elsewhere float32
-    bf = pack_experts(a, b, s, p, dtype=torch.bfloat16)
-    assert bf.b_t.dtype == bf.a.dtype == bf.prototypes.dtype == torch.bfloat16
-    assert torch.equal(bf.prototypes, p.bfloat16())
-    assert torch.equal(bf.prototypes, pack_experts(a, b, s, p.double(), dtype=torch.bfloat16).prototypes)
-    assert prototype_dtype(torch.bfloat16, "cuda") == torch.float32
-    assert prototype_dtype(torch.float64, "cpu", torch.float64) == torch.float64
-    assert prototype_dtype(torch.float64, "cpu", torch.float32) == torch.float32
     with pytest.raises(ValueError, match="experts run in one of"):
         pack_experts(a, b, s, p, dtype=torch.int8)
     with pytest.raises(ValueError, match="floating-point"):

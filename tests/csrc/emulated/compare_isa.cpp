@@ -99,7 +99,8 @@ int main(int argc, char** argv) {
             p.t = t, p.d_in = d_in, p.d_out = d_out, p.e = e, p.r = r, p.k = k, p.ld_b = ld;
             p.x = x.ptr(), p.y = y.ptr(), p.proto = protos.data(), p.a = a.ptr(), p.b = b.ptr();
             p.idx = idx[m].data(), p.w = w[m].data(), p.h = h[m].data(), p.g = gg.data();
-            kern.scores(p, 0, t, 0, e, sc[m].data(), e);
+            std::vector<float> xf(4 * d_in);
+            kern.scores(p, 0, t, 0, e, sc[m].data(), e, xf.data());
             std::vector<int32_t> pairs(t * k);
             for (int i = 0; i < t * k; ++i) pairs[i] = i;
             if (given_scores) {
