@@ -112,7 +112,21 @@ struct VecScalar {
   static float hsum(V a) {
     return ((a.v[0] + a.v[1]) + (a.v[2] + a.v[3])) + ((a.v[4] + a.v[5]) + (a.v[6] + a.v[7]));
   }
+  template <typename T>
+  static V load_part(const T* p, int64_t n) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = i < n ? to_f32(p[i]) : 0.f;
+    return r;
+  }
+  template <typename T>
+  static void store_part(T* p, V a, int64_t n) {
+    for (int i = 0; i < n; ++i) from_f32(a.v[i], p + i);
+  }
+  // Register tiles: dot products of kDotM tokens × 4 rows; expand blocks of kExpandM tokens × kExpandNV vectors.
+  static constexpr int kDotM = 2, kExpandM = 2, kExpandNV = 2;
   static constexpr bool kBf16Dot = false;
+  template <int M>
+  static void dot_tile_bf16(const Bf16* const*, const Bf16* const*, int64_t, float*) {}
 };
 #endif
 
@@ -153,7 +167,23 @@ struct VecAvx2 {
     const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
   }
+  template <typename T>
+  static V load_part(const T* p, int64_t n) {
+    float tmp[W];
+    for (int64_t i = 0; i < W; ++i) tmp[i] = i < n ? to_f32(p[i]) : 0.f;
+    return load(tmp);
+  }
+  template <typename T>
+  static void store_part(T* p, V a, int64_t n) {
+    float tmp[W];
+    store(tmp, a);
+    for (int64_t i = 0; i < n; ++i) from_f32(tmp[i], p + i);
+  }
+  // 16 registers: dot tiles of 2 tokens × 4 rows (8 accumulators), expand blocks of 4 tokens × 2 vectors.
+  static constexpr int kDotM = 2, kExpandM = 4, kExpandNV = 2;
   static constexpr bool kBf16Dot = false;
+  template <int M>
+  static void dot_tile_bf16(const Bf16* const*, const Bf16* const*, int64_t, float*) {}
 };
 #endif
 
@@ -183,9 +213,57 @@ struct VecAvx512 {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
-  // vdpbf16ps: bfloat16 pairs multiplied (exactly, in float32) and added to float32 lanes, 32 products per instruction.
-  // Defined by the including file, after the generic kernels it uses for the tail.
+  // Partial vectors through masks: nothing past p + n is read or written.
+  static __mmask16 mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static V load_part(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static V load_part(const Bf16* p, int64_t n) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask(n), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V load_part(const F16* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p)); }
+  static void store_part(float* p, V a, int64_t n) { _mm512_mask_storeu_ps(p, mask(n), a); }
+  static void store_part(Bf16* p, V a, int64_t n) {
+    const __m256bh b = _mm512_cvtneps_pbh(a);
+    __m256i u;
+    std::memcpy(&u, &b, 32);
+    _mm256_mask_storeu_epi16(p, mask(n), u);
+  }
+  static void store_part(F16* p, V a, int64_t n) {
+    _mm256_mask_storeu_epi16(p, mask(n), _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+  }
+  // 32 registers: dot tiles of 4 tokens × 4 rows (16 accumulators), expand blocks of 6 tokens × 4 vectors (24).
+  static constexpr int kDotM = 4, kExpandM = 6, kExpandNV = 4;
+
+  // out[m·4 + n] = Σ_i xs[m][i] · rs[n][i] for bfloat16 rows through vdpbf16ps: 32 products per instruction, each
+  // exact in float32 (8-bit significands), added to float32 lanes; the last d % 32 elements through masked loads
+  // (zeros add nothing). M·4 accumulators hide the instruction's latency; each x load serves 4 rows and each row load
+  // M tokens.
   static constexpr bool kBf16Dot = true;
-  static void dot_rows_bf16(const Bf16* x, const Bf16* const* rows, int n, int64_t d, float* out);
+  template <int M>
+  static void dot_tile_bf16(const Bf16* const* xs, const Bf16* const* rs, int64_t d, float* out) {
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < 4; ++n) acc[m][n] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xs[m] + i);
+      for (int n = 0; n < 4; ++n) {
+        const __m512bh rv = (__m512bh)_mm512_loadu_si512(rs[n] + i);
+        for (int m = 0; m < M; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], rv);
+      }
+    }
+    if (i < d) {
+      const __mmask32 k = static_cast<__mmask32>((uint64_t(1) << (d - i)) - 1u);
+      __m512bh xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(k, xs[m] + i);
+      for (int n = 0; n < 4; ++n) {
+        const __m512bh rv = (__m512bh)_mm512_maskz_loadu_epi16(k, rs[n] + i);
+        for (int m = 0; m < M; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv[m], rv);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < 4; ++n) out[m * 4 + n] = _mm512_reduce_add_ps(acc[m][n]);
+  }
 };
 #endif

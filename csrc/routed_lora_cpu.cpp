@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <limits>
 #include <cstdlib>
@@ -36,21 +37,24 @@
 namespace gkf_rl {
 namespace {
 
-// Up to this many experts, the scores are computed per token inside the route pass while its x row is in L1 (one pass
-// over x). Above it, one GEMM for T >= kScoresGemmMinT, else a pass parallel over tokens × experts.
+// Up to this many experts, the scores of a few tokens are computed per token inside the route pass while its x row is
+// in L1 (one pass over x). From kScoresTiledMinT tokens on (or above kScoresInPassMaxE experts), they run in their own
+// pass: blocks of kScoresTokens tokens × the experts whose prototype rows fill kScoresProtoBytes, in register tiles.
 constexpr int64_t kScoresInPassMaxE = 32;
-constexpr int64_t kScoresGemmMinT = 32;
-// The shrink runs grouped by expert (each expert's A rows read once, for all the tokens that chose it) when experts
-// are chosen by at least kGroupedMinUses tokens on average and all of A is bigger than L2. Measured with the timing
-// build (benchmarks/cpu_kernel_phases.py, float32, qkv 3072 → 9216, T = 512, one thread of a loaded 2-core machine):
-// E = 256, r = 16 (A 50 MB): per token 40-44 ms, grouped 19-23 ms; E = 64, r = 8 (A 6.3 MB): 11.3 → 7.3 ms.
+constexpr int64_t kScoresTiledMinT = 8;
+constexpr int64_t kScoresTokens = 32;
+constexpr int64_t kScoresProtoBytes = int64_t(256) << 10;
+// Many tokens and experts: MKL's sgemm (x converted to float32 first) instead of the tiles.
+constexpr bool kScoresMkl = false;
+// The shrink and the expand run grouped by expert (each expert's A rows and Bᵀ chunk read once for all the tokens that
+// chose it, in register tiles of several tokens) when experts are chosen by at least kGroupedMinUses tokens on
+// average and there are at least kGroupedMinT tokens.
 constexpr int64_t kGroupedMinUses = 2;
-constexpr int64_t kGroupedMinABytes = int64_t(1) << 20;
-// Above this many bytes of Bᵀ, the expand walks all tokens per d_out tile (see the expand below), or, when experts are
-// chosen by kGroupedMinUses tokens on average, runs grouped by expert into float32 column chunks of at most
-// kDeltaBytes for all tokens (the chunk stays in L2). Same set-up as above, E = 256, r = 16 (Bᵀ 151 MB): expand
-// 144-163 ms walking tiles, 91-98 ms grouped (two threads); chunks of 128 KB / 256 KB / 1 MB / 4 MB: 90 / 66-73 /
-// 90-104 / 89-91 ms (one thread). Reading Bᵀ once takes ~25 ms there (6 GB/s).
+constexpr int64_t kGroupedMinT = 16;
+// Without grouping, above this many bytes of Bᵀ the expand walks all tokens per d_out tile (see the expand below).
+// Grouped, the expand writes float32 column chunks of at most kDeltaBytes for all tokens (the chunk stays in L2).
+// E = 256, r = 16, qkv 3072 → 9216, float32, T = 512 (Bᵀ 151 MB) on a loaded 2-core machine: chunks of 128 KB /
+// 256 KB / 1 MB / 4 MB: 90 / 66-73 / 90-104 / 89-91 ms (one thread); reading Bᵀ once took ~25 ms there (6 GB/s).
 constexpr int64_t kExpandAllTokensBytes = int64_t(4) << 20;
 constexpr int64_t kDeltaBytes = int64_t(256) << 10;
 constexpr int64_t kTile = 64;
@@ -83,11 +87,23 @@ int forced(const char* var, const char* a, const char* b, const char* c = nullpt
 
 #ifdef GKF_PHASE_TIMING
 std::atomic<int64_t> g_phase_ns[5];
+// Wall-clock time, or with GKF_PHASE_CPU=1 the calling thread's CPU time (for one-thread runs on a machine that other
+// processes load: it leaves out the time the thread waited for a core).
+int64_t phase_now() {
+  static const bool cpu = std::getenv("GKF_PHASE_CPU") != nullptr;
+  if (cpu) {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+  }
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 struct PhaseClock {
-  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  int64_t t0 = phase_now();
   void lap(int phase) {
-    const auto now = std::chrono::steady_clock::now();
-    g_phase_ns[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - t0).count();
+    const int64_t now = phase_now();
+    g_phase_ns[phase] += now - t0;
     t0 = now;
   }
 };
@@ -180,33 +196,45 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   const int64_t threads = at::get_num_threads(), kr = k * r, esz = x.element_size();
   std::vector<int32_t> idx(t * k);
   std::vector<float> w(t * k), h(t * kr), g(t * kr);
-  Problem p{dtype_of(x.scalar_type()), t, d_in, d_out, e, r, k, b_t.stride(1), x.data_ptr(), y.data_ptr(),
-            prototypes.data_ptr<float>(), a.data_ptr(), b_t.data_ptr(), temperature, idx.data(), w.data(),
-            h.data(), g.data()};
+  Problem p;
+  p.dtype = dtype_of(x.scalar_type());
+  p.t = t, p.d_in = d_in, p.d_out = d_out, p.e = e, p.r = r, p.k = k, p.ld_b = b_t.stride(1);
+  p.x = x.data_ptr(), p.y = y.data_ptr(), p.proto = prototypes.data_ptr<float>(), p.a = a.data_ptr(), p.b = b_t.data_ptr();
+  p.temperature = temperature;
+  p.idx = idx.data(), p.w = w.data(), p.h = h.data(), p.g = g.data();
   PhaseClock clock;
   const bool serial = t * ((scores.has_value() ? 0 : e * d_in) + kr * (d_in + d_out)) <= kSerialMaxFma;
 
-  // 1. routing scores (T, E), signed: given, one float32 GEMM, a pass over tokens × experts, or (small E) inside the
-  // route pass below.
+  // 1. routing scores (T, E), signed: given; register tiles of tokens × experts over blocks of both (enough tokens);
+  // a pass over tokens × experts (few tokens, many experts); or (few tokens and experts) inside the route pass below.
+  // float32 x against float32 prototypes may also take MKL's sgemm (kScoresMkl).
   at::Tensor s_t;
   const float* s = nullptr;
+  bool mkl = t >= kScoresTiledMinT && e > kScoresInPassMaxE && kScoresMkl;
+#ifdef GKF_PHASE_TIMING
+  if (const int f = forced("GKF_FORCE_SCORES", "tiles", "mkl"); f >= 0) mkl = f == 1;
+#endif
   if (scores.has_value()) {
     s = scores->data_ptr<float>();
-  } else if (e > kScoresInPassMaxE && t >= kScoresGemmMinT) {
-    // bfloat16 / float16 x converted to float32 exactly, then MKL's sgemm: E = 256, d_in = 3072, T = 512 took 24-37 ms
-    // on one thread in the set-up above (16 GFMA/s; the base qkv layer ran 1000-1065 ms there). Float32 throughout,
-    // as the routing rules ask; the bfloat16 dot instructions would round x·p's products of float32 prototypes.
+  } else if (mkl) {
     s_t = at::mm((x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).view({t, d_in}), prototypes.t()).contiguous();
     s = s_t.data_ptr<float>();
-  } else if (e > kScoresInPassMaxE) {
+  } else if (t >= kScoresTiledMinT || e > kScoresInPassMaxE) {
     s_t = at::empty({t, e}, x.options().dtype(at::kFloat));
     float* out = s_t.data_ptr<float>();
-    constexpr int64_t kChunk = 32;
-    const int64_t chunks = (e + kChunk - 1) / kChunk;
-    run(serial, t * chunks, 1, [&](int64_t lo, int64_t hi) {
+    // Blocks of up to kScoresTokens tokens × the experts whose prototype rows fill kScoresProtoBytes (L2), so each
+    // prototype row is read from memory (or L3) once per token block, and from L2 by each register tile.
+    const int64_t proto_row = d_in * prototypes.element_size();
+    const int64_t eb = std::min(e, std::max<int64_t>(4, kScoresProtoBytes / proto_row / 4 * 4));
+    const int64_t tb = t >= kScoresTiledMinT ? kScoresTokens : 1;
+    const int64_t n_eb = (e + eb - 1) / eb, n_tb = (t + tb - 1) / tb;
+    run(serial, n_tb * n_eb, 1, [&](int64_t lo, int64_t hi) {
+      static thread_local std::vector<float> xf;  // converted x rows of one register tile
+      if (xf.size() < static_cast<size_t>(4 * d_in)) xf.resize(4 * d_in);
       for (int64_t u = lo; u < hi; ++u) {
-        const int64_t i = u / chunks, e0 = (u % chunks) * kChunk, e1 = std::min(e, e0 + kChunk);
-        kern.scores(p, i, i + 1, e0, e1, out + i * e + e0, e);
+        const int64_t t0 = (u / n_eb) * tb, e0 = (u % n_eb) * eb;
+        const int64_t t1 = std::min(t, t0 + tb), e1 = std::min(e, e0 + eb);
+        kern.scores(p, t0, t1, e0, e1, out + t0 * e + e0, e, xf.data());
       }
     });
     s = out;
@@ -214,14 +242,14 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   clock.lap(0);
 
   // 2-3. top-k + softmax, and the shrink h = A_idx x of the selected experts. Three schedules:
+  //  - grouped by expert when experts are chosen by several tokens each: each expert's r rows are read once for all
+  //    its tokens, in register tiles of several tokens;
   //  - per token (route and shrink in one pass, x row in L1) when there are enough tokens for the threads;
-  //  - grouped by expert when A does not fit L2 and experts are chosen by several tokens: each expert's r rows are
-  //    read once for all its tokens instead of once per token;
   //  - few tokens (decode): the k·r dot products of the token(s) split across threads in blocks of 4 rows.
-  const bool many_uses = t * k >= kGroupedMinUses * e;
-  bool grouped = many_uses && e * r * d_in * esz > kGroupedMinABytes;
+  const bool many_uses = t * k >= kGroupedMinUses * e && t >= kGroupedMinT;
+  bool grouped = many_uses;
   bool per_token = !grouped && t >= 2 * threads;
-  bool expand_grouped = many_uses && e * r * d_out * esz > kExpandAllTokensBytes;
+  bool expand_grouped = many_uses;
 #ifdef GKF_PHASE_TIMING
   if (const int f = forced("GKF_FORCE_SHRINK", "token", "grouped", "pairs"); f >= 0) {
     per_token = f == 0;
@@ -275,15 +303,14 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   }
   clock.lap(3);
 
-  // 4. expand. Work = (token block × group of 64-column d_out tiles); inside a task, tiles in order and, per tile,
+  // 4. expand. Grouped by expert (enough tokens per expert): column chunks of at most kDeltaBytes of float32 sums for
+  // all tokens (the chunk stays in L2), each expert's Bᵀ chunk read once and applied to its tokens in register blocks.
+  // Otherwise work = (token block × group of 64-column d_out tiles); inside a task, tiles in order and, per tile,
   // every token of the block. A tile of all E·r Bᵀ rows (20 KB at E·r = 80 in float32, with the padded row stride of
   // packing.py) stays in L1 across the block's tokens, and each token's y row is walked sequentially tile after tile,
-  // which the hardware prefetcher follows (walking all tokens per tile instead, T = 512 ran at 9 GFMA/s on one core,
-  // latency-bound on y). Few tokens (decode): split d_out across threads instead. No two tasks write the same y
-  // element. When all of Bᵀ is larger than kExpandAllTokensBytes, every token block streamed the whole of Bᵀ from
-  // memory again: one block of all tokens instead reads it once, and the prefetch of the next token's y segment
-  // hides the latency that made walking all tokens per tile slow (fp32, T = 512, E = 64, r = 8, d_out = 16384:
-  // expand 20 → 8.9 ms).
+  // which the hardware prefetcher follows. Few tokens (decode): split d_out across threads instead. No two tasks
+  // write the same y element. When all of Bᵀ is larger than kExpandAllTokensBytes, every token block would stream
+  // the whole of Bᵀ from memory again: one block of all tokens instead reads it once.
   if (expand_grouped) {
     int64_t delta_bytes = kDeltaBytes;
 #ifdef GKF_PHASE_TIMING
@@ -292,7 +319,10 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
     const int64_t chunk = std::max<int64_t>(64, std::min<int64_t>(4096, delta_bytes / (4 * t) / 64 * 64));
     const int64_t n_chunks = (d_out + chunk - 1) / chunk;
     run(serial, n_chunks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> delta(t * chunk);
+      // Scratch kept per thread across calls: a fresh buffer of this size came from mmap, zero pages faulted in on
+      // every call.
+      static thread_local std::vector<float> delta;
+      if (delta.size() < static_cast<size_t>(t * chunk)) delta.resize(t * chunk);
       for (int64_t c = lo; c < hi; ++c)
         kern.expand_pairs(p, by_expert.data(), n_pairs, c * chunk, std::min(d_out, (c + 1) * chunk), delta.data());
     });

@@ -1,73 +1,64 @@
 // The routed-LoRA kernels, written once against a vector-operations struct O (cpu_vec.h) and instantiated per ISA by
 // routed_lora_isa_*.cpp inside that ISA's target region and namespace. Every sum is in float32 registers: elements of
-// x, A, Bᵀ and y are converted on load (bfloat16 / float16 → float32 is exact), products and sums are float32 FMAs,
-// and y gets one rounding per element, y + Σ (the delta summed first).
+// x, A, Bᵀ and y are converted on load (bfloat16 / float16 → float32 is exact), products and sums are float32 (FMAs,
+// or vdpbf16ps for the bfloat16 shrink: the product of two bfloat16 values is exact in float32 either way, only the
+// order of the float32 additions differs), and y gets one rounding per element, y + Σ (the delta summed first). The
+// routing scores are float32 sums against the float32 prototypes.
 //
-// Needs: <cstdint>, <cstring>, <cmath>, <type_traits>, routed_lora_kernels.h (outside the region), cpu_vec.h (inside).
+// Needs: <cstdint>, <cstring>, <cmath>, <limits>, <type_traits>, routed_lora_kernels.h (outside the region), cpu_vec.h
+// (inside).
 
-template <class O, typename T>
-static typename O::V load_part(const T* p, int64_t n) {
-  float tmp[O::W];
-  for (int64_t i = 0; i < O::W; ++i) tmp[i] = i < n ? to_f32(p[i]) : 0.f;
-  return O::load(tmp);
+// out[m·4 + n] = Σ_i xs[m][i] · rs[n][i] for m < M, n < 4: M x rows against 4 rows, over d elements. Each x load
+// serves 4 rows and each row load M tokens (M·4 independent FMA chains).
+template <class O, int M, typename TX, typename TR>
+static void dot_tile(const TX* const* xs, const TR* const* rs, int64_t d, float* out) {
+  if constexpr (O::kBf16Dot && std::is_same_v<TX, Bf16> && std::is_same_v<TR, Bf16>) {
+    O::template dot_tile_bf16<M>(xs, rs, d, out);
+  } else {
+    using V = typename O::V;
+    constexpr int W = O::W;
+    V acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < 4; ++n) acc[m][n] = O::zero();
+    int64_t i = 0;
+    for (; i + W <= d; i += W) {
+      V xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = O::load(xs[m] + i);
+      for (int n = 0; n < 4; ++n) {
+        const V rv = O::load(rs[n] + i);
+        for (int m = 0; m < M; ++m) acc[m][n] = O::fma(xv[m], rv, acc[m][n]);
+      }
+    }
+    if (i < d) {
+      V xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = O::load_part(xs[m] + i, d - i);
+      for (int n = 0; n < 4; ++n) {
+        const V rv = O::load_part(rs[n] + i, d - i);
+        for (int m = 0; m < M; ++m) acc[m][n] = O::fma(xv[m], rv, acc[m][n]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < 4; ++n) out[m * 4 + n] = O::hsum(acc[m][n]);
+  }
 }
 
-template <class O, typename T>
-static void store_part(T* p, typename O::V a, int64_t n) {
-  float tmp[O::W];
-  O::store(tmp, a);
-  for (int64_t i = 0; i < n; ++i) from_f32(tmp[i], p + i);
-}
-
-// out[q] = Σ_i x[i] · rows[q][i] for q < n (n <= 4). The x loads are shared by the n rows; 4 rows × 2 accumulators
-// are 8 independent FMA chains, enough to hide the FMA latency (4 cycles × 2 ports).
+// dot_tile for 1 <= m <= O::kDotM x rows (out holds m·4 values).
 template <class O, typename TX, typename TR>
-static void dot_rows(const TX* x, const TR* const* rows, int n, int64_t d, float* out) {
-  using V = typename O::V;
-  constexpr int W = O::W;
-  V acc0[4], acc1[4];
-  for (int q = 0; q < 4; ++q) acc0[q] = acc1[q] = O::zero();
-  int64_t i = 0;
-  if (n == 4) {
-    for (; i + 2 * W <= d; i += 2 * W) {
-      const V x0 = O::load(x + i), x1 = O::load(x + i + W);
-      for (int q = 0; q < 4; ++q) {
-        acc0[q] = O::fma(x0, O::load(rows[q] + i), acc0[q]);
-        acc1[q] = O::fma(x1, O::load(rows[q] + i + W), acc1[q]);
-      }
-    }
-  } else {
-    for (; i + 2 * W <= d; i += 2 * W) {
-      const V x0 = O::load(x + i), x1 = O::load(x + i + W);
-      for (int q = 0; q < n; ++q) {
-        acc0[q] = O::fma(x0, O::load(rows[q] + i), acc0[q]);
-        acc1[q] = O::fma(x1, O::load(rows[q] + i + W), acc1[q]);
-      }
-    }
+static void dot_tiles(const TX* const* xs, int m, const TR* const* rs, int64_t d, float* out) {
+  static_assert(O::kDotM == 2 || O::kDotM == 4, "dot tiles of 2 or 4 tokens");
+  switch (m) {
+    case 1: return dot_tile<O, 1>(xs, rs, d, out);
+    case 2: return dot_tile<O, 2>(xs, rs, d, out);
+    case 3: if constexpr (O::kDotM >= 3) return dot_tile<O, 3>(xs, rs, d, out); break;
+    case 4: if constexpr (O::kDotM >= 4) return dot_tile<O, 4>(xs, rs, d, out); break;
   }
-  if (i + W <= d) {
-    const V x0 = O::load(x + i);
-    for (int q = 0; q < n; ++q) acc0[q] = O::fma(x0, O::load(rows[q] + i), acc0[q]);
-    i += W;
-  }
-  if (i < d) {
-    const V x0 = load_part<O>(x + i, d - i);
-    for (int q = 0; q < n; ++q) acc1[q] = O::fma(x0, load_part<O>(rows[q] + i, d - i), acc1[q]);
-  }
-  for (int q = 0; q < n; ++q) out[q] = O::hsum(O::add(acc0[q], acc1[q]));
 }
 
-// The shrink's dot products: x and rows in the model dtype T. Where the ISA has a bfloat16 dot-product instruction
-// (O::kBf16Dot) and T is bfloat16, O::dot_rows_bf16 uses it: the products of two bfloat16 values are exact in float32
-// either way, only the order of the float32 additions differs. The routing scores never take this path (prototypes
-// are float32).
-template <class O, typename T>
-static void shrink_dot(const T* x, const T* const* rows, int n, int64_t d, float* out) {
-  if constexpr (O::kBf16Dot && std::is_same_v<T, Bf16>) {
-    O::dot_rows_bf16(x, rows, n, d, out);
-  } else {
-    dot_rows<O, T, T>(x, rows, n, d, out);
-  }
+// Brings `bytes` at p towards L2 (software prefetch, one instruction per 64-byte line): data that the next steps
+// read once from memory, in runs that the hardware prefetcher does not predict (rows of the experts a token chose).
+static inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
 // Streaming top-k of one token's logits, fed in expert order: slots sorted by decreasing logit; a new logit enters
@@ -116,11 +107,53 @@ struct TopK {
   }
 };
 
+// Scores of tokens [t0, t1) against experts [e0, e1): tiles of kDotM tokens × 4 experts, token tiles outer (the tile's
+// x rows stay in L1 while the range's prototype rows come from L2). bfloat16 / float16 x rows are converted to float32
+// once per tile (exactly) into `xf` (kDotM × d floats), not once per expert tile. A tile past e1 repeats the last row;
+// its extra outputs are dropped.
+template <class O, typename T>
+static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
+                     float* xf) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t d = p.d_in;
+  constexpr int M = O::kDotM;
+  float s[M * 4];
+  for (int64_t i = t0; i < t1; i += M) {
+    const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
+    const float* xs[M];
+    for (int q = 0; q < m; ++q) {
+      if constexpr (std::is_same_v<T, float>) {
+        xs[q] = x + (i + q) * d;
+      } else {
+        float* row = xf + q * d;
+        const T* src = x + (i + q) * d;
+        int64_t c = 0;
+        for (; c + O::W <= d; c += O::W) O::store(row + c, O::load(src + c));
+        if (c < d) O::store_part(row + c, O::load_part(src + c, d - c), d - c);
+        xs[q] = row;
+      }
+    }
+    for (int64_t j = e0; j < e1; j += 4) {
+      const float* rs[4];
+      for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e1 ? j + q : e1 - 1) * d;
+      dot_tiles<O>(xs, m, rs, d, s);
+      const int64_t n = e1 - j < 4 ? e1 - j : 4;
+      for (int q = 0; q < m; ++q)
+        for (int64_t c = 0; c < n; ++c) out[(i + q - t0) * ld_out + (j + c - e0)] = s[q * 4 + c];
+    }
+  }
+}
+
+// For tokens [t0, t1): routing (scores given or computed here), then, when `shrink`, h = A_idx x. With `p.t` small
+// (a decode call), the rows the token chose are fetched from memory while the routing of the next token runs: right
+// after its top-k, the token's A rows and (up to an L2-sized budget) its Bᵀ rows are prefetched.
 template <class O, typename T>
 static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
   const T* x = static_cast<const T*>(p.x);
   const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
   const int64_t e = p.e, d = p.d_in, k = p.k, r = p.r, kr = k * r;
+  const bool prefetch = p.t <= 4;
   for (int64_t i = t0; i < t1; ++i) {
     const T* xi = x + i * d;
     TopK top{p.idx + i * k, p.w + i * k, k};
@@ -128,58 +161,72 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
       const float* si = scores + i * e;
       for (int64_t j = 0; j < e; ++j) top.push(static_cast<int32_t>(j), std::fabs(si[j]));
     } else {
+      float s[4];
       for (int64_t j = 0; j < e; j += 4) {
-        const int n = static_cast<int>(e - j < 4 ? e - j : 4);
-        const float* rows[4];
-        float s[4];
-        for (int q = 0; q < n; ++q) rows[q] = p.proto + (j + q) * d;
-        dot_rows<O, T, float>(xi, rows, n, d, s);
-        for (int q = 0; q < n; ++q) top.push(static_cast<int32_t>(j + q), std::fabs(s[q]));
+        const float* rs[4];
+        for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e ? j + q : e - 1) * d;
+        dot_tiles<O>(&xi, 1, rs, d, s);
+        const int64_t n = e - j < 4 ? e - j : 4;
+        for (int64_t q = 0; q < n; ++q) top.push(static_cast<int32_t>(j + q), std::fabs(s[q]));
       }
     }
     top.finish(e, p.temperature);
-    if (!shrink) continue;
     const int32_t* id = p.idx + i * k;
-    float* hi = p.h + i * kr;
-    for (int64_t q0 = 0; q0 < kr; q0 += 4) {
-      const int n = static_cast<int>(kr - q0 < 4 ? kr - q0 : 4);
-      const T* rows[4];
-      for (int q = 0; q < n; ++q) {
-        const int64_t s = q0 + q;
-        rows[q] = a + (static_cast<int64_t>(id[s / r]) * r + s % r) * d;
+    if (prefetch) {
+      // Cold experts (a decode step of a model that streamed its weights since the last call): ask for every line
+      // this token's shrink and expand read now, A first, so the memory system works on all of them at once instead
+      // of one dependent run after another. Bᵀ rows: r rows of `ld_b` elements per expert, one contiguous block.
+      const int64_t esz = static_cast<int64_t>(sizeof(T));
+      if (shrink)
+        for (int64_t j = 0; j < k; ++j) prefetch_l2(a + static_cast<int64_t>(id[j]) * r * d, r * d * esz);
+      int64_t budget = int64_t(512) << 10;
+      for (int64_t j = 0; j < k && budget > 0; ++j) {
+        const int64_t need = ((r - 1) * p.ld_b + p.d_out) * esz, bytes = need < budget ? need : budget;
+        prefetch_l2(b + static_cast<int64_t>(id[j]) * r * p.ld_b, bytes);
+        budget -= bytes;
       }
-      shrink_dot<O, T>(xi, rows, n, d, hi + q0);
+    }
+    if (!shrink) continue;
+    float* hi = p.h + i * kr;
+    float s[4];
+    for (int64_t q0 = 0; q0 < kr; q0 += 4) {
+      const T* rows[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t u = q0 + q < kr ? q0 + q : kr - 1;
+        rows[q] = a + (static_cast<int64_t>(id[u / r]) * r + u % r) * d;
+      }
+      dot_tiles<O>(&xi, 1, rows, d, s);
+      const int64_t n = kr - q0 < 4 ? kr - q0 : 4;
+      for (int64_t q = 0; q < n; ++q) hi[q0 + q] = s[q];
     }
   }
 }
 
-template <class O, typename T>
-static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out) {
-  const T* x = static_cast<const T*>(p.x);
-  const int64_t d = p.d_in;
-  for (int64_t i = t0; i < t1; ++i)
-    for (int64_t j = e0; j < e1; j += 4) {
-      const int n = static_cast<int>(e1 - j < 4 ? e1 - j : 4);
-      const float* rows[4];
-      for (int q = 0; q < n; ++q) rows[q] = p.proto + (j + q) * d;
-      dot_rows<O, T, float>(x + i * d, rows, n, d, out + (i - t0) * ld_out + (j - e0));
-    }
-}
-
+// h rows [r0, r1) of the pairs pairs[0..n): runs of pairs with the same expert in tiles of kDotM tokens × 4 rows of
+// that expert's A.
 template <class O, typename T>
 static void shrink_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pairs, int64_t r0, int64_t r1) {
   const T* x = static_cast<const T*>(p.x);
   const T* a = static_cast<const T*>(p.a);
   const int64_t d = p.d_in, r = p.r, k = p.k;
-  for (int64_t u = 0; u < n_pairs; ++u) {
-    const int64_t pair = pairs[u], i = pair / k;
-    const T* base = a + static_cast<int64_t>(p.idx[pair]) * r * d;
+  constexpr int M = O::kDotM;
+  float s[M * 4];
+  for (int64_t u = 0; u < n_pairs;) {
+    const int32_t ex = p.idx[pairs[u]];
+    int m = 1;
+    while (m < M && u + m < n_pairs && p.idx[pairs[u + m]] == ex) ++m;
+    const T* xs[M];
+    for (int q = 0; q < m; ++q) xs[q] = x + (pairs[u + q] / k) * d;
+    const T* base = a + static_cast<int64_t>(ex) * r * d;
     for (int64_t c = r0; c < r1; c += 4) {
-      const int n = static_cast<int>(r1 - c < 4 ? r1 - c : 4);
       const T* rows[4];
-      for (int q = 0; q < n; ++q) rows[q] = base + (c + q) * d;
-      shrink_dot<O, T>(x + i * d, rows, n, d, p.h + pair * r + c);
+      for (int q = 0; q < 4; ++q) rows[q] = base + (c + q < r1 ? c + q : r1 - 1) * d;
+      dot_tiles<O>(xs, m, rows, d, s);
+      const int64_t nc = r1 - c < 4 ? r1 - c : 4;
+      for (int q = 0; q < m; ++q)
+        for (int64_t j = 0; j < nc; ++j) p.h[static_cast<int64_t>(pairs[u + q]) * r + c + j] = s[q * 4 + j];
     }
+    u += m;
   }
 }
 
@@ -216,13 +263,13 @@ static void axpy_tile(TB* y, const TB* b, int64_t ld, const int32_t* idx, int64_
       const TB* base = b + static_cast<int64_t>(idx[j]) * r * ld + q;
       for (int64_t c = 0; c < r; ++c) {
         const V cf = O::set1(coef[j * r + c]);
-        a0 = O::fma(cf, n == W ? O::load(base + c * ld) : load_part<O>(base + c * ld, n), a0);
+        a0 = O::fma(cf, n == W ? O::load(base + c * ld) : O::load_part(base + c * ld, n), a0);
       }
     }
     if (n == W) {
       O::store(y + q, O::add(a0, O::load(y + q)));
     } else {
-      store_part<O>(y + q, O::add(a0, load_part<O>(y + q, n)), n);
+      O::store_part(y + q, O::add(a0, O::load_part(y + q, n)), n);
     }
   }
 }
@@ -246,77 +293,135 @@ static void expand_t(const Problem& p, int64_t i0, int64_t i1, int64_t c0, int64
   }
 }
 
-// delta[i, 0..w) += Σ_c coef[c] · rows[c][0..w) for one (token, slot) pair: 4 vectors of delta in registers across
-// the r rows of the expert's Bᵀ chunk (which stays in L1 for all the pairs of that expert).
-template <class O, typename TB>
-static void axpy_delta(float* delta, const TB* b, int64_t ld, int64_t r, const float* coef, int64_t w) {
+// One (token, slot) pair of an expand block: its token's float32 sums (a row of the column chunk), its r coefficients,
+// its token's y row (at the chunk's first column), and whether it is the token's first / last pair in expert order.
+template <typename T>
+struct PairRow {
+  float* delta;
+  const float* coef;
+  T* y;
+  bool first, last;
+};
+
+// For m < M pairs of one expert (rows: its r Bᵀ rows from the chunk's first column), columns [q, q + NV·W):
+// sums = (first ? 0 : delta) + Σ_c coef[c] · rows[c·ld + ...]; then y = y + sums (one rounding) on the token's last
+// pair, else delta = sums. A block of M tokens × NV vectors of sums stays in registers, so each Bᵀ load (and
+// conversion) serves M tokens; a token's sums never go to memory when it chose one expert, and y is read and written
+// once per token.
+template <class O, int M, int NV, typename T>
+static void expand_block(const PairRow<T>* pr, const T* rows, int64_t ld, int64_t r, int64_t q) {
   using V = typename O::V;
   constexpr int W = O::W;
-  int64_t q = 0;
-  for (; q + 4 * W <= w; q += 4 * W) {
-    V a0 = O::load(delta + q), a1 = O::load(delta + q + W), a2 = O::load(delta + q + 2 * W);
-    V a3 = O::load(delta + q + 3 * W);
-    for (int64_t c = 0; c < r; ++c) {
-      const V cf = O::set1(coef[c]);
-      const TB* row = b + c * ld + q;
-      a0 = O::fma(cf, O::load(row), a0);
-      a1 = O::fma(cf, O::load(row + W), a1);
-      a2 = O::fma(cf, O::load(row + 2 * W), a2);
-      a3 = O::fma(cf, O::load(row + 3 * W), a3);
+  // Local copies: stores through float* could alias the caller's arrays, which made the compiler reload them.
+  float* d[M];
+  const float* cf[M];
+  for (int m = 0; m < M; ++m) d[m] = pr[m].delta + q, cf[m] = pr[m].coef;
+  V acc[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = pr[m].first ? O::zero() : O::load(d[m] + v * W);
+  const T* row = rows + q;
+  int64_t c = 0;
+  do {  // r >= 1: a loop that may run zero times kept the sums on the stack around it
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = O::load(row + v * W);
+    for (int m = 0; m < M; ++m) {
+      const V s = O::set1(cf[m][c]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = O::fma(s, bv[v], acc[m][v]);
     }
-    O::store(delta + q, a0);
-    O::store(delta + q + W, a1);
-    O::store(delta + q + 2 * W, a2);
-    O::store(delta + q + 3 * W, a3);
-  }
-  for (; q < w; q += W) {
-    const int64_t n = w - q < W ? w - q : W;
-    V a0 = n == W ? O::load(delta + q) : load_part<O>(delta + q, n);
-    for (int64_t c = 0; c < r; ++c)
-      a0 = O::fma(O::set1(coef[c]), n == W ? O::load(b + c * ld + q) : load_part<O>(b + c * ld + q, n), a0);
-    if (n == W) {
-      O::store(delta + q, a0);
+    row += ld;
+  } while (++c < r);
+  for (int m = 0; m < M; ++m) {
+    if (pr[m].last) {
+      T* y = pr[m].y + q;
+      for (int v = 0; v < NV; ++v) O::store(y + v * W, O::add(acc[m][v], O::load(y + v * W)));
     } else {
-      store_part<O>(delta + q, a0, n);
+      for (int v = 0; v < NV; ++v) O::store(d[m] + v * W, acc[m][v]);
     }
   }
 }
 
+// The same for the last nq < NV·W columns, one vector at a time.
+template <class O, int M, typename T>
+static void expand_block_part(const PairRow<T>* pr, const T* rows, int64_t ld, int64_t r, int64_t q, int64_t nq) {
+  using V = typename O::V;
+  constexpr int W = O::W;
+  for (int64_t v = q; v < q + nq; v += W) {
+    const int64_t n = q + nq - v < W ? q + nq - v : W;
+    V acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = pr[m].first ? O::zero() : O::load_part(pr[m].delta + v, n);
+    for (int64_t c = 0; c < r; ++c) {
+      const V bv = O::load_part(rows + c * ld + v, n);
+      for (int m = 0; m < M; ++m) acc[m] = O::fma(O::set1(pr[m].coef[c]), bv, acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      if (pr[m].last) {
+        O::store_part(pr[m].y + v, O::add(acc[m], O::load_part(pr[m].y + v, n)), n);
+      } else {
+        O::store_part(pr[m].delta + v, acc[m], n);
+      }
+    }
+  }
+}
+
+template <class O, int M, typename T>
+static void expand_rows(const PairRow<T>* pr, const T* rows, int64_t ld, int64_t r, int64_t w) {
+  constexpr int NV = O::kExpandNV, BW = NV * O::W;
+  int64_t q = 0;
+  for (; q + BW <= w; q += BW) expand_block<O, M, NV>(pr, rows, ld, r, q);
+  if (q < w) expand_block_part<O, M>(pr, rows, ld, r, q, w - q);
+}
+
 // Expand grouped by expert for the columns [c0, c1) of y: the (token, slot) pairs sorted by expert, each expert's Bᵀ
-// chunk read once for all its pairs, the sums in delta (T × (c1 - c0) float32), then y = y + delta (one rounding).
+// chunk (r rows × (c1 - c0)) read once and applied to its tokens kExpandM at a time. A token's sums wait in delta
+// (T × (c1 - c0) float32 scratch, L2-sized) between its experts; its last expert adds them to y (one rounding).
 template <class O, typename T>
 static void expand_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pairs, int64_t c0, int64_t c1,
                            float* delta) {
-  using V = typename O::V;
-  constexpr int W = O::W;
+  constexpr int M = O::kExpandM;
+  static_assert(M >= 2 && M <= 6, "expand blocks of 2 to 6 tokens");
   T* y = static_cast<T*>(p.y);
   const T* b = static_cast<const T*>(p.b);
   const int64_t w = c1 - c0, k = p.k, r = p.r;
-  std::memset(delta, 0, sizeof(float) * p.t * w);
-  int64_t next = 0;  // first pair of the next expert
-  for (int64_t u = 0; u < n_pairs; ++u) {
-    const int64_t pair = pairs[u];
-    const int32_t ex = p.idx[pair];
-    if (u == next) {
-      // A new expert: prefetch the next one's Bᵀ chunk (r rows of w columns, `ld_b` apart: short strided runs the
-      // hardware prefetcher does not follow).
-      while (next < n_pairs && p.idx[pairs[next]] == ex) ++next;
-      if (next < n_pairs) {
-        const char* nb = reinterpret_cast<const char*>(b + static_cast<int64_t>(p.idx[pairs[next]]) * r * p.ld_b + c0);
-        for (int64_t c = 0; c < r; ++c)
-          for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64)
-            __builtin_prefetch(nb + c * p.ld_b * static_cast<int64_t>(sizeof(T)) + off, 0, 2);
+  for (int64_t u = 0; u < n_pairs;) {
+    const int32_t ex = p.idx[pairs[u]];
+    int64_t end = u + 1;
+    while (end < n_pairs && p.idx[pairs[end]] == ex) ++end;
+    // The next expert's Bᵀ chunk (r rows of w columns, `ld_b` apart: short strided runs the hardware prefetcher does
+    // not follow) is fetched while this one runs.
+    // So are the y segments (one per token, d_out apart) of the tokens whose last expert is the next one.
+    if (end < n_pairs) {
+      const int32_t nx = p.idx[pairs[end]];
+      const T* nb = b + static_cast<int64_t>(nx) * r * p.ld_b + c0;
+      for (int64_t c = 0; c < r; ++c) prefetch_l2(nb + c * p.ld_b, w * static_cast<int64_t>(sizeof(T)));
+      for (int64_t v = end; v < n_pairs && p.idx[pairs[v]] == nx; ++v) {
+        const int64_t i = pairs[v] / k;
+        bool last = true;
+        for (int64_t j = 0; j < k; ++j) last = last && p.idx[i * k + j] <= nx;
+        if (last) prefetch_l2(y + i * p.d_out + c0, w * static_cast<int64_t>(sizeof(T)));
       }
     }
     const T* rows = b + static_cast<int64_t>(ex) * r * p.ld_b + c0;
-    axpy_delta<O, T>(delta + (pair / k) * w, rows, p.ld_b, r, p.g + pair * r, w);
-  }
-  for (int64_t i = 0; i < p.t; ++i) {
-    T* yi = y + i * p.d_out + c0;
-    const float* di = delta + i * w;
-    int64_t q = 0;
-    for (; q + W <= w; q += W) O::store(yi + q, O::add(O::load(di + q), O::load(yi + q)));
-    if (q < w) store_part<O>(yi + q, O::add(load_part<O>(di + q, w - q), load_part<O>(yi + q, w - q)), w - q);
+    while (u < end) {
+      const int m = static_cast<int>(end - u < M ? end - u : M);
+      PairRow<T> pr[M];
+      for (int q = 0; q < m; ++q) {
+        const int64_t pair = pairs[u + q], i = pair / k;
+        // The token's experts are distinct: its first / last pair in expert order has its smallest / largest index.
+        const int32_t* id = p.idx + i * k;
+        int32_t lo = id[0], hi = id[0];
+        for (int64_t j = 1; j < k; ++j) lo = id[j] < lo ? id[j] : lo, hi = id[j] > hi ? id[j] : hi;
+        pr[q] = PairRow<T>{delta + i * w, p.g + pair * r, y + i * p.d_out + c0, ex == lo, ex == hi};
+      }
+      switch (m) {
+        case 1: expand_rows<O, 1>(pr, rows, p.ld_b, r, w); break;
+        case 2: expand_rows<O, 2>(pr, rows, p.ld_b, r, w); break;
+        case 3: if constexpr (M >= 3) expand_rows<O, 3>(pr, rows, p.ld_b, r, w); break;
+        case 4: if constexpr (M >= 4) expand_rows<O, 4>(pr, rows, p.ld_b, r, w); break;
+        case 5: if constexpr (M >= 5) expand_rows<O, 5>(pr, rows, p.ld_b, r, w); break;
+        case 6: if constexpr (M >= 6) expand_rows<O, 6>(pr, rows, p.ld_b, r, w); break;
+      }
+      u += m;
+    }
   }
 }
 
@@ -324,11 +429,12 @@ static void expand_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pai
 
 template <class O>
 struct KernelsOf {
-  static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld) {
+  static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
+                     float* xf) {
     switch (p.dtype) {
-      case DType::kF32: return scores_t<O, float>(p, t0, t1, e0, e1, out, ld);
-      case DType::kBF16: return scores_t<O, Bf16>(p, t0, t1, e0, e1, out, ld);
-      case DType::kF16: return scores_t<O, F16>(p, t0, t1, e0, e1, out, ld);
+      case DType::kF32: return scores_t<O, float>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_t<O, Bf16>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
     }
   }
   static void route(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {

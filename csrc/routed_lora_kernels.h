@@ -17,40 +17,44 @@ struct F16 {
   uint16_t bits;
 };
 
-// One call of the op. x (T, d_in) and y (T, d_out) row-major; prototypes (E, d_in) float32; a (E, r, d_in);
-// b_t (E, r, d_out) with row stride ld_b; x, y, a, b_t in `dtype`.
+// One call of the op. x (T, d_in) and y (T, d_out) row-major; prototypes (E, d_in) float32; a (E, r, d_in); b_t
+// (E, r, d_out) with row stride ld_b; x, y, a, b_t in `dtype`.
 struct Problem {
-  DType dtype;
-  int64_t t, d_in, d_out, e, r, k, ld_b;
-  const void* x;
-  void* y;
-  const float* proto;
-  const void* a;
-  const void* b;
-  double temperature;
+  DType dtype = DType::kF32;
+  int64_t t = 0, d_in = 0, d_out = 0, e = 0, r = 0, k = 0, ld_b = 0;
+  const void* x = nullptr;
+  void* y = nullptr;
+  const float* proto = nullptr;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  double temperature = 1.0;
   // Routing results and shrink outputs, (T, k) and (T, k·r), written by the kernels.
-  int32_t* idx;
-  float* w;
-  float* h;
-  // Expand coefficients (T, k·r), read by expand().
-  const float* g;
+  int32_t* idx = nullptr;
+  float* w = nullptr;
+  float* h = nullptr;
+  // Expand coefficients (T, k·r), read by expand() and expand_pairs().
+  const float* g = nullptr;
 };
 
 struct Kernels {
-  // out[(i - t0) * ld_out + j - e0] = x_i · p_j (float32) for tokens [t0, t1) and experts [e0, e1).
-  void (*scores)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out);
+  // out[(i - t0) * ld_out + j - e0] = x_i · p_j (float32) for tokens [t0, t1) and experts [e0, e1), in register
+  // tiles of several tokens × 4 experts (the prototype rows of [e0, e1) are reused from cache by every token tile:
+  // callers keep the range L2-sized). xf: scratch of O::kDotM·d_in floats (at most 4·d_in) for converted x rows.
+  void (*scores)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
+                 float* xf);
   // For tokens [t0, t1): logits |s_ij| (s from `scores`, row stride E, or x · p computed here when null), top-k with
   // ties to the lower index, softmax over the k in float64 → idx, w; then, when `shrink`, h = A_idx x for the k
   // selected experts.
   void (*route)(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink);
-  // h rows [r0, r1) of the selected (token, slot) pairs pairs[0..n) (pair = token·k + slot; a run of pairs with the
-  // same expert reuses its A rows from cache).
+  // h rows [r0, r1) of the (token, slot) pairs pairs[0..n) (pair = token·k + slot). Consecutive pairs with the same
+  // expert (pairs sorted by expert) share register tiles: each A row load serves several tokens.
   void (*shrink_pairs)(const Problem& p, const int32_t* pairs, int64_t n, int64_t r0, int64_t r1);
   // y[i, c0:c1) = y + Σ_{slots j, rows c} g[i, j·r + c] · b_t[idx[i, j], c, c0:c1) for tokens [i0, i1), in tiles of
   // `tile` columns (tile-major: each tile of every token, then the next tile); the sum in float32, one rounding.
   void (*expand)(const Problem& p, int64_t i0, int64_t i1, int64_t c0, int64_t c1, int64_t tile);
-  // The same for all tokens and the columns [c0, c1), grouped by expert: pairs[0..n) are all (token, slot) pairs
-  // sorted by expert; delta is scratch of T × (c1 - c0) float32.
+  // The same for every token and the columns [c0, c1), grouped by expert: pairs[0..n) are all (token, slot) pairs
+  // sorted by expert; register blocks of several tokens of one expert share each Bᵀ load. A token's sums wait in
+  // delta (T × (c1 - c0) float32 scratch) between its experts; its last one adds them to y (one rounding).
   void (*expand_pairs)(const Problem& p, const int32_t* pairs, int64_t n, int64_t c0, int64_t c1, float* delta);
 };
 

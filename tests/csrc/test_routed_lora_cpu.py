@@ -51,11 +51,22 @@ def run_op(x, protos, a, b_t, k, temp, mixing="output", y=None, scores=None):
 
 
 def references(x, protos, a, b_t, k, temp, mixing="output", y0=None, routing=None):
-    """(float64 reference, same-dtype reference) of y0 + delta for the op's exact inputs."""
+    """(float64 reference, same-dtype reference) of y0 + delta for the op's exact inputs.
+
+    Computed routing: the float64 reference routes on float64 scores, the same-dtype one on float32 scores (one GEMM);
+    the cases have a clear top-k margin, so both choose the same experts and only the softmax weights differ by the
+    scores' float32 rounding (large logits make that visible: E = 256 has logits up to 77).
+    """
     b = b_t.transpose(1, 2).contiguous()
     ones = torch.ones(a.shape[0], dtype=torch.float64)
-    w, idx = routing if routing is not None else reference.route(x.float(), protos, k, temp)
-    d64 = reference.expand_with_routing(x.double(), a.double(), b.double(), ones, w.double(), idx, mixing)
+    if routing is not None:
+        w, idx = routing
+        w64 = w
+    else:
+        w64, idx = reference.route(x.double(), protos.double(), k, temp)
+        w, idx32 = reference.route(x.float(), protos.float(), k, temp)
+        assert torch.equal(idx, idx32), "the case's top-k margin must be clear in float32"
+    d64 = reference.expand_with_routing(x.double(), a.double(), b.double(), ones, w64.double(), idx, mixing)
     dlo = reference.expand_with_routing(x, a, b, ones.to(x.dtype), w, idx, mixing)
     if y0 is None:
         return d64, dlo

@@ -4,6 +4,7 @@
 // Exit status 0 when everything agrees; prints the number of cases.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -93,9 +94,13 @@ int main(int argc, char** argv) {
             w[m].assign(t * k, 0.f);
             h[m].assign(t * k * r, 0.f);
             idx[m].assign(t * k, 0);
-            Problem p{dt, t, d_in, d_out, e, r, k, ld, x.ptr(), y.ptr(), protos.data(), a.ptr(), b.ptr(), 1.0,
-                      idx[m].data(), w[m].data(), h[m].data(), gg.data()};
-            kern.scores(p, 0, t, 0, e, sc[m].data(), e);
+            Problem p;
+            p.dtype = dt;
+            p.t = t, p.d_in = d_in, p.d_out = d_out, p.e = e, p.r = r, p.k = k, p.ld_b = ld;
+            p.x = x.ptr(), p.y = y.ptr(), p.proto = protos.data(), p.a = a.ptr(), p.b = b.ptr();
+            p.idx = idx[m].data(), p.w = w[m].data(), p.h = h[m].data(), p.g = gg.data();
+            std::vector<float> xf(4 * d_in);
+            kern.scores(p, 0, t, 0, e, sc[m].data(), e, xf.data());
             std::vector<int32_t> pairs(t * k);
             for (int i = 0; i < t * k; ++i) pairs[i] = i;
             if (given_scores) {
@@ -108,7 +113,10 @@ int main(int argc, char** argv) {
             kern.expand(p, 0, t, 0, d_out, 64);
             p.y = y2.ptr();
             std::vector<float> delta(t * d_out);
-            kern.expand_pairs(p, pairs.data(), t * k, 0, d_out, delta.data());
+            std::vector<int32_t> by_expert(pairs);  // expand_pairs takes the pairs sorted by expert
+            std::stable_sort(by_expert.begin(), by_expert.end(),
+                             [&](int32_t u, int32_t v) { return idx[m][u] < idx[m][v]; });
+            kern.expand_pairs(p, by_expert.data(), t * k, 0, d_out, delta.data());
             for (int64_t i = 0; i < t * d_out; ++i) {
               ys[m].push_back(y.get(i));
               ys2[m].push_back(y2.get(i));

@@ -30,6 +30,40 @@ static inline simde__m256bh gkfemu_cvtneps_pbh(simde__m512 a) {
   for (int i = 0; i < 16; ++i) { uint32_t u; std::memcpy(&u, &in[i], 4); u += 0x7fffu + ((u >> 16) & 1u); out[i] = u >> 16; }
   simde__m256bh r; std::memcpy(&r, out, 32); return r;
 }
+// Masked loads and stores (elements whose mask bit is clear are neither read nor written; loads give zero there).
+static inline simde__m512 gkfemu_maskz_loadu_ps(uint32_t k, const void* p) {
+  float out[16] = {0};
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1u) std::memcpy(&out[i], static_cast<const char*>(p) + 4 * i, 4);
+  simde__m512 r; std::memcpy(&r, out, 64); return r;
+}
+static inline void gkfemu_mask_storeu_ps(void* p, uint32_t k, simde__m512 a) {
+  float in[16]; std::memcpy(in, &a, 64);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1u) std::memcpy(static_cast<char*>(p) + 4 * i, &in[i], 4);
+}
+static inline simde__m256i gkfemu_maskz_loadu_epi16_256(uint32_t k, const void* p) {
+  uint16_t out[16] = {0};
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1u) std::memcpy(&out[i], static_cast<const char*>(p) + 2 * i, 2);
+  simde__m256i r; std::memcpy(&r, out, 32); return r;
+}
+static inline void gkfemu_mask_storeu_epi16_256(void* p, uint32_t k, simde__m256i a) {
+  uint16_t in[16]; std::memcpy(in, &a, 32);
+  for (int i = 0; i < 16; ++i)
+    if ((k >> i) & 1u) std::memcpy(static_cast<char*>(p) + 2 * i, &in[i], 2);
+}
+static inline simde__m512i gkfemu_maskz_loadu_epi16_512(uint32_t k, const void* p) {
+  uint16_t out[32] = {0};
+  for (int i = 0; i < 32; ++i)
+    if ((k >> i) & 1u) std::memcpy(&out[i], static_cast<const char*>(p) + 2 * i, 2);
+  simde__m512i r; std::memcpy(&r, out, 64); return r;
+}
+#define _mm512_maskz_loadu_ps gkfemu_maskz_loadu_ps
+#define _mm512_mask_storeu_ps gkfemu_mask_storeu_ps
+#define _mm256_maskz_loadu_epi16 gkfemu_maskz_loadu_epi16_256
+#define _mm256_mask_storeu_epi16 gkfemu_mask_storeu_epi16_256
+#define _mm512_maskz_loadu_epi16 gkfemu_maskz_loadu_epi16_512
 #undef _mm512_cvtepu16_epi32
 #define _mm512_cvtepu16_epi32 gkfemu_cvtepu16_epi32
 #define _mm512_reduce_add_ps gkfemu_reduce_add_ps
