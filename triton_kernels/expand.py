@@ -96,10 +96,10 @@ def _expand_dense_kernel(
 
 
 def expand_dense_(
+    layer,
     y: torch.Tensor,
     g: torch.Tensor,
     idx: torch.Tensor,
-    b_t: torch.Tensor,
     plan: DenseExpandPlan,
     accumulate: bool,
     x: torch.Tensor | None = None,
@@ -108,12 +108,13 @@ def expand_dense_(
 ) -> torch.Tensor:
     """``y (+)= Σ_j g_j Bᵀ_{idx_j}`` in place (y (T, d_out)); with ``plan.fuse_base`` ``y = x Wᵀ + bias + delta``.
 
-    ``g`` (T, k·r) float32 and ``idx`` (T, k) int32 come from :func:`route_shrink.route_shrink`; ``b_t`` is
-    (E, r, d_out) with unit-stride rows and ``stride(0) == r·stride(1)``. Returns y.
+    ``layer`` is a :class:`~.linear.PreparedExperts` (its ``b_t`` (E, r, d_out) has unit-stride rows and
+    ``stride(0) == r·stride(1)``); ``g`` (T, k·r) float32 and ``idx`` (T, k) int32 come from the route pass. Returns y.
     """
     t, d_out = y.shape
     if t == 0:
         return y
+    b_t = layer.b_t
     e, r, _ = b_t.shape
     fuse = plan.fuse_base and weight is not None
     if plan.fuse_base and not fuse:
