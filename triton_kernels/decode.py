@@ -14,7 +14,8 @@
 Only the expand needs the base output, so ``linear.py`` runs kernels 1 and 2 beside the base GEMM on a GPU. What each
 kernel reads: P (E·d_in·4 bytes) once; the k·r selected A rows per token; the k·r selected Bᵀ rows per token; never
 the other experts. Deterministic: no atomics. Row starts are multiples of the K tile and the slice length is a
-specialised integer, so the loads along d_in and d_out are 16-byte vectors when the row strides allow it.
+specialised integer, so the loads along d_in and d_out are 16-byte vectors when the row strides allow it; counts that
+never enter an address (T, E, R, slice counts) are not specialised, so a token count does not compile a new variant.
 
 With caller-given scores (tensor parallelism) kernel 1 does not run and kernel 2 reads the (T, E) scores as a single
 slice.
@@ -31,7 +32,7 @@ from .launch import launch
 from .routing import topk_softmax_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "E"])
 def _decode_route_kernel(
     x_ptr,
     p_ptr,
@@ -80,7 +81,7 @@ def _selected_rows(idx, R, TOP_K: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R:
     return (ej * R + cs).to(tl.int64), (cj < TOP_K) & (cs < R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "E", "R", "ROUTE_SPLITS"])
 def _decode_shrink_kernel(
     x_ptr,
     ws_ptr,
@@ -99,6 +100,7 @@ def _decode_shrink_kernel(
     K_PER_SPLIT,
     inv_temp,
     TOP_K: tl.constexpr,
+    HAS_SCORES: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_KK: tl.constexpr,
@@ -109,13 +111,15 @@ def _decode_shrink_kernel(
     t = tl.program_id(0)
     pid_k = tl.program_id(1)
     e_offs = tl.arange(0, BLOCK_E)
-    e_mask = e_offs < E
-    scores = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for s0 in range(0, ROUTE_SPLITS, ROUTE_CHUNK):
-        s = s0 + tl.arange(0, ROUTE_CHUNK)[:, None]
-        row = (s * T + t).to(tl.int64) * ROUTE_COLS
-        tile = tl.load(ws_ptr + row + e_offs[None, :], mask=(s < ROUTE_SPLITS) & e_mask[None, :], other=0.0)
-        scores += tl.sum(tile, axis=0)
+    if HAS_SCORES:  # caller-given (T, E) scores: one row, E wide
+        scores = tl.load(ws_ptr + t.to(tl.int64) * E + e_offs, mask=e_offs < E, other=0.0)
+    else:  # partial rows BLOCK_E wide, zero past E (the route kernel's blocks cover next_pow2(E))
+        scores = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for s0 in range(0, ROUTE_SPLITS, ROUTE_CHUNK):
+            s = s0 + tl.arange(0, ROUTE_CHUNK)[:, None]
+            row = (s * T + t).to(tl.int64) * ROUTE_COLS
+            tile = tl.load(ws_ptr + row + e_offs[None, :], mask=s < ROUTE_SPLITS, other=0.0)
+            scores += tl.sum(tile, axis=0)
     w, idx = topk_softmax_row(scores, E, inv_temp, TOP_K, BLOCK_KK)
     slots = tl.arange(0, BLOCK_KK)
     if pid_k == 0:
@@ -138,7 +142,7 @@ def _decode_shrink_kernel(
     tl.store(h_ptr + (pid_k * T + t).to(tl.int64) * (BLOCK_KK * BLOCK_R) + c, h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R", "SHRINK_SPLITS"])
 def _decode_expand_kernel(
     h_ptr,
     idx_ptr,
@@ -228,8 +232,8 @@ def route_shrink(
         _decode_shrink_kernel, plan.shrink_grid(t),
         x, ws, layer.a, buffers["h"], buffers["idx"], buffers["w"], t, d_in, x.stride(0), layer.a.stride(0), e, r,
         route_splits, route_cols, plan.shrink_k_per_split, 1.0 / layer.temperature,
-        TOP_K=layer.top_k, BLOCK_E=plan.block_e, BLOCK_R=plan.block_r, BLOCK_KK=plan.block_kk,
-        BLOCK_K=plan.shrink_block_k, ROUTE_CHUNK=plan.route_chunk if scores is None else 1,
+        TOP_K=layer.top_k, HAS_SCORES=scores is not None, BLOCK_E=plan.block_e, BLOCK_R=plan.block_r,
+        BLOCK_KK=plan.block_kk, BLOCK_K=plan.shrink_block_k, ROUTE_CHUNK=plan.route_chunk,
         num_warps=plan.num_warps,
     )  # fmt: skip
 

@@ -76,9 +76,10 @@ ROUTE_WARPS = 8
 ROUTE_ACC_ELEMS_MAX = 2 * ACC_ELEMS_MAX
 
 # Decode route kernel: (16 tokens × DECODE_ROUTE_BLOCK_K) · (DECODE_ROUTE_BLOCK_K × BLOCK_E) float32 dots, BLOCK_E at
-# most DECODE_ROUTE_BLOCK_E_MAX prototypes per program.
-DECODE_ROUTE_BLOCK_K = 64
-DECODE_ROUTE_BLOCK_E_MAX = 128
+# most DECODE_ROUTE_BLOCK_E_MAX prototypes per program: small programs (8 KiB of P per K tile), many of them, so that
+# reading P takes one or two dependent rounds at T = 1 (P is E·d_in·4 bytes: 3 MiB at E = 256, d_in = 3072).
+DECODE_ROUTE_BLOCK_K = 32
+DECODE_ROUTE_BLOCK_E_MAX = 64
 # Every shrink program re-reads its token's partial scores from all route slices (L2): S1·next_pow2(E)·4 bytes. At the
 # 64 bytes per clock an SM reads from L2 (gpu_model.py) 32 KiB take about 0.3 µs, under one DRAM round trip. The
 # bound is per token, so it does not shrink with T (the previous table bounded it per block of 16 tokens, which forced
@@ -92,6 +93,8 @@ DECODE_SHRINK_STEPS = 2
 # Decode expand: (k·r rows × BLOCK_N) tile of Bᵀ per program.
 DECODE_EXPAND_TILE = 8192
 DECODE_EXPAND_BLOCK_N_MAX = 256
+# Smallest tile of a loop that sums partial results: 4 float32 (16 bytes) per thread of a 4-warp program.
+MIN_TILE = 4 * 32 * NUM_WARPS
 # Programs the route kernel aims for per SM (two keep one program's loads in flight while the other computes).
 PROGRAMS_PER_SM = 2
 
@@ -146,11 +149,12 @@ class LayerSpec:
     regime: str | None = None
     split: int | None = None
     fuse_base: bool | None = None
+    mix_weights: bool = False
     _hash: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self):
         fields = (self.num_experts, self.rank, self.top_k, self.d_in, self.d_out, self.dtype, self.capability,
-                  self.num_sms, self.regime, self.split, self.fuse_base)  # fmt: skip
+                  self.num_sms, self.regime, self.split, self.fuse_base, self.mix_weights)  # fmt: skip
         object.__setattr__(self, "_hash", hash(fields))
 
     def __hash__(self) -> int:  # computed once: plan_for hashes the spec on every call
@@ -207,7 +211,8 @@ class RoutePlan:
     block_kk: int
     pieces: int  # compute-dtype pieces of the prototypes (1 for float32)
     split_k: int
-    split_chunk: int  # splits summed per tile by the finalising program
+    split_chunk: int  # splits of the shrink columns summed per tile by the finalising program
+    score_chunk: int  # the same for the score columns
     num_warps: int
     num_stages: int
     count_pairs: bool = False  # write each token block's pairs per expert (the grouped regime's scatter reads them)
@@ -285,6 +290,13 @@ def _block_rows(num_tokens: int, width: int, acc_max: int) -> int:
     return b
 
 
+def _chunk(rows: int, width: int) -> int:
+    """Rows per (rows, width) tile of a loop that sums partial rows: all rows when they fit in ACC_ELEMS_MAX, and at
+    least MIN_TILE elements (masked rows past the end), so each thread loads 16 bytes per instruction."""
+    lo = max(1, MIN_TILE // width)
+    return max(lo, min(next_pow2(max(1, rows)), _pow2_floor(ACC_ELEMS_MAX // width)))
+
+
 def dense_columns(num_experts: int, rank: int) -> int:
     """Columns of the dense shrink block: next_pow2(E)·next_pow2(r), at least MIN_DOT."""
     block_r = next_pow2(rank)
@@ -320,9 +332,11 @@ def decode_plan(
     tiles per program (each tile is a dependent round), so the grid grows with d_in and T instead of one program
     walking d_in.
     """
-    block_e = max(2, next_pow2(num_experts))
-    route_block_e = max(MIN_DOT, min(DECODE_ROUTE_BLOCK_E_MAX, block_e))
-    route_e_blocks = cdiv(num_experts, route_block_e)
+    block_e = max(MIN_DOT, next_pow2(num_experts))
+    route_block_e = min(DECODE_ROUTE_BLOCK_E_MAX, block_e)
+    # Blocks over next_pow2(E) (not E): the partial-score rows are then exactly BLOCK_E wide, zero past E, and the
+    # shrink kernel reads them without a column mask (16-byte loads).
+    route_e_blocks = block_e // route_block_e
     rbk = DECODE_ROUTE_BLOCK_K
     sbk = DECODE_SHRINK_BLOCK_K
     if split is not None and split < 1:
@@ -365,8 +379,8 @@ def decode_plan(
         block_r=block_r,
         block_kk=block_kk,
         block_kr=block_kr,
-        route_chunk=max(1, min(next_pow2(max(1, route_splits)), _pow2_floor(ACC_ELEMS_MAX // block_e))),
-        shrink_chunk=max(1, min(next_pow2(shrink_splits), _pow2_floor(ACC_ELEMS_MAX // block_kr))),
+        route_chunk=_chunk(route_splits, block_e),
+        shrink_chunk=_chunk(shrink_splits, block_kr),
         block_n=max(MIN_DOT, min(DECODE_EXPAND_BLOCK_N_MAX, DECODE_EXPAND_TILE // block_kr)),
         num_warps=NUM_WARPS,
         route_stages=_stages((MIN_DOT * elt + route_block_e * 4) * rbk, capability),
@@ -388,12 +402,14 @@ def choose_plan(
     split: int | None = None,
     fuse_base: bool | None = None,
     has_weight: bool = True,
+    mix_weights: bool = False,
 ) -> Plan:
     """The plan for one call. ``regime``, ``split`` and ``fuse_base`` override the table (tests use them).
 
     ``capability`` and ``num_sms`` are None when no GPU runs the kernels (the interpreter). ``has_scores``: the caller
     passes the routing scores (tensor parallelism), so no kernel computes them. ``has_weight``: the call has a base
-    weight the fused-base kernel can read (unit-stride rows); without one the table never fuses.
+    weight the fused-base kernel can read (unit-stride rows); without one the table never fuses. ``mix_weights``:
+    "weights" mixing (its dense epilogue needs more registers).
     """
     for name, v in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k), ("d_in", d_in), ("d_out", d_out)):
         if v < 1:
@@ -424,6 +440,14 @@ def choose_plan(
     # The score and (mode DENSE) shrink accumulators of a token block live side by side; the epilogue picks the
     # selected experts' shrinks through an L2 scratch row instead of a second register tile (route_shrink.py).
     route_acc = acc_max if dtype == torch.float32 else ROUTE_ACC_ELEMS_MAX
+    if has_scores:
+        # Caller scores arrive as a loaded (BLOCK_T, BLOCK_E) tile in a plain blocked layout, not the dot's: top-k on
+        # a 64 × 256 tile of it spilled 400 bytes on sm_90 under Triton 3.6.0; half the rows do not.
+        route_acc //= 2
+    if mix_weights and na >= 256:
+        # The "weights" epilogue sums S_a over the experts of each rank slot (a reshape of the whole block): with
+        # 32 rows and 256 columns it spilled 80 bytes on sm_90 in the split-K finalising program.
+        route_acc //= 2
     route_warps = NUM_WARPS if dtype == torch.float32 else ROUTE_WARPS
     block_t = MIN_DOT
     while block_t < 64 and block_t < num_tokens and 2 * block_t * (block_e + na) <= route_acc:
@@ -445,8 +469,14 @@ def choose_plan(
         split_k=split,
         # The finalising program's (chunk, BLOCK_T, width) tile of partial sums at half the accumulator budget.
         split_chunk=max(1, min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * max(block_e, na))))),
+        score_chunk=max(
+            MIN_TILE * route_warps // NUM_WARPS // (block_t * block_e),
+            min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * block_e))),
+            1,
+        ),
         num_warps=route_warps,
-        num_stages=_stages((block_t + block_e + na) * block_k * elt, capability),
+        # Two stages when the dense shrink block is wide: three spilled 8 bytes on sm_90 (BLOCK_T = 32, 128 columns).
+        num_stages=_stages((block_t + block_e + na) * block_k * elt, capability) if na < 128 else 2,
         count_pairs=mode == MODE_ROUTE,
     )
     if regime == "dense":
@@ -459,9 +489,7 @@ def choose_plan(
             fuse = has_weight and dtype != torch.float32 and num_tokens >= 256
         else:
             fuse = bool(fuse_base) and has_weight
-        # A full K tile even when E·r is narrower (the padding columns are masked): with BLOCK_KC = 32 < BLOCK_K the
-        # bf16 expand at BLOCK_T = 32 spilled 4 bytes on sm_90 under Triton 3.6.0; with 64 none does.
-        block_kc = block_k
+        block_kc = min(block_k, na)  # divides NA (both powers of two): C's tiles need no column mask
         if fuse:
             # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64, two stages (three
             # took 240 KiB of shared memory on sm_90, over its 227 KiB); sm_80's mma keeps more fragments in registers
@@ -515,4 +543,4 @@ def plan_for(spec: LayerSpec, num_tokens: int, has_scores: bool = False, has_wei
     """The table's plan for a layer and a call (cached: the one plan cache of the Triton path)."""
     s = spec
     return choose_plan(num_tokens, s.num_experts, s.rank, s.top_k, s.d_in, s.d_out, s.dtype, s.capability, s.num_sms,
-                       has_scores, s.regime, s.split, s.fuse_base, has_weight)  # fmt: skip
+                       has_scores, s.regime, s.split, s.fuse_base, has_weight, s.mix_weights)  # fmt: skip

@@ -25,14 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import ACC_ELEMS_MAX, NUM_WARPS, GroupedPlan, cdiv, next_pow2
+from .dispatch import ACC_ELEMS_MAX, MIN_TILE, NUM_WARPS, GroupedPlan, cdiv, next_pow2
 from .launch import launch
 
 # Token blocks per tile when the scatter sums the route pass's per-block counts.
 COUNTS_TILE = 8192
 
 
-@triton.jit(do_not_specialize=["N", "E", "NUM_BLOCKS", "N_TBLOCKS", "PAIRS_PER_TBLOCK"])
+@triton.jit(do_not_specialize=["N", "E", "NUM_BLOCKS", "N_TBLOCKS"])
 def _scatter_kernel(
     idx_ptr,
     counts_ptr,
@@ -42,7 +42,7 @@ def _scatter_kernel(
     E,
     NUM_BLOCKS,
     N_TBLOCKS,
-    PAIRS_PER_TBLOCK,
+    PAIRS_PER_TBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     TB_CHUNK: tl.constexpr,
@@ -75,14 +75,14 @@ def _scatter_kernel(
     seen = run_start + before
     c_offs = tl.arange(0, CHUNK)
     p0 = pid * PAIRS_PER_TBLOCK
-    for c0 in range(0, PAIRS_PER_TBLOCK, CHUNK):
+    for c0 in tl.static_range(0, PAIRS_PER_TBLOCK, CHUNK):
         p = p0 + c0 + c_offs
-        pm = (c0 + c_offs < PAIRS_PER_TBLOCK) & (p < N)
-        ev = tl.load(idx_ptr + p, mask=pm, other=BLOCK_E)
+        # idx has whole token blocks; pairs past T hold BLOCK_E, which matches no expert column.
+        ev = tl.load(idx_ptr + p, mask=c0 + c_offs < PAIRS_PER_TBLOCK, other=BLOCK_E)
         onehot = (ev[:, None] == e_offs[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, 0) - onehot
         slot = tl.sum(onehot * (rank + seen[None, :]), axis=1)
-        tl.store(pairs_ptr + slot, p, mask=pm)
+        tl.store(pairs_ptr + slot, p, mask=ev < E)
         seen += tl.sum(onehot, axis=0)
     if pid == 0:
         real_end = run_start + totals
@@ -101,19 +101,26 @@ def _scatter_kernel(
 
 
 def align_pairs_by_expert(
-    idx: torch.Tensor, counts: torch.Tensor, num_experts: int, block_m: int, route_block_t: int, chunk: int = 32
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    block_m: int,
+    route_block_t: int,
+    chunk: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs of ``idx`` (T, k) int32 by expert and pad each expert's run to a multiple of
     block_m, with one program per token block of ``route_block_t`` tokens.
 
-    ``counts`` (token blocks, BLOCK_E) int32 holds each token block's pairs per expert (the route pass writes them).
+    ``idx`` has whole blocks of ``route_block_t`` rows (rows past T hold BLOCK_E) and ``counts`` (token blocks,
+    BLOCK_E) int32 each token block's pairs per expert, as the route pass writes them; T is ``num_tokens``.
     Returns ``(sorted_pairs, block_expert)``: sorted_pairs (num_blocks·block_m,) int32 holds pair ids ``t·k + j`` in
     the order of the pairs within each expert (padding holds T·k, an invalid id), and block_expert (num_blocks,) int32
     the expert of each block (-1 for blocks past the end). ``num_blocks`` depends only on the shapes, so nothing here
     synchronises with the host.
     """
-    t, k = idx.shape
-    n = t * k
+    k = idx.shape[1]
+    n = num_tokens * k
     num_blocks = min(n, cdiv(n, block_m) + min(num_experts, n))
     sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=idx.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=idx.device)
@@ -137,7 +144,7 @@ def align_pairs_by_expert(
         route_block_t * k,
         BLOCK_M=block_m,
         BLOCK_E=block_e,
-        TB_CHUNK=max(1, min(next_pow2(n_tblocks), COUNTS_TILE // block_e)),
+        TB_CHUNK=max(MIN_TILE // block_e, min(next_pow2(n_tblocks), COUNTS_TILE // block_e), 1),
         CHUNK=chunk,
         BLOCK_B=block_b,
         num_warps=NUM_WARPS,

@@ -104,10 +104,21 @@ class PreparedExperts:
                 p_route = p_route.to(device)
         capability, num_sms = device_info(device)
         spec = LayerSpec(e, r, int(top_k), prototypes.shape[1], d_out, dtype, capability, num_sms, regime, split,
-                         fuse_base)  # fmt: skip
+                         fuse_base, bool(mix_weights))  # fmt: skip
         a2 = row_major(a.reshape(e * r, -1))
         return cls(prototypes, p_route, float(inv_scale), a2, row_major(b_t), int(top_k), float(temperature),
                    bool(mix_weights), spec)  # fmt: skip
+
+    @classmethod
+    def on_meta(cls, spec: LayerSpec) -> PreparedExperts:
+        """Meta tensors of ``spec``'s shapes: launches recorded with them (``launch.recording``) are exactly a real
+        layer's, on a machine without the device (the AOT compile and the cost model use this)."""
+        e, r, d_in, dt = spec.num_experts, spec.rank, spec.d_in, spec.dtype
+        new = lambda *s, dtype=dt: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
+        protos = new(e, d_in, dtype=torch.float32)
+        p_route = protos if dt == torch.float32 else new(e, 3 * d_in)
+        return cls(protos, p_route, 1.0, new(e * r, d_in), new(e, r, spec.d_out), spec.top_k, 1.0, spec.mix_weights,
+                   spec)  # fmt: skip
 
     @property
     def num_experts(self) -> int:
@@ -156,12 +167,12 @@ def add_delta_(
         buffers = decode.workspace(x, layer.top_k, plan.decode)
         decode.route_shrink(layer, x, plan.decode, buffers, scores)
         return decode.expand_(layer, y, plan.decode, buffers, accumulate)
-    g, idx, w, counts = route_shrink(layer, x, plan.route, scores)
+    c, idx, w, counts = route_shrink(layer, x, plan.route, scores)
     if plan.regime == "dense":
-        return expand_dense_(layer, y, g, idx, plan.expand, accumulate, x, weight, bias)
+        return expand_dense_(layer, y, c, plan.expand, accumulate, x, weight, bias)
     gp = plan.grouped
     sorted_pairs, block_expert = align_pairs_by_expert(
-        idx, counts, layer.num_experts, gp.block_m, plan.route.block_t, gp.scatter_chunk
+        idx, counts, x.shape[0], layer.num_experts, gp.block_m, plan.route.block_t, gp.scatter_chunk
     )
     hw = grouped_shrink(layer, x, w, sorted_pairs, block_expert, gp)
     if not accumulate:

@@ -8,18 +8,20 @@ Per block of BLOCK_T tokens the kernel accumulates, in float32 for any input dty
 - in mode DENSE also ``S_a = x A_allᵀ`` (BLOCK_T, BLOCK_EA·BLOCK_R): every expert's shrink, from the same x tiles.
 
 Then, in the epilogue: top-k of ``|scores|`` (ties to the lower index), softmax of ``top/temperature`` over the k,
-and (mode DENSE) the selected experts' shrinks picked out of ``S_a`` with the mixing applied (``routing.mix``),
-written as the compact expand coefficients g (T, k·r) float32. Mode ROUTE writes only the routing, and each token
+and (mode DENSE) the dense expand coefficients C (T, NA) in the compute dtype: S_a times each token's routing weight
+on its selected experts' columns (zero elsewhere), with the mixing applied. The dense expand then adds ``C · Bᵀ`` as
+one more K range of a GEMM ([x | C]·[W | Bᵀ], ``expand.py``). Mode ROUTE writes only the routing, and each token
 block's count of (token, slot) pairs per expert, which the grouped regime's scatter sorts by (``grouped.py``); the
 grouped kernels do the shrink.
 
 Phases (one kernel, one epilogue): PHASE 0 runs all of d_in and the epilogue. With few token blocks the pass is split
 over d_in: PHASE 1 programs (grid (token blocks, splits)) store float32 partial sums to ws (splits, T, NW), and one
-PHASE 2 program per token block loads them SPLIT_CHUNK splits per tile, sums, and runs the epilogue.
+PHASE 2 program per token block loads them a few splits per tile (SCORE_CHUNK for the scores, SPLIT_CHUNK for S_a),
+sums, and runs the epilogue.
 
 Column layout of the A part: column ``e·BLOCK_R + s`` holds expert e's rank-slot s (BLOCK_R = next power of two of r,
-BLOCK_EA = next power of two of E, at least 16 / BLOCK_R so the tl.dot N dimension is >= 16). The epilogue stores
-``S_a`` to an L2 scratch (T, NA) and gathers the k selected experts' columns back.
+BLOCK_EA = next power of two of E, at least 16 / BLOCK_R so the tl.dot N dimension is >= 16); C has the same
+columns.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import MODE_DENSE, MODE_ROUTE, RoutePlan, cdiv
+from .dispatch import MODE_DENSE, RoutePlan, cdiv
 from .launch import launch
-from .routing import mix, sum_splits, topk_softmax
+from .routing import slot, sum_splits, topk_softmax
 
 _DENSE: tl.constexpr = tl.constexpr(MODE_DENSE)
 
@@ -101,11 +103,10 @@ def _route_shrink_kernel(
     p_ptr,
     a_ptr,
     scores_ptr,
-    g_ptr,
+    c_ptr,
     idx_ptr,
     wts_ptr,
     ws_ptr,
-    scratch_ptr,
     counts_ptr,
     T,
     D_IN,
@@ -131,6 +132,7 @@ def _route_shrink_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_KK: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
+    SCORE_CHUNK: tl.constexpr,
     COUNT_PAIRS: tl.constexpr,
 ):
     """Grid (token blocks, splits in PHASE 1 else 1). See the module docstring."""
@@ -144,7 +146,7 @@ def _route_shrink_kernel(
     e_cols = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32) + tl.arange(0, BLOCK_E)[None, :]
     a_cols = tl.zeros((BLOCK_T, NA), dtype=tl.int32) + tl.arange(0, NA)[None, :]
     if PHASE == 2:
-        scores = sum_splits(ws_ptr, t_offs, e_cols, t_mask[:, None], T, K_SPLITS, NW, SPLIT_CHUNK)
+        scores = sum_splits(ws_ptr, t_offs, e_cols, t_mask[:, None], T, K_SPLITS, NW, SCORE_CHUNK)
         if MODE == _DENSE:
             acc_a = sum_splits(ws_ptr, t_offs, BLOCK_E + a_cols, t_mask[:, None], T, K_SPLITS, NW, SPLIT_CHUNK)
         else:
@@ -167,7 +169,13 @@ def _route_shrink_kernel(
         w, top_i = topk_softmax(scores, E, inv_temp, TOP_K, BLOCK_KK)
         slots = tl.arange(0, BLOCK_KK)[None, :]
         kmask = t_mask[:, None] & (slots < TOP_K)
-        tl.store(idx_ptr + t64[:, None] * TOP_K + slots, top_i, mask=kmask)
+        if COUNT_PAIRS:
+            # idx has a row for every token of the last block: rows past T hold BLOCK_E (no expert), so the scatter
+            # reads whole blocks of pairs without a mask on T.
+            tl.store(idx_ptr + t64[:, None] * TOP_K + slots, tl.where(t_mask[:, None], top_i, BLOCK_E),
+                     mask=slots < TOP_K)  # fmt: skip
+        else:
+            tl.store(idx_ptr + t64[:, None] * TOP_K + slots, top_i, mask=kmask)
         tl.store(wts_ptr + t64[:, None] * TOP_K + slots, w, mask=kmask)
         if COUNT_PAIRS:
             # This token block's (token, slot) pairs per expert, for the scatter of the grouped regime (grouped.py).
@@ -175,49 +183,53 @@ def _route_shrink_kernel(
             counts = tl.histogram(flat, BLOCK_E, mask=tl.reshape(kmask, (BLOCK_T * BLOCK_KK,)))
             tl.store(counts_ptr + pid_t * BLOCK_E + tl.arange(0, BLOCK_E), counts)
         if MODE == _DENSE:
-            # Pick the selected experts' shrinks through an L2 scratch copy of S_a: a masked pick in registers held a
-            # second (BLOCK_T, NA) tile next to the accumulator, which bounded BLOCK_T (and spilled at BLOCK_T = 64).
-            # The barrier makes every thread's stores visible to the whole program before the gathers.
-            rows = scratch_ptr + t64[:, None] * NA
-            tl.store(rows + a_cols, acc_a, mask=t_mask[:, None])
-            tl.debug_barrier()
-            j3 = tl.arange(0, BLOCK_KK)[None, :, None]
-            s3 = tl.arange(0, BLOCK_R)[None, None, :]
-            e3 = top_i[:, :, None]
-            gmask = t_mask[:, None, None] & (j3 < TOP_K) & (s3 < R)
-            h3 = tl.load(scratch_ptr + t64[:, None, None] * NA + e3 * BLOCK_R + s3, mask=gmask, other=0.0)
-            g3 = mix(w, h3, MIX_WEIGHTS)
-            tl.store(g_ptr + t64[:, None, None] * (TOP_K * R) + j3 * R + s3, g3, mask=gmask)
+            # The dense expand coefficients C (T, NA): column e·BLOCK_R + s holds w_e·h_{e,s} for a selected expert
+            # e ("output" mixing) or w_e·Σ_i w_i h_{i,s} ("weights"), zero for the others; the expand multiplies them
+            # with all of Bᵀ as one more K range of a GEMM. wexp spreads each token's k weights over its experts'
+            # columns in S_a's own layout, so the epilogue holds no second copy of S_a.
+            ce = a_cols // BLOCK_R
+            wexp = tl.zeros((BLOCK_T, NA), dtype=tl.float32)
+            for j in tl.static_range(TOP_K):
+                ej = slot(top_i, j, BLOCK_KK)
+                wj = slot(w, j, BLOCK_KK)
+                wexp += tl.where(ce == ej[:, None], wj[:, None], 0.0)
+            if MIX_WEIGHTS:
+                hs = tl.sum(tl.reshape(acc_a * wexp, (BLOCK_T, BLOCK_EA, BLOCK_R)), axis=1)
+                coef = tl.reshape(tl.reshape(wexp, (BLOCK_T, BLOCK_EA, BLOCK_R)) * hs[:, None, :], (BLOCK_T, NA))
+            else:
+                coef = acc_a * wexp
+            tl.store(c_ptr + t64[:, None] * NA + a_cols, coef.to(c_ptr.dtype.element_ty), mask=t_mask[:, None])
+
 
 def route_shrink(
     layer, x: torch.Tensor, plan: RoutePlan, scores: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the route pass for x (T, d_in); returns ``(g, idx, w, counts)``.
+    """Launch the route pass for x (T, d_in); returns ``(c, idx, w, counts)``.
 
-    ``layer`` is a :class:`~.linear.PreparedExperts` (prototype pieces, A, routing options). g (T, k·r) float32 holds
-    the mixed expand coefficients (mode DENSE; (T, 0) in mode ROUTE), idx (T, k) int32 the experts, w (T, k) float32
-    the routing weights, counts (token blocks, BLOCK_E) int32 each token block's pairs per expert (``plan.count_pairs``,
-    else None). ``scores`` (T, E) float32: caller-computed routing scores (then the prototypes are not read).
+    ``layer`` is a :class:`~.linear.PreparedExperts` (prototype pieces, A, routing options). c (T, NA) in x's dtype
+    holds the dense expand coefficients (mode DENSE, see the kernel's epilogue; (T, 0) in mode ROUTE), idx (T, k)
+    int32 the experts (whole token blocks of rows in mode ROUTE, see the kernel), w (T, k) float32 the routing
+    weights, counts (token blocks, BLOCK_E) int32 each token block's pairs per expert (``plan.count_pairs``, else
+    None). ``scores`` (T, E) float32: caller-computed routing scores (then the prototypes are not read).
     """
     t, d_in = x.shape
     top_k = layer.top_k
     dev = x.device
-    kr = top_k * layer.rank if plan.mode != MODE_ROUTE else 0
-    g = torch.empty(t, kr, device=dev, dtype=torch.float32)
-    idx = torch.empty(t, top_k, device=dev, dtype=torch.int32)
-    w = torch.empty(t, top_k, device=dev, dtype=torch.float32)
+    c = torch.empty(t, plan.na, device=dev, dtype=x.dtype)
     n_tblocks = cdiv(t, plan.block_t)
+    rows = n_tblocks * plan.block_t if plan.count_pairs else t  # the scatter reads whole token blocks of idx
+    idx = torch.empty(rows, top_k, device=dev, dtype=torch.int32)
+    w = torch.empty(t, top_k, device=dev, dtype=torch.float32)
     counts = torch.empty(n_tblocks, plan.block_e, device=dev, dtype=torch.int32) if plan.count_pairs else None
     if t == 0:
-        return g, idx, w, counts
+        return c, idx, w, counts
     k_per_split = cdiv(cdiv(d_in, plan.split_k), plan.block_k) * plan.block_k
     split_k = cdiv(d_in, k_per_split)
     na = plan.na
     nw = plan.block_e + (na if plan.mode == MODE_DENSE else 16)
     ws = torch.empty(split_k * t * nw if split_k > 1 else 1, device=dev, dtype=torch.float32)
-    scratch = torch.empty(t * na if na else 1, device=dev, dtype=torch.float32)
     p_route = layer.p_route
-    args = (x, p_route, layer.a, scores if scores is not None else w, g, idx, w, ws, scratch)
+    args = (x, p_route, layer.a, scores if scores is not None else w, c if na else x, idx, w, ws)
     args += (counts if counts is not None else idx, t, d_in, x.stride(0), p_route.stride(0), layer.a.stride(0))
     args += (layer.num_experts, layer.rank, k_per_split, split_k, 1.0 / layer.temperature, float(layer.inv_scale))
     common = dict(
@@ -233,6 +245,7 @@ def route_shrink(
         BLOCK_R=plan.block_r,
         BLOCK_KK=plan.block_kk,
         SPLIT_CHUNK=plan.split_chunk,
+        SCORE_CHUNK=plan.score_chunk,
         COUNT_PAIRS=plan.count_pairs,
         num_warps=plan.num_warps,
     )
@@ -240,4 +253,4 @@ def route_shrink(
     for phase, grid in phases:
         stages = plan.num_stages if phase != 2 else 1
         launch(_route_shrink_kernel, grid, *args, PHASE=phase, num_stages=stages, **common)
-    return g, idx, w, counts
+    return c, idx, w, counts
