@@ -117,7 +117,7 @@ def record_call(layer: PreparedExperts, t: int, has_scores=False, has_weight=Tru
     weight = new(layer.d_out, layer.d_in) if has_weight else None
     bias = new(layer.d_out) if has_weight else None
     with launch_mod.recording() as rec:
-        routed_linear(layer, x, weight, bias, scores)
+        routed_linear(layer, x, weight, bias, scores, beside=layer.spec.capability is not None)
     return rec
 
 
@@ -167,11 +167,33 @@ def _specialise(ln: launch_mod.Launch, arch: int):
     return triton.compiler.ASTSource(kernel, signature, constexprs, attrs), options, target
 
 
+def _quick_key(ln: launch_mod.Launch) -> tuple:
+    """A key at least as fine as Triton's specialisation of a recorded launch (meta tensors: dtype only, their data
+    pointer is 0; integers: equal to 1, divisible by 16, past int32), cheap enough to drop repeats before
+    specialising."""
+
+    def arg(a):
+        if isinstance(a, torch.Tensor):
+            return ("t", str(a.dtype), a.data_ptr() % 16)
+        if isinstance(a, bool) or a is None:
+            return ("v", a)
+        if isinstance(a, int):
+            return ("i", a == 1, a % 16 == 0, a >= 2**31)
+        return (type(a).__name__,)
+
+    return (ln.name, tuple(sorted(ln.constexprs.items())), tuple(sorted(ln.options.items())), tuple(map(arg, ln.args)))
+
+
 def unique_configs(launches: list[launch_mod.Launch], arch: int) -> list[launch_mod.Launch]:
     """Launches that compile to distinct binaries (same kernel, specialised signature, constexprs and options); a
     configuration recorded both as "table" and "edge" keeps the "table" tag."""
-    seen: dict[tuple, launch_mod.Launch] = {}
+    first: dict[tuple, launch_mod.Launch] = {}
     for ln in launches:
+        prev = first.setdefault(_quick_key(ln), ln)
+        if prev is not ln and ln.tag == "table":
+            prev.tag = "table"
+    seen: dict[tuple, launch_mod.Launch] = {}
+    for ln in first.values():
         src, options, _ = _specialise(ln, arch)
         key = (ln.name, src.hash(), options.num_warps, options.num_stages)
         if key not in seen:
@@ -271,12 +293,15 @@ def loop_loads(ptx: str) -> list[dict]:
 
 
 def streams_16_bytes(loop: dict) -> bool:
-    """A loop loads its operands 16 bytes per instruction: it issues 16-byte vector loads, 16-byte cp.async or bulk
-    (TMA) copies, and at least as many of them as narrower global loads (scalar indices and weights may stay
-    narrow; operand tiles may not)."""
-    wide = loop["ld"].get(16, 0) + loop["cp_async"].get(16, 0) + loop["bulk"]
-    narrow = sum(n for w, n in loop["ld"].items() if w < 16) + sum(n for w, n in loop["cp_async"].items() if w < 16)
-    return wide > 0 and wide >= narrow
+    """A loop loads its operands 16 bytes per instruction: the bytes moved by 16-byte vector loads, 16-byte cp.async
+    and bulk (TMA) copies are at least those moved by narrower loads, or the narrower loads are all vectors of 8
+    bytes or more that add up to at most 32 bytes per thread and step (a tile too small to give each thread 16
+    bytes, as the route pass's x and prototype tiles at 16 token rows are). Scalar 1-, 2- or 4-byte loads pass only
+    beside a majority of 16-byte ones (indices, weights)."""
+    wide = 16 * (loop["ld"].get(16, 0) + loop["cp_async"].get(16, 0) + loop["bulk"])
+    narrow = {w: n for d in (loop["ld"], loop["cp_async"]) for w, n in d.items() if w < 16}
+    narrow_bytes = sum(w * n for w, n in narrow.items())
+    return wide >= narrow_bytes or (min(narrow) >= 8 and narrow_bytes <= 32)
 
 
 def main_loops(loops: list[dict]) -> list[dict]:

@@ -85,10 +85,10 @@ DECODE_ROUTE_BLOCK_E_MAX = 64
 # bound is per token, so it does not shrink with T (the previous table bounded it per block of 16 tokens, which forced
 # a single slice at T = 16, E = 256).
 ROUTE_PARTIALS_MAX = 32 * 1024
-# Decode shrink: (k·r rows × DECODE_SHRINK_BLOCK_K) tiles of A, at most DECODE_SHRINK_STEPS tiles per program: each
-# tile is one dependent DRAM round (the loop has no tl.dot for the pipeliner to overlap), so slices are kept short
-# and there are many programs instead.
-DECODE_SHRINK_BLOCK_K = 64
+# Decode shrink: (k·r rows × 128 bytes) tiles of A (64 16-bit or 32 float32 columns), at most DECODE_SHRINK_STEPS tiles
+# per program: each tile is one dependent DRAM round (the loop has no tl.dot for the pipeliner to overlap), so slices
+# are kept short and there are many programs instead. (64 float32 columns: ptxas spilled 4 bytes at 32 registers.)
+DECODE_SHRINK_ROW_BYTES = 128
 DECODE_SHRINK_STEPS = 2
 # Decode expand: (k·r rows × BLOCK_N) tile of Bᵀ per program.
 DECODE_EXPAND_TILE = 8192
@@ -338,7 +338,7 @@ def decode_plan(
     # shrink kernel reads them without a column mask (16-byte loads).
     route_e_blocks = block_e // route_block_e
     rbk = DECODE_ROUTE_BLOCK_K
-    sbk = DECODE_SHRINK_BLOCK_K
+    sbk = DECODE_SHRINK_ROW_BYTES // _elt_size(dtype)
     if split is not None and split < 1:
         raise ValueError(f"split count must be >= 1, got {split}")
     if has_scores:
@@ -409,7 +409,7 @@ def choose_plan(
     ``capability`` and ``num_sms`` are None when no GPU runs the kernels (the interpreter). ``has_scores``: the caller
     passes the routing scores (tensor parallelism), so no kernel computes them. ``has_weight``: the call has a base
     weight the fused-base kernel can read (unit-stride rows); without one the table never fuses. ``mix_weights``:
-    "weights" mixing (its dense epilogue needs more registers).
+    "weights" mixing (part of the key; no block size depends on it at present).
     """
     for name, v in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k), ("d_in", d_in), ("d_out", d_out)):
         if v < 1:
@@ -444,14 +444,12 @@ def choose_plan(
         # Caller scores arrive as a loaded (BLOCK_T, BLOCK_E) tile in a plain blocked layout, not the dot's: top-k on
         # a 64 × 256 tile of it spilled 400 bytes on sm_90 under Triton 3.6.0; half the rows do not.
         route_acc //= 2
-    if mix_weights and na >= 256:
-        # The "weights" epilogue sums S_a over the experts of each rank slot (a reshape of the whole block): with
-        # 32 rows and 256 columns it spilled 80 bytes on sm_90 in the split-K finalising program.
-        route_acc //= 2
-    route_warps = NUM_WARPS if dtype == torch.float32 else ROUTE_WARPS
     block_t = MIN_DOT
     while block_t < 64 and block_t < num_tokens and 2 * block_t * (block_e + na) <= route_acc:
         block_t *= 2
+    # 8 warps from 32 token rows (the larger accumulator); a 16-row block on 8 warps spilled 16 bytes on sm_90 with
+    # a 256-column shrink block although it held only 17 accumulator registers per thread.
+    route_warps = ROUTE_WARPS if dtype != torch.float32 and block_t >= 32 else NUM_WARPS
     n_tblocks = max(1, cdiv(num_tokens, block_t))
     if split is None:
         split = 1
@@ -491,17 +489,19 @@ def choose_plan(
             fuse = bool(fuse_base) and has_weight
         block_kc = min(block_k, na)  # divides NA (both powers of two): C's tiles need no column mask
         if fuse:
-            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64, two stages (three
-            # took 240 KiB of shared memory on sm_90, over its 227 KiB); sm_80's mma keeps more fragments in registers
-            # (128 × 128 spilled 152 bytes there), so 128 × 64; float32 (FMA dots) at 64 × 64, as in the rest of the
-            # table.
+            # A GEMM of K = d_in + E·BLOCK_R: 128 × 256 tiles over 8 warps on sm_90 (the float32 accumulator is 128
+            # registers per thread, held by the wgmma instructions), so each program's L2 traffic per FLOP matches the
+            # 128 × 256 tiles a vendor GEMM uses on this part: with 128 × 128 the operands re-read from L2 (1.8 GB at
+            # T = 2048 for qkv_proj) outweigh the y round trip the fusion saves (gpu_model.py). sm_80's mma keeps
+            # more fragments in registers (128 × 128 spilled 152 bytes there), so 128 × 64; float32 (FMA dots) at
+            # 64 × 64, as in the rest of the table. Three stages of 128 × 64 and 64 × 256 tiles: 144 KiB.
             if dtype == torch.float32:
-                bt, bn, warps = 64, 64, NUM_WARPS
+                bt, bn, warps, stages = 64, 64, NUM_WARPS, 2
+            elif capability is None or tuple(capability) >= (9, 0):
+                bt, bn, warps, stages = 128, 256, 8, 3
             else:
-                bt, warps = 128, 8
-                bn = 128 if capability is None or tuple(capability) >= (9, 0) else 64
+                bt, bn, warps, stages = 128, 64, 8, 2
             kb = block_k
-            stages = 2
         else:
             bn = 64
             bt, warps, kb = _block_rows(num_tokens, bn, acc_max), NUM_WARPS, block_k

@@ -141,7 +141,7 @@ def align_pairs_by_expert(
         num_experts,
         num_blocks,
         n_tblocks,
-        route_block_t * k,
+        PAIRS_PER_TBLOCK=route_block_t * k,
         BLOCK_M=block_m,
         BLOCK_E=block_e,
         TB_CHUNK=max(MIN_TILE // block_e, min(next_pow2(n_tblocks), COUNTS_TILE // block_e), 1),

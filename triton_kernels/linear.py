@@ -1,8 +1,8 @@
 """One routed LoRA linear: a layer's experts as the kernels read them (:class:`PreparedExperts`, one object passed to
 every launch function), and the launch sequence of each regime (``dispatch.py`` says how the regime is chosen).
 
-- decode: route kernel → shrink kernel (on a side stream beside the base GEMM on a GPU: they need only x) → the
-  expand kernel adds into the base output (``decode.py``);
+- decode: route kernel → shrink kernel → expand kernel (``decode.py``); with a base weight on a GPU they compute the
+  delta into a float32 buffer on a side stream beside the base GEMM (they need only x), and ``y += delta`` follows;
 - dense: route pass (1 kernel, 2 with split-K) → one kernel computing ``x Wᵀ + bias + delta`` (fused-base plan: no
   cuBLAS call, y written once), or cuBLAS then the dense expand into its output;
 - grouped: base GEMM → route pass (routing and per-block pair counts) → scatter of the pairs by expert → grouped
@@ -183,20 +183,28 @@ def add_delta_(
 def _decode_beside_base(
     layer: PreparedExperts, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan, scores
 ) -> torch.Tensor:
-    """Decode on a GPU: the route and shrink kernels on a side stream while cuBLAS computes the base, then the expand.
+    """Decode with a base weight: the three decode kernels compute the delta into a float32 buffer on a side stream
+    while cuBLAS computes the base (on a GPU), then ``y += delta`` (one rounding into y) is all that waits for both.
 
     The buffers are allocated on the caller's stream before the fork, so the caching allocator cannot hand them to
-    other work until the caller's stream has passed the expand, which runs after the join.
+    other work until the caller's stream has passed the final add, which runs after the join. Off a GPU (meta tensors
+    when recording, the interpreter in tests) the same launches run in order.
     """
     buffers = decode.workspace(x, layer.top_k, plan.decode)
+    delta = torch.empty(x.shape[0], layer.d_out, device=x.device, dtype=torch.float32)
+    if not x.is_cuda:
+        decode.route_shrink(layer, x, plan.decode, buffers, scores)
+        decode.expand_(layer, delta, plan.decode, buffers, False)
+        return F.linear(x, weight, bias).add_(delta)
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device.index)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         decode.route_shrink(layer, x, plan.decode, buffers, scores)
+        decode.expand_(layer, delta, plan.decode, buffers, False)
     y = F.linear(x, weight, bias)
     main.wait_stream(side)
-    return decode.expand_(layer, y, plan.decode, buffers, True)
+    return y.add_(delta)
 
 
 def routed_linear(
@@ -206,11 +214,13 @@ def routed_linear(
     bias: torch.Tensor | None,
     scores: torch.Tensor | None = None,
     plan: Plan | None = None,
+    beside: bool | None = None,
 ) -> torch.Tensor:
     """``x Wᵀ + bias + delta`` for x (T, d_in), or only the delta when ``weight`` is None (arguments already valid).
 
     A weight whose rows are not unit-stride (GPT-2 Conv1D passes a transposed view) is never fused: cuBLAS computes
-    the base and the expand adds into it.
+    the base and the expand adds into it. ``beside``: run a decode call's delta beside the base GEMM (default: on
+    CUDA tensors; the AOT recording and the tests force it to reach that sequence without a GPU).
     """
     t = x.shape[0]
     fusable = weight is not None and weight.stride(-1) == 1
@@ -221,7 +231,7 @@ def routed_linear(
     if weight is None or plan.fuses_base:
         y = torch.empty(t, layer.d_out, device=x.device, dtype=x.dtype)
         return add_delta_(layer, y, x, plan, weight is not None, scores, weight, bias)
-    if plan.regime == "decode" and x.is_cuda and t > 0:
+    if plan.regime == "decode" and t > 0 and (x.is_cuda if beside is None else beside):
         return _decode_beside_base(layer, x, weight, bias, plan, scores)
     y = F.linear(x, weight, bias)
     return add_delta_(layer, y, x, plan, True, scores)

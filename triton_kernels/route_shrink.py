@@ -194,8 +194,16 @@ def _route_shrink_kernel(
                 wj = slot(w, j, BLOCK_KK)
                 wexp += tl.where(ce == ej[:, None], wj[:, None], 0.0)
             if MIX_WEIGHTS:
-                hs = tl.sum(tl.reshape(acc_a * wexp, (BLOCK_T, BLOCK_EA, BLOCK_R)), axis=1)
-                coef = tl.reshape(tl.reshape(wexp, (BLOCK_T, BLOCK_EA, BLOCK_R)) * hs[:, None, :], (BLOCK_T, NA))
+                # hs[t, s] = Σ_e w_e h[t, e, s] and its spread back over every expert's slot s, as two small dots
+                # with a one-hot (NA, RB) matrix (products by 0 and 1 are exact, the sums float32): reshaping the
+                # block to (BLOCK_T, BLOCK_EA, BLOCK_R) instead spilled 80-200 bytes on sm_90.
+                RB: tl.constexpr = 16 if BLOCK_R < 16 else BLOCK_R  # tl.dot N >= 16
+                cc = tl.arange(0, NA)
+                rr = tl.arange(0, RB)
+                onehot = ((cc[:, None] % BLOCK_R) == rr[None, :]).to(tl.float32)
+                onehot_t = (rr[:, None] == (cc[None, :] % BLOCK_R)).to(tl.float32)
+                hs = tl.dot(acc_a * wexp, onehot, input_precision="ieee")
+                coef = wexp * tl.dot(hs, onehot_t, input_precision="ieee")
             else:
                 coef = acc_a * wexp
             tl.store(c_ptr + t64[:, None] * NA + a_cols, coef.to(c_ptr.dtype.element_ty), mask=t_mask[:, None])
@@ -232,25 +240,31 @@ def route_shrink(
     args = (x, p_route, layer.a, scores if scores is not None else w, c if na else x, idx, w, ws)
     args += (counts if counts is not None else idx, t, d_in, x.stride(0), p_route.stride(0), layer.a.stride(0))
     args += (layer.num_experts, layer.rank, k_per_split, split_k, 1.0 / layer.temperature, float(layer.inv_scale))
+    dense = plan.mode == MODE_DENSE
     common = dict(
         TOP_K=top_k,
         MODE=plan.mode,
-        MIX_WEIGHTS=layer.mix_weights,
+        MIX_WEIGHTS=layer.mix_weights and dense,
         PIECES=plan.pieces,
         HAS_SCORES=scores is not None,
         BLOCK_T=plan.block_t,
         BLOCK_K=plan.block_k,
         BLOCK_E=plan.block_e,
-        BLOCK_EA=plan.block_ea,
-        BLOCK_R=plan.block_r,
+        BLOCK_EA=plan.block_ea if dense else 1,  # the shrink block exists in mode DENSE only
+        BLOCK_R=plan.block_r if dense else 16,
         BLOCK_KK=plan.block_kk,
         SPLIT_CHUNK=plan.split_chunk,
         SCORE_CHUNK=plan.score_chunk,
         COUNT_PAIRS=plan.count_pairs,
         num_warps=plan.num_warps,
     )
+    # Constexprs a phase does not read are passed as fixed values, so a phase compiles once for all the values it
+    # ignores: PHASE 1 has no epilogue, PHASE 2 no K loop.
+    no_epilogue = dict(TOP_K=1, MIX_WEIGHTS=False, BLOCK_KK=1, SPLIT_CHUNK=1, SCORE_CHUNK=1, COUNT_PAIRS=False)
+    no_k_loop = dict(PIECES=1, BLOCK_K=16)
     phases = ((1, (n_tblocks, split_k)), (2, (n_tblocks, 1))) if split_k > 1 else ((0, (n_tblocks, 1)),)
     for phase, grid in phases:
+        kw = {**common, **(no_epilogue if phase == 1 else no_k_loop if phase == 2 else {})}
         stages = plan.num_stages if phase != 2 else 1
-        launch(_route_shrink_kernel, grid, *args, PHASE=phase, num_stages=stages, **common)
+        launch(_route_shrink_kernel, grid, *args, PHASE=phase, num_stages=stages, **kw)
     return c, idx, w, counts

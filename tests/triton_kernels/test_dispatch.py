@@ -118,7 +118,8 @@ def test_decode_grids_fill_the_gpu(shape, er, t):
         assert route[0] * route[1] * route[2] >= sms / 2, (route, sms)
         assert p.route_k_per_split <= d_in // 8 and p.route_splits > 1
         shrink = p.shrink_grid(t)
-        assert shrink[0] * shrink[1] >= sms / 8 and p.shrink_k_per_split <= 2 * dispatch.DECODE_SHRINK_BLOCK_K
+        assert shrink[0] * shrink[1] >= sms / 8
+        assert p.shrink_k_per_split <= dispatch.DECODE_SHRINK_STEPS * p.shrink_block_k
         assert p.expand_grid(t, d_out)[0] * p.block_n >= d_out
 
 
