@@ -17,8 +17,8 @@ Method:
   L2-hot;
 - a "*_graph" row is a graph of the same ``calls`` rotated calls, and is reported against "base_graph";
 - before timing, ours (and the forced variants) are checked against the float64 reference at the benchmark shape, on
-  the first tokens whose top-k margin is clear (``tests/tolerances.py``); a failed check is recorded in the row and makes the
-  script exit 1 after writing the JSON.
+  the first tokens whose top-k margin is clear (``tests/tolerances.py``); a failed check is recorded in the row and
+  makes the script exit 1 after writing the JSON.
 
 Model level: a random Phi-3-mini (32 layers, bf16; ``--quick``: the same widths with 4 layers) with 10 task + 3
 general rank-8 adapters and GenKnowSub, patched copy vs base, prefill of 512 tokens and greedy decode of 32 tokens,
