@@ -320,7 +320,8 @@ def write_json(path: str, rows: list[dict], interrupted: bool, notes: list[str])
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="write the results here (pytest-benchmark layout)")
     parser.add_argument("--quick", action="store_true", help="two modules, T in {1, 4096}; a 4-layer model")
@@ -328,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--no-model", action="store_true", help="op level only")
     group.add_argument("--model-only", action="store_true", help="model level only")
     parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device", file=sys.stderr)
         return 2
