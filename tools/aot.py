@@ -298,10 +298,11 @@ def streams_16_bytes(loop: dict) -> bool:
     bytes or more that add up to at most 32 bytes per thread and step (a tile too small to give each thread 16
     bytes, as the route pass's x and prototype tiles at 16 token rows are). Scalar 1-, 2- or 4-byte loads pass only
     beside a majority of 16-byte ones (indices, weights)."""
-    wide = 16 * (loop["ld"].get(16, 0) + loop["cp_async"].get(16, 0) + loop["bulk"])
-    narrow = {w: n for d in (loop["ld"], loop["cp_async"]) for w, n in d.items() if w < 16}
-    narrow_bytes = sum(w * n for w, n in narrow.items())
-    return wide >= narrow_bytes or (min(narrow) >= 8 and narrow_bytes <= 32)
+    loads = [(int(w), n) for d in (loop["ld"], loop["cp_async"]) for w, n in d.items()]  # JSON keys are strings
+    wide = 16 * (sum(n for w, n in loads if w >= 16) + loop["bulk"])
+    narrow = [(w, n) for w, n in loads if w < 16]
+    narrow_bytes = sum(w * n for w, n in narrow)
+    return wide >= narrow_bytes or (min(w for w, _ in narrow) >= 8 and narrow_bytes <= 32)
 
 
 def main_loops(loops: list[dict]) -> list[dict]:

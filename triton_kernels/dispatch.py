@@ -449,7 +449,15 @@ def choose_plan(
         block_t *= 2
     # 8 warps from 32 token rows (the larger accumulator); a 16-row block on 8 warps spilled 16 bytes on sm_90 with
     # a 256-column shrink block although it held only 17 accumulator registers per thread.
-    route_warps = ROUTE_WARPS if dtype != torch.float32 and block_t >= 32 else NUM_WARPS
+    route_block_k = block_k
+    if dtype == torch.float32:
+        # FMA dots hold operand fragments in registers: a 16-row block with 272 columns took 128 registers per thread
+        # on 4 warps and spilled 20 bytes on sm_90; 8 warps halve each thread's share, and K tiles of 32 keep the x
+        # and prototype tiles at 2 float32 per thread (16-column tiles left 1: 4-byte copies).
+        route_warps = ROUTE_WARPS if block_t * (block_e + na) > acc_max else NUM_WARPS
+        route_block_k = 32 if route_warps == ROUTE_WARPS else block_k
+    else:
+        route_warps = ROUTE_WARPS if block_t >= 32 else NUM_WARPS
     n_tblocks = max(1, cdiv(num_tokens, block_t))
     if split is None:
         split = 1
@@ -458,7 +466,7 @@ def choose_plan(
     route = RoutePlan(
         mode=mode,
         block_t=block_t,
-        block_k=block_k,
+        block_k=route_block_k,
         block_e=block_e,
         block_ea=block_ea,
         block_r=block_r,
@@ -469,12 +477,13 @@ def choose_plan(
         split_chunk=max(1, min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * max(block_e, na))))),
         score_chunk=max(
             MIN_TILE * route_warps // NUM_WARPS // (block_t * block_e),
-            min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * block_e))),
+            # a quarter of the budget: the "weights" epilogue spilled 8 bytes on sm_90 with (8, 32, 16) tiles
+            min(next_pow2(split), _pow2_floor(acc_max // 4 // (block_t * block_e))),
             1,
         ),
         num_warps=route_warps,
         # Two stages when the dense shrink block is wide: three spilled 8 bytes on sm_90 (BLOCK_T = 32, 128 columns).
-        num_stages=_stages((block_t + block_e + na) * block_k * elt, capability) if na < 128 else 2,
+        num_stages=_stages((block_t + block_e + na) * route_block_k * elt, capability) if na < 128 else 2,
         count_pairs=mode == MODE_ROUTE,
     )
     if regime == "dense":

@@ -107,6 +107,7 @@ def _route_shrink_kernel(
     idx_ptr,
     wts_ptr,
     ws_ptr,
+    scratch_ptr,
     counts_ptr,
     T,
     D_IN,
@@ -194,19 +195,33 @@ def _route_shrink_kernel(
                 wj = slot(w, j, BLOCK_KK)
                 wexp += tl.where(ce == ej[:, None], wj[:, None], 0.0)
             if MIX_WEIGHTS:
-                # hs[t, s] = Σ_e w_e h[t, e, s] and its spread back over every expert's slot s, as two small dots
-                # with a one-hot (NA, RB) matrix (products by 0 and 1 are exact, the sums float32): reshaping the
-                # block to (BLOCK_T, BLOCK_EA, BLOCK_R) instead spilled 80-200 bytes on sm_90.
-                RB: tl.constexpr = 16 if BLOCK_R < 16 else BLOCK_R  # tl.dot N >= 16
-                cc = tl.arange(0, NA)
-                rr = tl.arange(0, RB)
-                onehot = ((cc[:, None] % BLOCK_R) == rr[None, :]).to(tl.float32)
-                onehot_t = (rr[:, None] == (cc[None, :] % BLOCK_R)).to(tl.float32)
-                hs = tl.dot(acc_a * wexp, onehot, input_precision="ieee")
-                coef = wexp * tl.dot(hs, onehot_t, input_precision="ieee")
+                # hs[t, s] = Σ_e w_e h[t, e, s], spread back over every selected expert's slot s: the weighted block
+                # goes through an L2 scratch row and comes back as a (BLOCK_T, BLOCK_EA, BLOCK_R) tile, whose layout
+                # the loads choose (reshaping the register block instead spilled 80-200 bytes on sm_90, and one-hot
+                # FMA dots over the 256 columns spilled a kilobyte). The barrier makes every thread's stores visible
+                # to the whole program before the loads.
+                rows = scratch_ptr + t64[:, None] * NA
+                tl.store(rows + a_cols, acc_a * wexp, mask=t_mask[:, None])
+                tl.debug_barrier()
+                # Chunks of EC experts: (BLOCK_T, EC, BLOCK_R) tiles of at most 2048 elements.
+                EC: tl.constexpr = max(1, min(BLOCK_EA, 2048 // (BLOCK_T * BLOCK_R)))
+                s3 = tl.arange(0, BLOCK_R)[None, None, :]
+                m3 = t_mask[:, None, None]
+                hs = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+                for e0 in range(0, BLOCK_EA, EC):  # a loop, not unrolled: one chunk's registers at a time
+                    e3 = e0 + tl.arange(0, EC)[None, :, None]
+                    hs += tl.sum(tl.load(scratch_ptr + t64[:, None, None] * NA + e3 * BLOCK_R + s3, mask=m3,
+                                         other=0.0), axis=1)  # fmt: skip
+                for e0 in range(0, BLOCK_EA, EC):
+                    e2 = e0 + tl.arange(0, EC)[None, :]
+                    wsel = tl.zeros((BLOCK_T, EC), dtype=tl.float32)
+                    for j in tl.static_range(TOP_K):
+                        wsel += tl.where(e2 == slot(top_i, j, BLOCK_KK)[:, None], slot(w, j, BLOCK_KK)[:, None], 0.0)
+                    c3 = c_ptr + t64[:, None, None] * NA + (e0 + tl.arange(0, EC)[None, :, None]) * BLOCK_R + s3
+                    tl.store(c3, (wsel[:, :, None] * hs[:, None, :]).to(c_ptr.dtype.element_ty), mask=m3)
             else:
-                coef = acc_a * wexp
-            tl.store(c_ptr + t64[:, None] * NA + a_cols, coef.to(c_ptr.dtype.element_ty), mask=t_mask[:, None])
+                tl.store(c_ptr + t64[:, None] * NA + a_cols, (acc_a * wexp).to(c_ptr.dtype.element_ty),
+                         mask=t_mask[:, None])  # fmt: skip
 
 
 def route_shrink(
@@ -237,7 +252,9 @@ def route_shrink(
     nw = plan.block_e + (na if plan.mode == MODE_DENSE else 16)
     ws = torch.empty(split_k * t * nw if split_k > 1 else 1, device=dev, dtype=torch.float32)
     p_route = layer.p_route
-    args = (x, p_route, layer.a, scores if scores is not None else w, c if na else x, idx, w, ws)
+    # Scratch rows for the "weights" mixing epilogue only.
+    scratch = torch.empty(t * na if na and layer.mix_weights else 1, device=dev, dtype=torch.float32)
+    args = (x, p_route, layer.a, scores if scores is not None else w, c if na else x, idx, w, ws, scratch)
     args += (counts if counts is not None else idx, t, d_in, x.stride(0), p_route.stride(0), layer.a.stride(0))
     args += (layer.num_experts, layer.rank, k_per_split, split_k, 1.0 / layer.temperature, float(layer.inv_scale))
     dense = plan.mode == MODE_DENSE
