@@ -132,7 +132,7 @@ def test_main_loops_load_16_bytes(aot_results):
         # The decode expand and the grouped expand have no loop over their operands (one tile per program), the
         # scatter unrolls its pair chunks.
         assert with_loops >= KERNELS - {"_decode_expand_kernel", "_grouped_expand_kernel", "_scatter_kernel"}
-    cp_async = {r["kernel"] for r in table if any(lp["cp_async"].get(16) for lp in r["loops"])}
+    cp_async = {r["kernel"] for r in table if any(lp["cp_async"].get("16") for lp in r["loops"])}  # JSON: str keys
     assert {"_route_shrink_kernel", "_expand_dense_kernel"} <= cp_async, "the GEMM loops must be pipelined"
 
 
