@@ -1,4 +1,4 @@
-"""Per-call cost of ``ops.arrow_prototypes`` on one module against the cost of reading its inputs (issue 14 item 4).
+"""Per-call cost of ``ops.arrow_prototypes`` on one module against the cost of reading its inputs.
 
 Three timings, interleaved over the repeats (medians, ms):
 - read: one pass over A and B (``torch.sum`` of each), the floor of any exact method;

@@ -39,7 +39,7 @@ README_BEGIN, README_END = "<!-- eval-table -->", "<!-- /eval-table -->"
 def build(root: str, n_examples: int, seed: int):
     """Model, library, tokenizer, examples; saved under ``root`` for lm-eval."""
     import genknowsub_fast as gkf
-    from genknowsub_fast.eval_formats import lm_eval_task_yaml
+    from genknowsub_fast.evaluate.formats import lm_eval_task_yaml
     from genknowsub_fast.synthetic import PHI3_TARGETS, make_choice_examples, make_phi3, make_tokenizer, write_adapters
 
     base = make_phi3("small", seed=seed)

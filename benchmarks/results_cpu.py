@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-# (section, substring of the case name, (impl, reference impl, max ratio)): issue 14 and docs/design.md.
+# (section, substring of the case name, (impl, reference impl, max ratio)): the speed targets of docs/design.md.
 CPU_TARGETS = [
     ("op", "E10_", ("ours", "base", 1.05)),
     ("op", "E64_", ("ours", "base", 1.05)),

@@ -1,4 +1,4 @@
-"""How much of a bf16 patched layer's time goes to the float32 routing scores (issue 12.5).
+"""How much of a bf16 patched layer's time goes to the float32 routing scores.
 
 A patched bf16 nn.Linear (Phi-3-mini shapes, random experts) is timed whole, and beside it, in the same loop, the
 score computation it does (``x`` converted to float32, ``x · Pᵀ`` against the float32 prototypes) and the bf16 score

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_PROMPTS, NEW_TOKENS = 16, 64
 PROMPT_LENGTHS = (16, 64)  # each prompt's length is drawn in this range
 NUM_EXPERTS, NUM_GENERAL, RANK, TOP_K = 10, 3, 8, 3
-TARGET = 0.90  # issue 16: >= 0.90x base throughput
+TARGET = 0.90  # the serving target: >= 0.90x base throughput
 DTYPE = "bfloat16"
 ENGINE_KWARGS = dict(
     dtype=DTYPE, skip_tokenizer_init=True, gpu_memory_utilization=0.1, max_model_len=256, max_num_seqs=NUM_PROMPTS

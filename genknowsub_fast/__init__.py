@@ -18,6 +18,7 @@ from ._version import __version__
 _EXPORTS = {
     "LoraLibrary": "library",
     "ModuleExperts": "experts",
+    "RoutingOptions": "options",
     "arrow_prototypes": "ops",
     "arrow_route": "ops",
     "routed_lora": "ops",
@@ -33,7 +34,19 @@ _EXPORTS = {
     "compare_gks": "analytics",
     "record_routing": "analytics",
 }
-_SUBMODULES = ("ops", "reference", "gks", "analytics", "integrations", "synthetic")
+# public submodule name → its module (relative to this package)
+_SUBMODULES = {
+    "ops": "ops",
+    "options": "options",
+    "reference": "reference",
+    "gks": "library.gks",
+    "library": "library",
+    "analytics": "analytics",
+    "evaluate": "evaluate",
+    "integrations": "integrations",
+    "synthetic": "synthetic",
+    "testing": "testing",
+}
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
@@ -42,7 +55,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

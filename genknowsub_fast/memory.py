@@ -47,4 +47,14 @@ def human_bytes(n: float) -> str:
     return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
-__all__ = ["available_bytes", "human_bytes"]
+def check_fits(need: int, what: str, hint: str = "") -> str:
+    """``what`` (a description of something that needs ``need`` bytes), or ValueError ``"<what>, but only <free> of
+    memory is available; <hint>"`` when :func:`available_bytes` says it would not fit (nothing is refused where that
+    is unknown). Commands call it before they build anything big."""
+    free = available_bytes()
+    if free is not None and need > free:
+        raise ValueError(f"{what}, but only {human_bytes(free)} of memory is available" + (f"; {hint}" if hint else ""))
+    return what
+
+
+__all__ = ["available_bytes", "human_bytes", "check_fits"]

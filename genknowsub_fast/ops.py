@@ -10,23 +10,13 @@ import warnings
 
 import torch
 
-from .backends import prototype_ext, torch_ops, torch_prototypes
+from .backends import prototype_ext, torch_ops
 from .backends.packing import check_factors
-from .experts import ModuleExperts
-from .library_checks import all_finite
+from .experts import ModuleExperts, all_finite
 from .options import RoutingOptions, resolve_routing
 from .runner import BACKENDS, RoutedLinear, resolve_backend, triton_status
 
 PROTOTYPE_METHODS = ("exact", "power", "svd")
-
-
-def _check_finite(experts: ModuleExperts) -> None:
-    """ValueError naming the first of A, B, scaling, prototypes that holds NaN or Inf (raw tensors given to the ops;
-    a library's experts were checked when it was built or loaded)."""
-    named = (("A", experts.a), ("B", experts.b), ("scaling", experts.scaling), ("prototypes", experts.prototypes))
-    for name, t in named:
-        if not all_finite(t):
-            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def arrow_prototypes(
@@ -49,16 +39,7 @@ def arrow_prototypes(
         raise ValueError(f"expected A (E, r, d_in) and B (E, d_out, r), got {tuple(a.shape)} and {tuple(b.shape)}")
     if method not in PROTOTYPE_METHODS:
         raise ValueError(f"unknown prototype method {method!r}; expected one of {PROTOTYPE_METHODS}")
-    if method == "exact":
-        (p,), (zero,) = prototype_ext.exact_prototypes_batched([a], [b])
-    else:
-        prototype_ext.check_finite([a], [b])
-        if method == "power":
-            return torch_prototypes.power_prototypes(a, b, rng_seed=rng_seed)
-        from . import reference
-
-        p = reference.prototypes_svd(a.to(torch.float64), b.to(torch.float64)).to(a.dtype)
-        zero = ~(p != 0).any(dim=1)
+    (p,), (zero,) = prototype_ext.prototypes_by_method([a], [b], method, rng_seed)
     if warn_zero and bool(zero.any()):
         warnings.warn(
             f"{int(zero.sum())} expert(s) have ΔW = 0 (indices {zero.nonzero().flatten().tolist()}): "
@@ -106,7 +87,7 @@ def prepare(
     """
     if not isinstance(experts, ModuleExperts):
         raise ValueError(f"experts must be a ModuleExperts, got {type(experts).__name__}")
-    _check_finite(experts)
+    experts.check_finite()
     options = resolve_routing(experts.num_experts, top_k, temperature, mixing)
     return RoutedLinear(experts, options, backend, device, dtype, name)
 
@@ -136,7 +117,7 @@ def routed_lora(
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({b.shape[1]}, {a.shape[2]})")
     ranks = torch.full((a.shape[0],), a.shape[1], dtype=torch.int64)
     experts = ModuleExperts(a, b, scaling, prototypes, ranks)
-    _check_finite(experts)
+    experts.check_finite()
     options = RoutingOptions(top_k, temperature, mixing).check_experts(experts.num_experts)
     return RoutedLinear(experts, options, backend)(x, weight, bias)
 

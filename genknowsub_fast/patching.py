@@ -115,9 +115,8 @@ class _PatchedForward:
         lin = layer._linear
         if lin is not None:
             # The parameters straight from the module's dict, which is what lin.weight returns when they are
-            # registered, without nn.Module.__getattr__ after a failed normal lookup (7.1k instructions a call
-            # against 1.4k, callgrind). Otherwise (torch.nn.utils.weight_norm makes weight a plain attribute) the
-            # attributes.
+            # registered, without nn.Module.__getattr__'s slow path (docs/design.md, "What a call costs").
+            # Otherwise (torch.nn.utils.weight_norm makes weight a plain attribute) the attributes.
             params = lin._parameters
             if "weight" in params and "bias" in params:
                 weight, bias = params["weight"], params["bias"]
@@ -147,10 +146,8 @@ class _PeftArrowForward(_PatchedForward):
     and PEFT's own forward otherwise (after ``set_adapter("task_0")``, ``disable_adapter()``, a mixed-batch call), so
     the patched model computes what PEFT computes in every adapter state, and PEFT's training path keeps working.
 
-    ``active`` is the integration's ``router_is_active``: three PEFT properties, measured at 1.7-2.3 µs per call
-    (timeit, loaded 2-core machine), i.e. 8 × 2.3 µs = 0.16 % of an 11.8 ms tiny Phi-3 decode step (8 patched
-    layers, 1 thread); interleaved decode timings with and without it did not tell them apart (median ratio 1.01,
-    quartiles 0.83-1.13).
+    ``active`` is the integration's ``router_is_active``: three PEFT properties read per call (their cost is in
+    docs/design.md, "What a call costs").
     """
 
     __slots__ = ("active",)

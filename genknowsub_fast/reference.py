@@ -3,7 +3,7 @@
 Everything here is written for readability, not speed: it materialises ΔW = B·A, loops where the maths loops and
 works in whatever dtype it is given (pass float64 for the ground truth). Nothing here imports PEFT.
 
-Shapes follow DESIGN.md: A (E, r, d_in), B (E, d_out, r), scaling (E,), prototypes (E, d_in), x (T, d_in).
+Shapes (docs/design.md): A (E, r, d_in), B (E, d_out, r), scaling (E,), prototypes (E, d_in), x (T, d_in).
 Mixed ranks are represented by zero-padding A's rows and B's columns up to r_max; padding contributes nothing.
 """
 

@@ -222,10 +222,8 @@ class RoutedLinear:
             x2 = x.reshape(-1, x.shape[-1])
             y = plan.triton(x2 if x2.is_contiguous() else x2.contiguous(), weight, bias)
             return y.view(*x.shape[:-1], self.d_out)
-        # x and y keep their leading shape: the compiled op takes (..., d) tensors. What a patched hidden-256 Phi-3
-        # qkv_proj (E=6, r=8, k=3, float32, T=1) added per call to F.linear's 100k instructions (callgrind): 72k when
-        # this method reshaped x (8.6k), viewed y back (13.9k), and went through cpu_kernel.add_delta_ (3.7k of
-        # checks), with takes() at 11.4k and the op at 36k; now the op, a cheaper takes() and a few k.
+        # x and y keep their leading shape: the compiled op takes (..., d) tensors, so no reshape or view is paid per
+        # call (docs/design.md, "What a call costs").
         if not x.is_contiguous():
             x = x.contiguous()
         y = F.linear(x, weight, bias) if weight is not None else x.new_zeros(*x.shape[:-1], self.d_out)

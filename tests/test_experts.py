@@ -18,14 +18,14 @@ def _experts(e=3, r=2, d_in=512, d_out=768):
 
 
 def test_repr_is_one_short_line():
-    """Issue 13 #20: the dataclass repr printed every tensor."""
+    """the dataclass repr printed every tensor."""
     text = repr(_experts())
     assert text == "ModuleExperts(3 experts, 512→768, rank 1/2, float32, cpu)"
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64, "float16"])
 def test_to_refuses_non_float_dtypes(dtype):
-    """Issue 13 #7: `to(dtype=torch.int8)` truncated every factor to zero."""
+    """`to(dtype=torch.int8)` truncated every factor to zero."""
     with pytest.raises(ValueError, match="floating-point dtype"):
         _experts().to(dtype=dtype)
 

@@ -208,9 +208,11 @@ def test_accelerate_hook_stays_in_front(phi3_setup):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
-    """A half-precision model gets half-precision experts; a patched layer's output meets the tolerance table.
+    """A half-precision model gets half-precision experts; the patched layer's delta (alone, so the base output's
+    magnitude does not loosen the bound) and its whole output meet the tolerance table.
 
     Inputs are built with a clear top-k margin (whole random models flip near-tied routings in bf16, as PEFT does).
+    The same check refuses a delta in which one selected expert's B is 10 % off: it can fail.
     """
     from tests.tolerances import assert_close_to_reference
 
@@ -218,7 +220,8 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
     model = gkf.patch_model(copy.deepcopy(phi3_setup.base).to(dtype), lib, top_k=2, temperature=0.5)
     path = "model.layers.1.self_attn.o_proj"
     layer = dict(model.named_modules())[path]
-    packed = patched_layers(model)[path].runner.packed
+    runner = patched_layers(model)[path].runner
+    packed = runner.packed
     assert packed.b_t.dtype == dtype and packed.a.dtype == dtype and packed.prototypes.dtype == torch.float32
     m = lib.modules[path]
     p64 = m.prototypes.double()
@@ -228,15 +231,24 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
     x64 = x64.to(dtype).double()  # representable in the low dtype
     w0 = layer.weight.double()
 
-    def ref(dt):
-        c = {k: getattr(m, k).to(dt) for k in ("a", "b", "prototypes")}
+    def ref(dt, base=True, b=m.b):
+        c = {"a": m.a.to(dt), "b": b.to(dt), "prototypes": m.prototypes.to(dt)}
         return reference.routed_lora(
-            x64.to(dt), c["a"], c["b"], m.scaling.to(dt), c["prototypes"], 2, 0.5, weight=w0.to(dt)
+            x64.to(dt), c["a"], c["b"], m.scaling.to(dt), c["prototypes"], 2, 0.5, weight=w0.to(dt) if base else None
         )
 
     with torch.no_grad():
-        ours = layer(x64.to(dtype))
-    assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
+        delta = runner(x64.to(dtype))  # what the patched layer adds to x Wᵀ, alone
+        whole = layer(x64.to(dtype))
+    assert_close_to_reference(delta, ref(torch.float64, False), ref(dtype, False), dtype, f"{dtype} o_proj delta")
+    assert_close_to_reference(whole, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
+    # A kernel that read one selected expert's B 10 % off would be refused by the same check.
+    top = int(reference.route(x64, p64, 2, 0.5)[1][0, 0])  # an expert the first token uses
+    wrong_b = m.b.double().clone()
+    wrong_b[top] *= 1.1
+    mutant = delta.double() + (ref(torch.float64, False, wrong_b) - ref(torch.float64, False))
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(mutant, ref(torch.float64, False), ref(dtype, False), dtype, "mutant")
 
 
 def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monkeypatch):
@@ -261,9 +273,9 @@ def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monke
     assert emb.grad is not None and bool(emb.grad.abs().sum() > 0)
 
 
-# ------------------------------------------------------------------------------------ issue 13: patching faults
+# ------------------------------------------------------------------------------------------- patching faults
 def test_concurrent_patch_and_unpatch_are_atomic(phi3_setup, monkeypatch):
-    """Issue 13 #1: two threads patching one model both succeeded (each passed the "already patched" test before the
+    """two threads patching one model both succeeded (each passed the "already patched" test before the
     other wrote), and after one unpatch the model's forward raised KeyError. Each packing step here sleeps 20 ms, so
     without the lock both threads are certain to pass that test together; with it the second waits and is refused."""
     import threading
@@ -314,7 +326,7 @@ def test_concurrent_patch_and_unpatch_are_atomic(phi3_setup, monkeypatch):
 
 
 def test_default_top_k_fits_a_small_library(phi3_setup):
-    """Issue 13 #17: with two experts and no top_k given, patching raised about `top_k=3`, never passed by the user;
+    """with two experts and no top_k given, patching raised about `top_k=3`, never passed by the user;
     the default is min(3, E) when the library carries none."""
     lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
     model = gkf.patch_model(phi3_setup.fresh(), lib)
@@ -322,7 +334,7 @@ def test_default_top_k_fits_a_small_library(phi3_setup):
 
 
 def test_routing_argument_types(phi3_setup):
-    """Issue 13 #17: a numpy integer top_k was refused while temperature=True was accepted (as 1.0)."""
+    """a numpy integer top_k was refused while temperature=True was accepted (as 1.0)."""
     import numpy as np
 
     lib = LoraLibrary.from_adapters(phi3_setup.task)
@@ -335,7 +347,7 @@ def test_routing_argument_types(phi3_setup):
 
 
 def test_patch_model_refuses_none_and_matches_modules_before_routing_args(phi3_setup, phi2_setup):
-    """Issue 13 #17: patch_model(None) raised AttributeError, and a library matching nothing in the model was reported
+    """patch_model(None) raised AttributeError, and a library matching nothing in the model was reported
     as a bad top_k when top_k was also out of range (the top_k check ran before the module match)."""
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     with pytest.raises(ValueError, match="must be a torch.nn.Module"):
@@ -346,7 +358,7 @@ def test_patch_model_refuses_none_and_matches_modules_before_routing_args(phi3_s
 
 
 def test_unpatching_inside_patched_block(phi3_setup):
-    """Issue 13 #17: unpatching inside `patched()` made the block's exit raise "not patched"."""
+    """unpatching inside `patched()` made the block's exit raise "not patched"."""
     model = phi3_setup.fresh()
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     with gkf.patched(model, lib, top_k=2):
@@ -355,7 +367,7 @@ def test_unpatching_inside_patched_block(phi3_setup):
 
 
 def test_patched_model_pickles(phi3_setup):
-    """Issue 13 #18: torch.save(patched_model) failed on a pybind object. The instance forward is a picklable object
+    """torch.save(patched_model) failed on a pybind object. The instance forward is a picklable object
     and the runner drops its packed plan when pickled; the loaded model computes the same logits and unpatches."""
     import io
 

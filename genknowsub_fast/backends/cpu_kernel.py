@@ -48,8 +48,8 @@ def available() -> bool:
 def takes(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether the op can take x and y: CPU tensors of one dtype among float32 / bfloat16 / float16, and no autograd
     through them (the op has no backward; with gradients on, the torch regimes run)."""
-    # is_cpu and identity tests of the dtypes: x.device builds a device object per access, and the former
-    # `x.device.type != "cpu"` form cost 11.4k instructions a call against about 3k now (callgrind, patched layer).
+    # is_cpu and identity tests of the dtypes: x.device builds a device object per access (docs/design.md, "What a
+    # call costs").
     if not (x.is_cpu and y.is_cpu) or y.dtype is not x.dtype or x.dtype not in KERNEL_DTYPES:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..library_checks import all_finite
+from ..experts import all_finite
 from . import extension, torch_prototypes
 
 # The CUDA kernel's per-thread accumulators and shared memory are sized for r <= 64 (csrc/prototypes_cuda.h).
@@ -123,6 +123,29 @@ def exact_prototypes_batched(
         if bar is not None:
             bar.close()
     return protos, zeros
+
+
+def prototypes_by_method(
+    a_list: list[torch.Tensor], b_list: list[torch.Tensor], method: str, rng_seed: int | None = None, progress=False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(prototypes, zero masks) per module for ``method``: "exact" (batched, above), "power" (PEFT's 15-step power
+    iteration, :func:`torch_prototypes.power_prototypes`) or "svd" (a float64 SVD of each ΔW, for checks). NaN or Inf
+    in the factors is a ValueError. A zero mask marks the experts whose prototype is zero (ΔW = 0)."""
+    if method == "exact":
+        return exact_prototypes_batched(a_list, b_list, progress=progress)
+    check_finite(a_list, b_list)
+    if method == "power":
+        protos = [torch_prototypes.power_prototypes(a, b, rng_seed=rng_seed) for a, b in zip(a_list, b_list)]
+    elif method == "svd":
+        from .. import reference
+
+        protos = [
+            reference.prototypes_svd(a.to(torch.float64), b.to(torch.float64)).to(a.dtype)
+            for a, b in zip(a_list, b_list)
+        ]
+    else:
+        raise ValueError(f"unknown prototype method {method!r}; expected 'exact', 'power' or 'svd'")
+    return protos, [~(p != 0).any(dim=1) for p in protos]
 
 
 def _as_lists(res) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -27,8 +27,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..adapters import LoraAdapter
 from ..library import LoraLibrary
+from ..library.adapters import LoraAdapter
 
 ROUTER = "arrow_router"
 PEFT_PROTOTYPES = ("peft", "exact")

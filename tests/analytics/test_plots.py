@@ -73,7 +73,7 @@ def figures(monkeypatch):
 
 
 def test_similarity_heatmap_masks_the_diagonal(phi3_setup, figures, tmp_path):
-    """Issue 13 #21: the 1.0 diagonal set the colour scale, squeezing off-diagonal values of 0.06-0.23 into one dark
+    """the 1.0 diagonal set the colour scale, squeezing off-diagonal values of 0.06-0.23 into one dark
     colour. The diagonal is masked and the scale ends at the largest off-diagonal value."""
     cmp = compare_gks(phi3_setup.task, phi3_setup.general)
     plots.plot_similarity(cmp.after, tmp_path / "s.png", cmp.before)
@@ -89,7 +89,7 @@ def test_similarity_heatmap_masks_the_diagonal(phi3_setup, figures, tmp_path):
 
 
 def test_entropy_lines_are_distinguishable(phi3_setup, lib, figures, tmp_path):
-    """Issue 13 #22: every module kind was drawn with the same marker and line style at the same x, so one line could
+    """every module kind was drawn with the same marker and line style at the same x, so one line could
     hide another exactly. Each kind now has its own marker and line style, and its own x offset."""
     model = patch_model(phi3_setup.fresh(), lib)
     with torch.no_grad(), record_routing(model, lib.expert_names) as stats:
@@ -104,7 +104,7 @@ def test_entropy_lines_are_distinguishable(phi3_setup, lib, figures, tmp_path):
 
 @pytest.mark.parametrize("note", ["phi2 tiny", " — random tokens, random model"])
 def test_title_note_goes_on_its_own_line(phi3_setup, lib, figures, tmp_path, note):
-    """Issue 13 #23: the note was glued to the title ("top-2)phi2 tiny") unless the caller added a separator."""
+    """the note was glued to the title ("top-2)phi2 tiny") unless the caller added a separator."""
     model = patch_model(phi3_setup.fresh(), lib, top_k=2)
     with torch.no_grad(), record_routing(model, lib.expert_names) as stats:
         model(phi3_setup.ids)
@@ -118,7 +118,7 @@ def test_title_note_goes_on_its_own_line(phi3_setup, lib, figures, tmp_path, not
 
 
 def test_readme_shows_how_to_plot_your_own_model(phi3_setup, lib, tmp_path, monkeypatch):
-    """Issue 13 #24: plotting the routing of one's own model was undocumented. The README's example runs as written
+    """plotting the routing of one's own model was undocumented. The README's example runs as written
     (with a tiny model standing in for yours) and writes the plots it names."""
     import pathlib
     import re

@@ -90,7 +90,7 @@ def test_record_routing_errors(phi3_setup, lib):
 
 
 def test_continuing_a_recording_with_other_routing_options_is_refused(phi3_setup, lib):
-    """Issue 13 #2: re-patching with another top_k and passing the old stats on mixed two routings' counts (the
+    """re-patching with another top_k and passing the old stats on mixed two routings' counts (the
     entropy / log k column then read 1.36). Continuing with the same options still accumulates."""
     from genknowsub_fast import unpatch_model
 
@@ -109,7 +109,7 @@ def test_continuing_a_recording_with_other_routing_options_is_refused(phi3_setup
 
 
 def test_only_the_recording_thread_is_counted(phi3_setup, lib):
-    """Issue 13 #3: while one thread recorded, another thread running the same model had its tokens counted too."""
+    """while one thread recorded, another thread running the same model had its tokens counted too."""
     import threading
 
     model = patch_model(phi3_setup.fresh(), lib, top_k=2)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import genknowsub_fast as gkf
-from genknowsub_fast.eval_formats import lm_eval_task_yaml
 from genknowsub_fast.evaluate import accuracy, score_choices, score_choices_naive
+from genknowsub_fast.evaluate.formats import lm_eval_task_yaml
 from genknowsub_fast.synthetic import make_choice_examples, make_tokenizer
 from tests.tolerances import assert_close_to_reference
 

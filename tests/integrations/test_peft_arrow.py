@@ -19,6 +19,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# PEFT is a test dependency: without it this suite fails to import instead of skipping (it is the main parity check).
+from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model  # noqa: E402
+
 import genknowsub_fast as gkf
 from genknowsub_fast import LoraLibrary, reference
 from genknowsub_fast.integrations.peft import arrow_layers, arrow_router
@@ -30,9 +33,6 @@ from tests.tolerances import (
     assert_matches_peft,
     max_err,
 )
-
-peft = pytest.importorskip("peft")
-from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model  # noqa: E402
 
 PEFT_WARNING = "PEFT's Arrow prototypes"
 pytestmark = pytest.mark.filterwarnings(f"ignore:{PEFT_WARNING}", "ignore:fan_in_fan_out", "ignore::FutureWarning")
@@ -435,8 +435,8 @@ def test_nonconvergent_default_reproduces_peft_and_warns_once(nonconvergent):
 
 
 def test_nonconvergent_exact_prototypes_differ_from_peft(nonconvergent):
-    """Exact Arrow on the same experts moves the output by more than 0.3 of the adapters' effect (the issue measured
-    0.23-0.72): which is why the default reproduces PEFT, and exact Arrow is asked for by name."""
+    """Exact Arrow on the same experts moves the output by more than 0.3 of the adapters' effect: which is why the
+    default reproduces PEFT, and exact Arrow is asked for by name."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no convergence warning when exact prototypes are asked for
         y_exact = patched_logits(nonconvergent.model, nonconvergent.x, prototypes="exact")

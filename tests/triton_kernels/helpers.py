@@ -19,7 +19,7 @@ from tests.tolerances import assert_close_to_reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-# bf16 only on a GPU: the interpreter computes bfloat16 tl.dot wrongly.
+# bf16 only on a GPU: the Triton interpreter computes bfloat16 tl.dot wrongly.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
 
 

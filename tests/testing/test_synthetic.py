@@ -38,7 +38,7 @@ def test_make_tokenizer_is_local_and_fits_the_vocabulary(tmp_path):
 
 
 def test_make_choice_examples_are_seeded_and_valid():
-    from genknowsub_fast.eval_formats import check_examples
+    from genknowsub_fast.evaluate.formats import check_examples
     from genknowsub_fast.synthetic import make_choice_examples
 
     a, b = make_choice_examples(5, num_choices=3, seed=4), make_choice_examples(5, num_choices=3, seed=4)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
-from .library_checks import all_finite
+from ..experts import all_finite
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genknowsub_fast import LoraLibrary, reference
-from genknowsub_fast.adapters import read_adapter
+from genknowsub_fast.library.adapters import read_adapter
 from genknowsub_fast.options import RoutingOptions
 from genknowsub_fast.synthetic import make_phi3, write_adapters
 from tests.tolerances import FP32_PRODUCT, PROTOTYPE_MIN_COS
@@ -214,7 +214,7 @@ def test_from_peft_model_needs_an_arrow_model(phi3_setup):
         LoraLibrary.from_peft_model(phi3_setup.base)
 
 
-# ------------------------------------------------------------------------- library files: validation on load (#4-#6)
+# ------------------------------------------------------------------------- library files: validation on load
 def _rewrite(src, dst, edit_tensors=None, edit_meta=None, raw_meta=None):
     """Copy library file ``src`` to ``dst`` with its tensors and/or metadata edited (as a user editing a file would)."""
     from safetensors import safe_open
@@ -276,7 +276,7 @@ O_PROJ = "model.layers.0.self_attn.o_proj"
     ],
 )
 def test_edited_library_tensors_are_refused_naming_file_and_tensor(lib_file, tmp_path, module, tensor, edit, message):
-    """Issue 13 #4/#5. Before the fix the loader checked only that A, B and the prototypes were finite, so every one
+    """Before the fix the loader checked only that A, B and the prototypes were finite, so every one
     of these files loaded (a NaN scaling then gave NaN logits)."""
     bad = _rewrite(lib_file, tmp_path / "edited.safetensors", _set(f"{module}/{tensor}", edit))
     with pytest.raises(ValueError) as exc:
@@ -286,7 +286,7 @@ def test_edited_library_tensors_are_refused_naming_file_and_tensor(lib_file, tmp
 
 
 def test_non_zero_padding_is_refused(lib_file, tmp_path):
-    """Issue 13 #5: an expert's rank lowered to 3 of r_max 4 leaves a non-zero 4th row of A, which must be padding."""
+    """an expert's rank lowered to 3 of r_max 4 leaves a non-zero 4th row of A, which must be padding."""
     bad = _rewrite(lib_file, tmp_path / "edited.safetensors", _set(f"{QKV}/ranks", _row0(lambda v: v - 1)))
     with pytest.raises(ValueError, match=f"{QKV}/A' has non-zero padding rows"):
         LoraLibrary.load(bad)
@@ -322,7 +322,7 @@ def _drop(key):
     ],
 )
 def test_edited_library_metadata_is_refused_naming_the_file(lib_file, tmp_path, tensors, meta, raw, message):
-    """Issue 13 #5/#6. Before the fix duplicate names, a wrong routing entry or extra tensors loaded silently, a
+    """Before the fix duplicate names, a wrong routing entry or extra tensors loaded silently, a
     missing tensor raised a bare safetensors error and garbage metadata a bare JSONDecodeError."""
     bad = _rewrite(lib_file, tmp_path / "edited.safetensors", tensors, meta, raw)
     with pytest.raises(ValueError) as exc:
@@ -355,7 +355,7 @@ def test_zero_expert_library_round_trips(phi3_setup, tmp_path):
 
 # ------------------------------------------------------------------------------------------ writing library files
 def test_library_file_follows_the_umask(phi3_setup, tmp_path):
-    """Issue 13 #19: safetensors' save_file leaves 0o600 whatever the umask; the file must get 0o666 & ~umask."""
+    """safetensors' save_file leaves 0o600 whatever the umask; the file must get 0o666 & ~umask."""
     import os
     import stat
 
@@ -375,7 +375,7 @@ def test_library_file_follows_the_umask(phi3_setup, tmp_path):
 def test_failed_save_leaves_the_old_file(phi3_setup, tmp_path, monkeypatch):
     """The file is written under a temporary name and renamed: a write that fails half-way leaves the old file whole
     and no temporary behind."""
-    import genknowsub_fast.library as library_module
+    import genknowsub_fast.library.file_format as library_module
 
     lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
     path = tmp_path / "lib.safetensors"
@@ -403,18 +403,18 @@ def test_save_to_a_missing_directory_or_a_directory_is_a_value_error(phi3_setup,
         lib.save(tmp_path)
 
 
-# --------------------------------------------------------------------------------------------- len, dtypes (#7, #20)
+# --------------------------------------------------------------------------------------------- len, dtypes
 def test_len_counts_experts(phi3_setup):
-    """Issue 13 #20: len(lib) counted modules (8 here) where users expect the experts (5)."""
+    """len(lib) counted modules (8 here) where users expect the experts (5)."""
     lib = LoraLibrary.from_adapters(phi3_setup.task)
     assert len(lib) == lib.num_experts == 5 and len(lib.modules) == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, "float32"])
 def test_non_float_library_dtypes_are_refused(phi3_setup, dtype, monkeypatch):
-    """Issue 13 #7: from_adapters(dtype=torch.int8) and lib.to(dtype=torch.int8) zeroed every expert. The
+    """from_adapters(dtype=torch.int8) and lib.to(dtype=torch.int8) zeroed every expert. The
     from_adapters check must come before any adapter is read."""
-    import genknowsub_fast.library as library_module
+    import genknowsub_fast.library.build as library_module
 
     lib = LoraLibrary.from_adapters(phi3_setup.task[:2])
     with pytest.raises(ValueError, match="dtype"):
@@ -430,10 +430,10 @@ def test_non_float_library_dtypes_are_refused(phi3_setup, dtype, monkeypatch):
         LoraLibrary.from_adapters(phi3_setup.task[:2], dtype=dtype)
 
 
-# ------------------------------------------------------------------------------------ duplicate experts (#9)
+# ------------------------------------------------------------------------------------ duplicate experts
 def test_duplicate_experts_are_refused_before_reading(phi3_setup, tmp_path, monkeypatch):
-    """Issue 13 #9: the same directory twice, two directories with one name, and names=["a", "a"] were accepted."""
-    import genknowsub_fast.library as library_module
+    """the same directory twice, two directories with one name, and names=["a", "a"] were accepted."""
+    import genknowsub_fast.library.build as library_module
 
     t = phi3_setup.task
     other = shutil.copytree(t[1], tmp_path / "elsewhere" / "task_0")  # another directory named like t[0]
@@ -465,7 +465,7 @@ def test_from_loaded_refuses_duplicate_names(phi3_setup):
         LoraLibrary.from_loaded(tasks, gks=None)
 
 
-# ------------------------------------------------------------------------ one base model named two ways (#10)
+# ------------------------------------------------------------------------ one base model named two ways
 def _with_base_name(src, dst, name):
     d = shutil.copytree(src, dst)
     cfg = json.loads((d / "adapter_config.json").read_text())
@@ -475,7 +475,7 @@ def _with_base_name(src, dst, name):
 
 
 def test_base_model_named_two_ways(phi3_setup, tmp_path):
-    """Issue 13 #10: a hub id and a local path of one model could not be combined. A Hugging Face cache snapshot path
+    """a hub id and a local path of one model could not be combined. A Hugging Face cache snapshot path
     now matches its hub id by itself; any other pair needs base_model_name=, which is then recorded in the file."""
     hub = _with_base_name(phi3_setup.task[0], tmp_path / "hub", "microsoft/Phi-3-mini-4k-instruct")
     snapshot = "/cache/hub/models--microsoft--Phi-3-mini-4k-instruct/snapshots/0a67737cc96d2554230f90338b163bc6380a2a85"
@@ -497,7 +497,7 @@ def test_base_model_name_does_not_skip_the_shape_checks(phi3_setup, phi2_setup):
         LoraLibrary.from_adapters([phi3_setup.task[0], phi2_setup.task[0]], names=["a", "b"], base_model_name="x")
 
 
-# --------------------------------------------------------------------------------------- modules_to_save (#11)
+# --------------------------------------------------------------------------------------- modules_to_save
 @pytest.fixture(scope="module")
 def lm_head_adapters(tmp_path_factory):
     """Two adapters that, besides LoRA on the attention projections, save a full fine-tuned lm_head."""
@@ -518,7 +518,7 @@ def lm_head_adapters(tmp_path_factory):
 
 
 def test_modules_to_save_can_be_ignored_with_a_notice(lm_head_adapters):
-    """Issue 13 #11: adapters with modules_to_save tensors were refused with no way around it."""
+    """adapters with modules_to_save tensors were refused with no way around it."""
     with pytest.raises(ValueError, match="modules_to_save.*ignore_modules_to_save=True"):
         LoraLibrary.from_adapters(lm_head_adapters)
     with pytest.warns(UserWarning, match=r"modules_to_save\) of 2 adapter\(s\) for \['lm_head'\]") as rec:

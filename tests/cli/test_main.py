@@ -108,7 +108,7 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     ],
 )
 def test_build_output_is_checked_before_any_work(phi3_setup, tmp_path, capsys, monkeypatch, no_build, output, message):
-    """Issue 13 #12: `build -o missing_dir/x.safetensors` read every adapter and computed every prototype, then
+    """`build -o missing_dir/x.safetensors` read every adapter and computed every prototype, then
     crashed with a traceback when writing."""
     monkeypatch.chdir(tmp_path)
     assert main(["build", "--task", *phi3_setup.task, "-o", output]) == 2
@@ -116,7 +116,7 @@ def test_build_output_is_checked_before_any_work(phi3_setup, tmp_path, capsys, m
 
 
 def test_errors_from_inside_torch_are_one_line(phi3_setup, tmp_path, capsys, monkeypatch):
-    """Issue 13 #12: only ValueError was turned into a one-line message; a RuntimeError or OSError from torch or
+    """only ValueError was turned into a one-line message; a RuntimeError or OSError from torch or
     safetensors printed a traceback. --traceback shows it when wanted."""
 
     def boom(*args, **kwargs):
@@ -131,7 +131,7 @@ def test_errors_from_inside_torch_are_one_line(phi3_setup, tmp_path, capsys, mon
 
 
 def test_pickled_adapter_refusal_names_the_cli_flag(phi3_setup, tmp_path, capsys):
-    """Issue 13 #16: the command line's refusal said `allow_pickle=True`, an argument the user cannot pass there."""
+    """the command line's refusal said `allow_pickle=True`, an argument the user cannot pass there."""
     d = shutil.copytree(phi3_setup.task[0], tmp_path / "pickled")
     torch.save(load_file(d / "adapter_model.safetensors"), d / "adapter_model.bin")
     (d / "adapter_model.safetensors").unlink()
@@ -153,8 +153,8 @@ def _copy_naming_base(src, dst, base_model):
 
 
 def test_build_names_and_base_model_name(phi3_setup, tmp_path, capsys):
-    """The command-line forms of issue 13 #9 and #10: --names for directories that share a name, --base-model-name for
-    one base model named two ways; each refusal names the flag."""
+    """The command-line forms of the duplicate-name and base-model-name checks: --names for directories that share a
+    name, --base-model-name for one base model named two ways; each refusal names the flag."""
     first = _copy_naming_base(phi3_setup.task[0], tmp_path / "a" / "task_0", "microsoft/Phi-3-mini-4k-instruct")
     other = _copy_naming_base(phi3_setup.task[1], tmp_path / "b" / "task_0", "/models/my-phi3")
     out = str(tmp_path / "x.safetensors")
@@ -180,7 +180,7 @@ def test_build_names_and_base_model_name(phi3_setup, tmp_path, capsys):
     ],
 )
 def test_demo_numbers_are_checked_while_parsing(capsys, extra, message):
-    """Issue 13 #14 for the demo: `--decode 0` divided by zero after the whole demo had run."""
+    """For the demo: `--decode 0` divided by zero after the whole demo had run."""
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--size", "tiny", *extra])
     assert exc.value.code == 2

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from genknowsub_fast.eval_formats import lm_eval_task_yaml
+from genknowsub_fast.evaluate.formats import lm_eval_task_yaml
 
 
 def test_the_config_reads_back_with_a_path_yaml_would_misparse():

@@ -1,6 +1,6 @@
 """Validation of a library's contents: expert names, the file metadata and every module's five tensors.
 
-:meth:`genknowsub_fast.library.LoraLibrary.load` runs these on whatever a file holds, so that an edited or damaged
+:meth:`genknowsub_fast.LoraLibrary.load` runs these on whatever a file holds, so that an edited or damaged
 file (a NaN scaling, an int32 tensor, a zeroed or rescaled prototype, a rank outside [1, r_max], non-zero padding,
 duplicate names, garbage metadata) is refused with a ValueError naming the file and the tensor, instead of loading and
 giving wrong or NaN logits later. Each check costs O(size of the tensors) plus r×r Gram products; no ΔW is formed.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .experts import ModuleExperts
+from ..experts import ModuleExperts, all_finite
 from .gks import GKS_MODES
 from .layer_prototypes import PROTOTYPE_SCOPES
 
@@ -22,16 +22,10 @@ TENSOR_KEYS = ("A", "B", "scaling", "prototypes", "ranks")
 PROTOTYPE_METHODS = ("exact", "power", "svd", "peft")  # "peft": PEFT's own power-iteration prototypes
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` holds no NaN or Inf.
-
-    One reduction: NaN propagates through min/max and ±Inf shows at one end, and no full-size temporary is made
-    (``torch.isfinite(t).all()`` makes one: 205 ms against 0.4 ms for this, median of 20, on 2.4 M float32 here).
-    """
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+def check_float_dtype(dtype: object) -> None:
+    """ValueError unless ``dtype`` is None or a dtype a library may be stored in."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES):
+        raise ValueError(f"a library's dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
 
 
 def check_names(names: object, what: str, allow_empty: bool = False) -> list[str]:
@@ -188,8 +182,8 @@ def check_tensor_keys(keys: Sequence[str], module_paths: Sequence[str], where: s
 
 __all__ = [
     "FLOAT_DTYPES",
-    "all_finite",
     "TENSOR_KEYS",
+    "check_float_dtype",
     "check_names",
     "check_metadata",
     "check_module_tensors",

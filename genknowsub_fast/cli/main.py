@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from .cli_args import (
+from .args import (
     OneLineParser,
     adapter_options,
     add_adapter_options,
@@ -38,8 +38,8 @@ def _add_build(p: argparse.ArgumentParser) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from .library import LoraLibrary
-    from .paths import check_output_file
+    from ..library import LoraLibrary
+    from ..paths import check_output_file
 
     check_output_file(args.output, "--output")
     lib = LoraLibrary.from_adapters(
@@ -60,7 +60,7 @@ def _add_info(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .library import LoraLibrary
+    from ..library import LoraLibrary
 
     lib = LoraLibrary.load(args.library)
     print(repr(lib))
@@ -105,25 +105,25 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(p: argparse.ArgumentParser) -> None:
-    from .analytics.cli import add_arguments
+    from .inspect_command import add_arguments
 
     add_arguments(p)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .analytics.cli import run
+    from .inspect_command import run
 
     return run(args)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    from .evaluate_cli import add_arguments
+    from .eval_command import add_arguments
 
     add_arguments(p)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate_cli import run
+    from .eval_command import run
 
     return run(args)
 
@@ -144,7 +144,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable
 
 def _message(exc: Exception) -> str:
     """The one-line message of an error; a refused pickle names the command line's flag, not the Python argument."""
-    from .adapters import PickledAdapterError
+    from ..library.adapters import PickledAdapterError
 
     if isinstance(exc, PickledAdapterError):
         return (

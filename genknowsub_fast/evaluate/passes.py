@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from .hf_compat import cache_kwarg
+from ..hf_compat import cache_kwarg
 
 
 def _lcp(seqs: list[list[int]]) -> int:

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from genknowsub_fast.cli_args import OneLineParser, non_negative_int, one_line, positive_float, positive_int
+from genknowsub_fast.cli.args import OneLineParser, non_negative_int, one_line, positive_float, positive_int
 
 
 def test_number_types():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from genknowsub_fast.library_checks import (
+from genknowsub_fast.library.file_checks import (
     check_metadata,
     check_module_tensors,
     check_names,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .experts import ModuleExperts
+from ..experts import ModuleExperts
 
 PROTOTYPE_SCOPES = ("module", "layer")
 

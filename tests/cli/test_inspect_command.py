@@ -75,7 +75,7 @@ def test_inspect_writes_table_and_plots(lib_path, tmp_path, capsys):
 
 
 def test_routing_output_says_it_comes_from_a_random_model(lib_path, capsys):
-    """Issue 13 #13: routing statistics of random weights on random tokens were printed as if they meant something."""
+    """routing statistics of random weights on random tokens were printed as if they meant something."""
     assert main(["inspect", str(lib_path), "--model", "tiny", "--tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert "building a random Phi-3 'tiny': 0.1 M parameters" in text
@@ -101,7 +101,7 @@ def test_inspect_before_after_and_text_file(phi3_setup, lib_path, tmp_path, caps
 
 
 def test_no_model_is_built_unless_asked(lib_path, capsys, no_model):
-    """Issue 13 #13: `inspect lib` built a random model by default (--model auto); now only --model builds one, and
+    """`inspect lib` built a random model by default (--model auto); now only --model builds one, and
     the output says what it would cost."""
     assert main(["inspect", str(lib_path)]) == 0
     text = capsys.readouterr().out
@@ -110,7 +110,7 @@ def test_no_model_is_built_unless_asked(lib_path, capsys, no_model):
 
 
 def test_phi3_mini_shaped_library_costs_are_said_and_checked(mini_lib_path, capsys, monkeypatch, no_model):
-    """Issue 13 #13: a Phi-3-mini-shaped library made `inspect` build a random 3.8 B-parameter fp32 model (15 GB) by
+    """a Phi-3-mini-shaped library made `inspect` build a random 3.8 B-parameter fp32 model (15 GB) by
     default and crash under a 6 GB limit after printing the stats. Now the default builds nothing and names the cost,
     and an explicit --model that does not fit in memory is refused before anything is built or computed."""
     import genknowsub_fast.memory as memory
@@ -134,7 +134,7 @@ def test_phi3_mini_shaped_library_costs_are_said_and_checked(mini_lib_path, caps
     ],
 )
 def test_numbers_are_checked_while_parsing(lib_path, capsys, no_work, extra, message):
-    """Issue 13 #14: --top-k, --temperature and --tokens were checked only after the work."""
+    """--top-k, --temperature and --tokens were checked only after the work."""
     with pytest.raises(SystemExit) as exc:
         main(["inspect", str(lib_path), "--model", "auto", *extra])
     assert exc.value.code == 2
@@ -153,7 +153,7 @@ def test_numbers_are_checked_while_parsing(lib_path, capsys, no_work, extra, mes
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(lib_path, capsys, no_work, extra, message):
-    """Issue 13 #12/#14: `inspect --out /proc/x` did all the work and then crashed with a traceback; a --top-k above
+    """`inspect --out /proc/x` did all the work and then crashed with a traceback; a --top-k above
     the number of experts was found only when the model was patched."""
     assert main(["inspect", str(lib_path), *extra]) == 2
     _one_line_error(capsys, message)

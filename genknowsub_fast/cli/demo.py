@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import reference
-from .hf_compat import cache_kwarg
-from .library import LoraLibrary
-from .patching import patch_model, patched, patched_layers
+from .. import reference
+from ..hf_compat import cache_kwarg
+from ..library import LoraLibrary
+from ..patching import patch_model, patched, patched_layers
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -84,8 +84,8 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo described in the module docstring; returns 0 when every check passes, 1 otherwise."""
     from peft import ArrowConfig, create_arrow_model
 
-    from .paths import check_output_dir
-    from .synthetic import check_phi3_fits, make_phi3, write_adapters
+    from ..paths import check_output_dir
+    from ..testing import check_phi3_fits, make_phi3, write_adapters
 
     if args.top_k > args.tasks:
         raise ValueError(f"--top-k {args.top_k} is more than the {args.tasks} task adapters (--tasks)")
@@ -166,7 +166,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"      {name:<12} {pre * 1e3:>11.1f} {pre / b_pre:>7.2f} {dec * 1e3:>14.2f} {dec / b_dec:>7.2f}")
 
     print("[6/6] experts chosen (top-1 share of the prompt's tokens, first and last patched qkv_proj):")
-    from .ops import arrow_route
+    from ..ops import arrow_route
 
     qkv = [p for p in inputs if p.endswith("qkv_proj")] or list(inputs)
     for path in (qkv[0], qkv[-1]):
@@ -181,7 +181,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _demo_plots(lib: LoraLibrary, model, out: str, ad) -> None:
     try:
-        from .analytics.plots import write_demo_plots
+        from ..analytics.plots import write_demo_plots
     except ImportError as exc:
         print(f"      (plots skipped: {exc})")
         return

@@ -23,7 +23,7 @@ import json
 import os
 import warnings
 
-from ..cli_args import adapter_options, add_adapter_options, positive_float, positive_int
+from .args import adapter_options, add_adapter_options, positive_float, positive_int
 
 _NO_MODEL = "none"
 _HONEST_NOTE = (
@@ -36,7 +36,7 @@ _HONEST_NOTE = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``genknowsub-fast inspect``."""
-    from ..synthetic import PHI3_SIZES
+    from ..testing import PHI3_SIZES
 
     p.add_argument("library", help="library file written by `build` or LoraLibrary.save")
     p.add_argument(
@@ -66,7 +66,7 @@ def _meta_phi3(size: str):
     import torch
     from transformers import Phi3ForCausalLM
 
-    from ..synthetic import phi3_config
+    from ..testing import phi3_config
 
     with torch.device("meta"):
         return Phi3ForCausalLM(phi3_config(size))
@@ -89,7 +89,7 @@ def _misfit(lib, size: str) -> str | None:
 
 def _pick_size(lib) -> str | None:
     """The smallest synthetic Phi-3 size every module of the library fits, or None."""
-    from ..synthetic import PHI3_SIZES
+    from ..testing import PHI3_SIZES
 
     return next((size for size in PHI3_SIZES if _misfit(lib, size) is None), None)
 
@@ -124,7 +124,7 @@ def _check_inputs(args) -> None:
         raise ValueError(f"--out {args.out!r} exists and is not a directory")
     if args.out is not None:
         try:
-            from . import plots
+            from ..analytics import plots
 
             plots._pyplot()
         except ImportError as exc:  # reported like any other bad input: one line, exit code 2
@@ -135,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``genknowsub-fast inspect``; returns the exit code."""
     import torch
 
+    from ..analytics.routing import record_routing
+    from ..analytics.stats import compare_gks, library_stats
     from ..library import LoraLibrary
     from ..paths import check_output_dir
-    from ..synthetic import check_phi3_fits
-    from .routing import record_routing
-    from .stats import compare_gks, library_stats
+    from ..testing import check_phi3_fits
 
     # Everything is checked before any work: arguments, the library file, the model's fit and cost, the output dir.
     _check_inputs(args)
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         from ..patching import patch_model
-        from ..synthetic import make_phi3
+        from ..testing import make_phi3
 
         print(f"\nbuilding a {cost}")
         model = make_phi3(size, seed=args.seed)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"routing of {what} through a random Phi-3 '{size}' (top-{options.top_k}):")
         print(routing.table())
         if comparison is not None:
-            from .plots import routing_without_gks
+            from ..analytics.plots import routing_without_gks
 
             routing_before = routing_without_gks(model, comparison.before_library, ids)
             print("\nsame tokens, experts without GenKnowSub → with it (mean over modules):")
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n" + _HONEST_NOTE.format(inputs=inputs))
 
     if args.out is not None:
-        from . import plots
+        from ..analytics import plots
 
         written = [
             plots.plot_similarity(

@@ -19,7 +19,7 @@ import torch
 
 import genknowsub_fast as gkf
 from genknowsub_fast import LoraLibrary, gks, reference
-from genknowsub_fast.adapters import read_adapter
+from genknowsub_fast.library.adapters import read_adapter
 from tests.tolerances import FLOAT64_EXACT, FP32_PRODUCT, PROTOTYPE_MIN_COS, assert_close_to_reference
 
 

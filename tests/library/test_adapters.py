@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genknowsub_fast.adapters import read_adapter
+from genknowsub_fast.library.adapters import read_adapter
 
 
 def _copy(src, dst, **cfg_changes):
@@ -80,7 +80,7 @@ def test_pickled_bin_needs_allow_pickle(phi3_setup, tmp_path):
     torch.save(state, d / "adapter_model.bin")
     with pytest.raises(ValueError, match="allow_pickle=True") as exc:
         read_adapter(d)
-    from genknowsub_fast.adapters import PickledAdapterError  # the command line catches it to name its own flag
+    from genknowsub_fast.library.adapters import PickledAdapterError  # the command line catches it to name its own flag
 
     assert isinstance(exc.value, PickledAdapterError) and exc.value.path == str(d)
     ad = read_adapter(d, allow_pickle=True)
@@ -122,7 +122,7 @@ class _Payload:
 
 
 def test_pickled_bin_is_loaded_without_running_code(phi3_setup, tmp_path):
-    """Issue 13 #15: allow_pickle=True used torch.load(weights_only=False), so a payload in the file ran (here it would
+    """allow_pickle=True used torch.load(weights_only=False), so a payload in the file ran (here it would
     create ``marker``). A state dict needs only weights_only=True, which refuses the payload."""
     d = _copy(phi3_setup.task[0], tmp_path / "a")
     state = load_file(d / "adapter_model.safetensors")
@@ -135,7 +135,7 @@ def test_pickled_bin_is_loaded_without_running_code(phi3_setup, tmp_path):
 
 
 def test_truncated_or_corrupt_files_name_the_adapter(phi3_setup, tmp_path):
-    """Issue 13 #8: a truncated adapter_model.safetensors raised a raw SafetensorError that did not say which adapter
+    """a truncated adapter_model.safetensors raised a raw SafetensorError that did not say which adapter
     (and garbage adapter_config.json a bare JSONDecodeError)."""
     d = _copy(phi3_setup.task[0], tmp_path / "cut")
     data = (d / "adapter_model.safetensors").read_bytes()
@@ -162,7 +162,7 @@ def test_integer_factors_are_refused(phi3_setup, tmp_path):
 
 
 def test_modules_to_save_tensors_are_refused_or_listed(phi3_setup, tmp_path):
-    """Issue 13 #11 at the adapter level: a full-module tensor named by modules_to_save is refused with a pointer to
+    """At the adapter level: a full-module tensor named by modules_to_save is refused with a pointer to
     the option, or left out and listed in ignored_modules; other unknown tensors stay errors either way."""
     d = _copy(phi3_setup.task[0], tmp_path / "a", modules_to_save=["lm_head"])
     state = load_file(d / "adapter_model.safetensors")

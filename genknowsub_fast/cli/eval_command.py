@@ -17,8 +17,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``eval`` subcommand's arguments (numbers are checked while parsing)."""
-    from .cli_args import positive_float, positive_int
-    from .eval_formats import REDUCTIONS, TEMPLATES
+    from ..evaluate.formats import REDUCTIONS, TEMPLATES
+    from .args import positive_float, positive_int
 
     p.add_argument("--model", required=True, metavar="DIR", help="HF causal LM directory (save_pretrained)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: --model)")
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_jsonl(path: str) -> list[dict]:
     """The examples of a JSONL file, checked (ValueError naming the line)."""
-    from .eval_formats import check_examples
+    from ..evaluate.formats import check_examples
 
     examples = []
     with open(path, encoding="utf-8") as f:
@@ -76,9 +76,9 @@ def _check_args(args: argparse.Namespace):
     """Everything checked before the model loads; returns (examples, library, dtype, device, routing options)."""
     import torch
 
-    from .eval_formats import REDUCTIONS, resolve_template
-    from .library import LoraLibrary
-    from .paths import check_output_file
+    from ..evaluate.formats import REDUCTIONS, resolve_template
+    from ..library import LoraLibrary
+    from ..paths import check_output_file
 
     resolve_template(args.template)
     if args.reduction not in REDUCTIONS:
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     import genknowsub_fast as gkf
 
-    from .evaluate import accuracy, predictions, score_choices
-    from .paths import write_atomically
+    from ..evaluate.scoring import accuracy, predictions, score_choices
+    from ..paths import write_atomically
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
