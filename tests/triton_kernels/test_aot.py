@@ -118,9 +118,9 @@ def test_shared_memory_fits(aot_results):
 
 
 def test_main_loops_load_16_bytes(aot_results):
-    """Every loop of a table configuration that loads from global memory issues 16-byte loads (vector loads,
-    cp.async or bulk copies), at least as many as narrower ones; and every kernel has such a loop somewhere in the
-    table (so the check is not vacuous)."""
+    """Every loop of a table configuration that loads from global memory moves its operands 16 bytes per instruction
+    (vector loads, cp.async or bulk copies; aot.streams_16_bytes), and the kernels with operand loops have them in
+    the table (so the check is not vacuous)."""
     results, _ = aot_results
     table = [r for r in results if r["problem"] == "table"]
     narrow = [
