@@ -22,14 +22,16 @@ $(STAMP): pyproject.toml setup.py $(LM_EVAL_HOOK)
 	cp $(LM_EVAL_HOOK) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 	touch $(STAMP)
 
-# The GPU image's Triton (triton_kernels/aot.py: DEVICE_TRITON), beside the venv's own, for the AOT compile + spill
-# test only (tests/triton_kernels/test_aot.py puts it first on the subprocess's PYTHONPATH). The venv keeps the newest
-# Triton for the interpreter tests: 3.6.0's interpreter fails on NumPy >= 2.4 (int() of a one-element array).
+# The GPU image's Triton (tools/aot.py: DEVICE_TRITON), beside the venv's own, for the AOT compile check only
+# (tests/triton_kernels/test_aot.py puts it first on the subprocess's PYTHONPATH and caches results in
+# $(VENV)/aot-cache). The venv keeps the newest Triton for the interpreter tests: 3.6.0's interpreter fails on
+# NumPy >= 2.4 (int() of a one-element array).
 AOT_TRITON := $(VENV)/aot-triton
-$(AOT_TRITON)/.installed: $(STAMP) triton_kernels/aot.py
+$(AOT_TRITON)/.installed: $(STAMP) tools/aot.py
 	rm -rf $(AOT_TRITON)
 	$(PY) -m pip install --quiet --no-deps --target $(AOT_TRITON) \
-		"triton==$$($(PY) -c 'from genknowsub_fast.triton_kernels.aot import DEVICE_TRITON as v; print(v)')"
+		"triton==$$(sed -n 's/^DEVICE_TRITON = "\(.*\)"/\1/p' tools/aot.py)"
+	test -d $(AOT_TRITON)/triton
 	touch $@
 
 # vLLM's CPU build in its own environment (.venv-vllm), for the vLLM integration (genknowsub_fast.vllm).

@@ -1,12 +1,12 @@
 """GPU benchmarks of the Triton path in bfloat16, written as a pytest-benchmark-style JSON for write_results.py.
 
-    python -m benchmarks.bench_gpu --json OUT.json [--quick] [--no-model]      # from the repository root, on a GPU
+    python -m benchmarks.bench_gpu --json OUT.json [--quick] [--no-model | --model-only]   # repository root, on a GPU
 
 Op level: one Phi-3-mini linear (``benchmarks/phi3_shapes.py``) with E=10 r=4 and E=64 r=8 experts, k=3,
-T in {1, 16, 256, 4096}. impls: "base" (F.linear, cuBLAS), "ours" (the prepared Triton layer: base GEMM + routed
-delta, as the dispatch table plans it), "ours_fused" (dense cases at T >= 256: the base GEMM inside the expand kernel),
-"peft" (PEFT's ArrowLoraLinearLayer on top of F.linear, eager), and "base_graph" / "ours_graph" / "ours_fused_graph"
-(the same calls replayed from CUDA graphs).
+T in {1, 16, 256, 4096}. impls: "base" (F.linear, cuBLAS), "ours" (the prepared Triton layer, as the dispatch table
+plans it), "ours_fused" / "ours_cublas" (dense cases at T >= 256: the base GEMM inside the expand kernel, or cuBLAS
+then the expand), "peft" (PEFT's ArrowLoraLinearLayer on top of F.linear, eager, where peft is installed), and
+"base_graph" / "ours_graph" / "ours_fused_graph" / "ours_cublas_graph" (the same calls replayed from CUDA graphs).
 
 Method:
 - every implementation of a case is timed in the same loop, alternately (the order flips every round, so neither
@@ -16,13 +16,18 @@ Method:
   experts, enough copies that a full rotation is 3× the L2 cache, so neither the base nor ours finds its weights
   L2-hot;
 - a "*_graph" row is a graph of the same ``calls`` rotated calls, and is reported against "base_graph";
-- before timing, ours (and ours_fused) are checked against the float64 reference at the benchmark shape, on the first
-  tokens whose top-k margin is clear (``tests/tolerances.py``); a failed check is recorded in the row and makes the
-  script exit 1 after writing the JSON.
+- before timing, ours (and the forced variants) are checked against the float64 reference at the benchmark shape, on
+  the first tokens whose top-k margin is clear (``tests/tolerances.py``); a failed check is recorded in the row and
+  makes the script exit 1 after writing the JSON.
 
-Model level: a random Phi-3-mini (32 layers, bf16) with 10 task + 3 general rank-8 adapters and GenKnowSub, patched
-copy vs base, prefill of 512 tokens and greedy decode of 32 tokens, alternated per round (each decode round starts
-from a 16-token prompt in a fresh KV cache, inside the timing for both; reported per generated token).
+Model level: a random Phi-3-mini (32 layers, bf16; ``--quick``: the same widths with 4 layers) with 10 task + 3
+general rank-8 adapters and GenKnowSub, patched copy vs base, prefill of 512 tokens and greedy decode of 32 tokens,
+alternated per round (each decode round starts from a 16-token prompt in a fresh KV cache, inside the timing for both;
+reported per generated token). Writing the adapters needs peft; without it the model cases are skipped and say so.
+
+The JSON is rewritten after every case, with ``"interrupted": true`` until the run ends, so a run stopped by a time
+budget (SIGINT or SIGTERM) leaves every finished case on disk. Exit status: 0 when every output check passed (an
+interrupted run included: what it measured is valid), 1 when an output check failed, 2 without a CUDA device.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import math
+import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -40,6 +48,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from genknowsub_fast.triton_kernels.dispatch import DENSE_MAX_NA, dense_columns
 
 from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES, TOP_K
 from genknowsub_fast.options import RoutingOptions
@@ -74,8 +83,10 @@ class Layers:
             packed = pack_experts(a, b, scaling, p, dtype=DTYPE, device="cuda")
             weight = (torch.randn(d_out, d_in, device="cuda", generator=g) / d_in**0.5).to(DTYPE)
             layers = {"ours": triton_ops.prepare(packed, RoutingOptions(TOP_K))}
-            if e * r <= 64:
-                layers["ours_fused"] = triton_ops.prepare(packed, RoutingOptions(TOP_K), regime="dense", fuse_base=True)
+            if dense_columns(e, r) <= DENSE_MAX_NA:
+                opts = RoutingOptions(TOP_K)
+                layers["ours_fused"] = triton_ops.prepare(packed, opts, regime="dense", fuse_base=True)
+                layers["ours_cublas"] = triton_ops.prepare(packed, opts, regime="dense", fuse_base=False)
             self.sets.append(dict(a=a, b=b, p=p, scaling=scaling, weight=weight, **layers))
 
     def fn(self, impl: str, i: int):
@@ -188,11 +199,18 @@ def op_cases(quick: bool):
     return [(m, lib, t) for m in modules for lib in LIBRARIES for t in tokens]
 
 
-def bench_ops(quick: bool, rounds: int, progress, rows: list[dict]) -> int:
-    """Append the rows of every op case to ``rows``; returns the number of failed output checks."""
+def has_peft() -> bool:
+    """Whether peft is importable (the PEFT rows and the model cases' adapters need it)."""
+    return importlib.util.find_spec("peft") is not None
+
+
+def bench_ops(quick: bool, rounds: int, progress, rows: list[dict], save=lambda: None) -> int:
+    """Append the rows of every op case to ``rows`` (calling ``save`` after each case); returns the number of failed
+    output checks. PEFT rows only where peft is installed."""
     from benchmarks import gpu_model
 
     dev = gpu_model.DEVICES["h200" if "H200" in torch.cuda.get_device_name() else "h100"]
+    with_peft = has_peft()
     failed = 0
     for module, lib, t in op_cases(quick):
         d_in, d_out = PHI3_MINI_SHAPES[module]
@@ -201,7 +219,8 @@ def bench_ops(quick: bool, rounds: int, progress, rows: list[dict]) -> int:
         layers = Layers(d_in, d_out, e, r, copies_for(d_in, d_out, e, r))
         x = torch.randn(t, d_in, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(DTYPE)
         group = f"gpu op {module} {d_in}->{d_out} T={t} {lib} bf16"
-        ours = ["ours"] + (["ours_fused"] if "ours_fused" in layers.sets[0] and t >= 256 else [])
+        dense = "ours_fused" in layers.sets[0] and t >= 256
+        ours = ["ours"] + (["ours_fused", "ours_cublas"] if dense else [])
         checks = {impl: layers.check(impl, x) for impl in ours}
         failed += sum(c.startswith("FAILED") for c in checks.values())
         calls = _calls(t)
@@ -209,34 +228,48 @@ def bench_ops(quick: bool, rounds: int, progress, rows: list[dict]) -> int:
             eager = {impl: batch(layers, impl, x, calls) for impl in ["base", *ours]}
             graphs = {f"{impl}_graph": graphed(run) for impl, run in eager.items()}
             times = time_alternating({**eager, **graphs}, calls, rounds)
-            peft_calls = 1 if t >= 256 else 4
-            times.update(time_alternating({"peft": batch(layers, "peft", x, peft_calls)}, peft_calls, 3))
+            if with_peft:
+                peft_calls = 1 if t >= 256 else 4
+                times.update(time_alternating({"peft": batch(layers, "peft", x, peft_calls)}, peft_calls, 3))
         for impl, per_call in times.items():
             info = dict(module=module, library=lib, tokens=t, copies=len(layers.sets), calls_per_batch=calls)
             plain = impl.removesuffix("_graph")
             if plain in checks:
                 info["output_check"] = checks[plain]
-                fuse = plain == "ours_fused"
-                info["predicted_ratio"] = round(gpu_model.predict(module, lib, t, dev, fuse or None).ratio, 3)
+                fuse = {"ours_fused": True, "ours_cublas": False}.get(plain)
+                info["predicted_ratio"] = round(gpu_model.predict(module, lib, t, dev, fuse).ratio, 3)
             rows.append(_row(group, impl, per_call, **info))
         progress(f"{group}: " + ", ".join(f"{k} {statistics.median(v) * 1e6:.1f} µs" for k, v in times.items()))
+        save()
         del layers, eager, graphs
     return failed
 
 
-MODEL_CASE = "Phi-3-mini 32 layers bf16, E=10 r=8 + 3 general, GKS"
+def model_layers(quick: bool) -> int:
+    """Decoder layers of the model cases: Phi-3-mini's 32, or 4 of the same width in quick mode."""
+    return 4 if quick else 32
 
 
-def model_setup() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    """The model benchmark's random Phi-3-mini on the GPU (bf16), a patched copy (10 task + 3 general rank-8 adapters,
-    GKS) and 512 prompt token ids."""
+def model_case(quick: bool = False) -> str:
+    """The model cases' description, as the JSON and RESULTS_gpu.md name it."""
+    return f"Phi-3-mini {model_layers(quick)} layers bf16, E=10 r=8 + 3 general, GKS"
+
+
+def model_setup(quick: bool = False) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The model benchmark's random Phi-3-mini on the GPU (bf16, ``model_layers(quick)`` layers), a patched copy
+    (10 task + 3 general rank-8 adapters, GKS) and 512 prompt token ids."""
     import tempfile
 
-    import genknowsub_fast as gkf
-    from genknowsub_fast.synthetic import make_phi3, write_adapters
+    from transformers import Phi3ForCausalLM
 
+    import genknowsub_fast as gkf
+    from genknowsub_fast.synthetic import phi3_config, write_adapters
+
+    cfg = phi3_config("phi3-mini")
+    cfg.num_hidden_layers = model_layers(quick)
+    torch.manual_seed(0)
     with torch.device("cuda"):
-        base = make_phi3("phi3-mini", dtype=DTYPE)
+        base = Phi3ForCausalLM(cfg).to(DTYPE).eval()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ad = write_adapters(base, tmp, 10, 3, rank=8)
@@ -246,15 +279,16 @@ def model_setup() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     return base, ours, ids
 
 
-def bench_model(rounds: int, progress) -> list[dict]:
-    """Prefill 512 and decode 32 tokens: random Phi-3-mini, base vs patched (Triton), alternated per round."""
+def bench_model(rounds: int, progress, rows: list[dict] | None = None, save=lambda: None, quick: bool = False):
+    """Prefill 512 and decode 32 tokens: random Phi-3-mini (``model_layers(quick)`` layers), base vs patched
+    (Triton), alternated per round; appends to ``rows`` and calls ``save`` after each case. Returns the rows."""
     from transformers import DynamicCache
 
     from genknowsub_fast.hf_compat import cache_kwarg
 
-    base, ours, ids = model_setup()
+    rows = [] if rows is None else rows
+    base, ours, ids = model_setup(quick)
     models = {"base": base, "ours": ours}
-    rows = []
 
     def prefill(model):
         return lambda: model(ids)
@@ -270,7 +304,7 @@ def bench_model(rounds: int, progress) -> list[dict]:
 
         return run
 
-    case = MODEL_CASE
+    case = model_case(quick)
     with torch.no_grad():
         for name, make, calls, group in (
             ("prefill", prefill, 1, f"gpu model prefill T=512 ({case})"),
@@ -279,16 +313,42 @@ def bench_model(rounds: int, progress) -> list[dict]:
             times = time_alternating({impl: make(m) for impl, m in models.items()}, calls, rounds)
             rows += [_row(group, impl, v, tokens=512 if name == "prefill" else 32) for impl, v in times.items()]
             progress(f"{group}: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in times.items()))
+            save()
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_json(path: str, rows: list[dict], interrupted: bool, notes: list[str]) -> None:
+    """The pytest-benchmark-style JSON of the rows so far (written atomically: a reader never sees half a file)."""
+    import triton
+
+    data = {
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine_info": {"cpu": {"brand_raw": platform.processor() or platform.machine()}},
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "device": torch.cuda.get_device_name()},
+        "interrupted": interrupted,
+        "notes": notes,
+        "benchmarks": rows,
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="write the results here (pytest-benchmark layout)")
-    parser.add_argument("--quick", action="store_true", help="two modules, T in {1, 4096}")
-    parser.add_argument("--no-model", action="store_true", help="op level only")
+    parser.add_argument("--quick", action="store_true", help="two modules, T in {1, 4096}; a 4-layer model")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--no-model", action="store_true", help="op level only")
+    group.add_argument("--model-only", action="store_true", help="model level only")
     parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device", file=sys.stderr)
         return 2
@@ -298,26 +358,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
 
     rows: list[dict] = []
-    failed, interrupted = 0, False
-    try:  # a stage timeout sends SIGINT: keep and write what was measured
-        failed = bench_ops(args.quick, args.rounds, progress, rows)
+    notes: list[str] = []
+    failed = 0
+
+    def save() -> None:
+        write_json(args.json, rows, True, notes)
+
+    # A stage budget ends the run with SIGINT (or SIGTERM): stop where it is, keep what was measured.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupted = False
+    try:
+        save()
+        if not args.model_only:
+            failed = bench_ops(args.quick, args.rounds, progress, rows, save)
         if not args.no_model:
-            rows += bench_model(max(3, args.rounds // 3), progress)
+            if has_peft():
+                bench_model(max(3, args.rounds // 3), progress, rows, save, args.quick)
+            else:
+                notes.append("model cases skipped: peft is not installed (it writes the synthetic adapters)")
+                progress(notes[-1])
     except KeyboardInterrupt:
         interrupted = True
-        progress("interrupted: writing the rows measured so far")
-    import triton
-
-    data = {
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine_info": {"cpu": {"brand_raw": platform.processor() or platform.machine()}},
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "device": torch.cuda.get_device_name()},
-        "benchmarks": rows,
-    }
-    with open(args.json, "w") as f:
-        json.dump(data, f, indent=1)
-    progress(f"wrote {args.json} ({len(rows)} rows); output checks failed: {failed}")
-    return 1 if failed or interrupted else 0
+        progress("interrupted: the rows measured so far are in the JSON")
+    write_json(args.json, rows, interrupted, notes)
+    progress(f"wrote {args.json} ({len(rows)} rows{', interrupted' if interrupted else ''}); output checks failed: "
+             f"{failed}")  # fmt: skip
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -71,17 +71,17 @@ def gpu_models():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("phase", "tokens"), [("prefill", PREFILL), ("decode", DECODE)], ids=["prefill", "decode"])
 def test_gpu_model(interleaved, gpu_models, phase, tokens):
-    from benchmarks.bench_gpu import MODEL_CASE
+    from benchmarks.bench_gpu import model_case
     from benchmarks.interleave import cuda_block
 
     base, ours, ids = gpu_models
     with torch.no_grad():
         if phase == "prefill":
             runs = {name: cuda_block(lambda m=m: m(ids), 1) for name, m in (("base", base), ("ours", ours))}
-            name = f"gpu model prefill T={tokens} ({MODEL_CASE})"
+            name = f"gpu model prefill T={tokens} ({model_case()})"
         else:
             runs = {name: cpu_model.decode_run(m, ids, tokens) for name, m in (("base", base), ("ours", ours))}
-            name = f"gpu model decode {tokens} tokens ({MODEL_CASE})"
+            name = f"gpu model decode {tokens} tokens ({model_case()})"
         info = dict(size="phi3-mini", phase=phase, dtype="bfloat16", tokens=tokens,
                     per="token" if phase == "decode" else "call")  # fmt: skip
         interleaved(runs, section="gpu model", case=name, info=info, calls=dict.fromkeys(runs, 1),

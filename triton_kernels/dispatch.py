@@ -1,7 +1,7 @@
 """Dispatch table: (T, E, r, k, d_in, d_out, dtype, device) → which kernels run, with which block sizes.
 
-Pure Python (no Triton import), so the table can be read and tested anywhere. :func:`choose_plan` is cached per
-argument tuple, so a layer pays for it once per token count (``TritonLayer`` also keeps its own dict of plans).
+Pure Python (no Triton import), so the table can be read and tested anywhere. :func:`choose_plan` is the table;
+:func:`plan_for` is its one cache, keyed by a layer's :class:`LayerSpec`, the token count and two flags.
 
 No GPU was available while this table was written, so no threshold below rests on a GPU timing. Each one is derived
 from operation counts or hardware limits, stated next to it; ``benchmarks/gpu_model.py`` turns the plans into
@@ -9,30 +9,34 @@ predicted times, and ``benchmarks/bench_gpu.py`` measures them (``bash benchmark
 
 Regimes:
 
-- ``decode`` (T <= DECODE_MAX_T): two kernels after the base GEMM. ``decode.py``'s shrink splits d_in over many CTAs
-  (grid (k-splits, column blocks)) and writes float32 partial sums of ``x·P`` (routing, float32 prototypes) and of
-  ``A x`` for every expert; the expand kernel loads all splits of each column it needs as one tile, sums them, runs
-  top-k + softmax, and adds the selected experts' ``Bᵀ`` rows into y. Reading every expert's A costs
-  E·r·d_in·2 bytes, spread over all SMs; selecting rows first would need one more dependent launch, and at T <= 16
-  a launch costs more than those bytes (gpu_model.py).
-- ``dense`` (E·r <= DENSE_MAX_ER): the route pass (``route_shrink.py``) computes the routing and every expert's
-  shrink from one pass over x; the dense expand (``expand.py``) does one tl.dot of the masked (T, E·r) coefficient
-  block against all of Bᵀ. Costs E·r columns per side, ≤ 64 / 3072 = 2.1 % of the narrowest Phi-3-mini projection.
-- ``grouped`` (E·r > DENSE_MAX_ER, T > DECODE_MAX_T): routing alone in the route pass, then the (token, slot) pairs
-  sorted by expert (``grouped.py``), a grouped shrink GEMM and a grouped expand GEMM with atomics into y.
+- ``decode`` (T <= DECODE_MAX_T, ``decode.py``): three kernels that read only what routing needs and only the k
+  selected experts. (1) the route kernel: float32 partial scores ``x·P`` over slices of d_in, split across the SMs;
+  (2) the shrink kernel, one program per (token, slice of d_in): sums that token's partial scores, takes the top-k and
+  softmax, and multiplies the k·r selected rows of A with its slice of x; (3) the expand kernel, one program per
+  (d_out block, token): sums the shrink slices, applies the mixing and adds the selected experts' Bᵀ rows into y.
+  Kernels 1 and 2 need only x, so on a GPU they run on a side stream beside the base GEMM (``linear.py``); only the
+  expand waits for y.
+- ``dense`` (T > DECODE_MAX_T, padded E·r <= DENSE_MAX_NA): the route pass (``route_shrink.py``) computes the routing
+  and every expert's shrink from one pass over x; the dense expand (``expand.py``) does one tl.dot of the masked
+  (T, E·r) coefficient block against all of Bᵀ, inside the base GEMM's kernel (``fuse_base``: y is written once and
+  never read back) or after cuBLAS.
+- ``grouped`` (otherwise): routing alone in the route pass, which also counts each token block's pairs per expert;
+  ``grouped.py``'s scatter kernel sorts the (token, slot) pairs by expert (one program per token block), then a grouped
+  shrink GEMM and a grouped expand GEMM with atomics into y.
 
-Routing scores are float32 in every regime (x·p with p float32, x converted exactly): in the decode kernels
+Routing scores are float32 in every regime (x·p with p float32, x converted exactly): in the decode route kernel
 directly (FMA dot; the bytes of P are few), in the route pass against ``PIECES`` 16-bit pieces of P in the compute
 dtype, so tensor-core dots with float32 accumulation give the float32 sum (``pieces.py``).
 
 Block sizes:
 
-- accumulators are float32 in registers; with 4 warps a tile of ACC_ELEMS_MAX = 8192 elements is 64 registers per
-  thread, half the 128-register budget that keeps 4 warps resident twice per SM. ``tests/triton_kernels/test_aot.py``
-  compiles every configuration of this table for sm_80 and sm_90 with the Triton the GPU image has and checks
-  ``ptxas -v`` reports no spills;
-- BLOCK_K = 64 for 16-bit inputs in the route pass (128 bytes per row and stage); float32 takes 16 (see
-  FP32_ACC_ELEMS_MAX);
+- accumulators are float32 in registers; ACC_ELEMS_MAX = 8192 elements over 4 warps is 64 registers per thread,
+  half of the 128-register budget that keeps two 4-warp programs resident per SM. ``tools/aot.py`` compiles every
+  configuration of this table for sm_80 and sm_90 with the Triton of the GPU image and ``tests/triton_kernels/
+  test_aot.py`` checks from its output that none spills, that shared memory fits and that the main loops load
+  16 bytes per instruction or use cp.async;
+- K offsets are multiples of the K tile and the K split is passed as a specialised integer (a multiple of 16), so the
+  compiler knows 16-byte alignment of every row start when the row strides are multiples of 16 bytes;
 - num_stages = 3 when three stages of the operand tiles fit in shared memory (99 KiB on sm_86/89, 163 KiB on sm_80,
   227 KiB on sm_90: the per-block opt-in limits of the CUDA programming guide), else 2.
 """
@@ -40,41 +44,59 @@ Block sizes:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 MODE_DENSE = 0
-MODE_ROUTE = 2  # routing only; the shrink is the grouped kernel's job
+MODE_ROUTE = 2  # routing only; the shrink is the grouped kernels' job
 
 REGIMES = ("decode", "dense", "grouped")
 DECODE_MAX_T = 16
-DENSE_MAX_ER = 64
+# Dense while the padded E·r block (next_pow2(E)·next_pow2(r), at least 16) is at most 256 columns: the dense route
+# pass then holds a (BLOCK_T, 256 + BLOCK_E) float32 accumulator, and the dense expand adds E·r columns to the base
+# GEMM's K (256 / 3072 = 8 % of Phi-3-mini's qkv_proj FLOPs). gpu_model.py prices both regimes; at 512 columns the
+# grouped regime is predicted cheaper.
+DENSE_MAX_NA = 256
 ACC_ELEMS_MAX = 8192
 NUM_WARPS = 4
 GROUPED_BLOCK_N = 128
 # float32 runs tl.dot with input_precision="ieee" (exact, no TF32) on the FMA units, whose lowering keeps operand
-# fragments in registers: ptxas -v on the earlier table (sm_80, sm_90) found spills with 4096-element float32
-# accumulators and BLOCK_K = 16 in the fused dense epilogue; with 2048 none.
+# fragments in registers: ptxas -v found spills with 4096-element float32 accumulators and BLOCK_K = 16 in the fused
+# dense epilogue; with 2048 none.
 FP32_ACC_ELEMS_MAX = 2048
 MIN_DOT = 16  # smallest tl.dot block dimension that compiles for NVIDIA GPUs
 # K tile of the 16-bit route pass, and the block in which pieces.py interleaves the prototype pieces along K: 64
 # 16-bit values are 128 bytes per row and stage.
 PIECE_BLOCK_K = 64
+# The route pass holds the score and shrink accumulators of a block of tokens at once: 8 warps give it twice the
+# accumulator budget (64 registers per thread each way), so a 256-column dense shrink still gets 32-64 token rows and
+# the all-of-A re-read from L2 per token block (gpu_model.py) stays small.
+ROUTE_WARPS = 8
+ROUTE_ACC_ELEMS_MAX = 2 * ACC_ELEMS_MAX
 
-# Decode shrink: column blocks of DECODE_BLOCK_C outputs (prototype or A rows), K tiles of DECODE_BLOCK_K. 32 bf16 are
-# 64 bytes, two 32-byte sectors per row and step; a split covers at least one tile.
-DECODE_BLOCK_C = 64
-DECODE_BLOCK_K = 32
-# Decode expand: every CTA re-reads the partial sums it needs (all splits of the scores and of its tokens' selected
-# shrink columns). Their bytes per CTA are capped at WS_READ_MAX: at the 64 bytes per clock an SM reads from L2
-# (gpu_model.py) 32 KiB take about 0.3 µs, under one dependent DRAM round trip. This bounds the split count at T = 16.
-WS_READ_MAX = 32 * 1024
-# Largest 3-D tile (splits × tokens × columns) the decode expand loads at once: at 4096 the expand with "weights"
-# mixing spilled 8 bytes on sm_90 (T = 16, E = 64, r = 8).
-DECODE_TILE_MAX = 2048
-# Gathered expand: (BLOCK_T, BLOCK_R, BLOCK_N) float32 product tile per selected expert.
-DECODE_BLOCK_N_MAX = 128
+# Decode route kernel: (16 tokens × DECODE_ROUTE_BLOCK_K) · (DECODE_ROUTE_BLOCK_K × BLOCK_E) float32 dots, BLOCK_E at
+# most DECODE_ROUTE_BLOCK_E_MAX prototypes per program: small programs (8 KiB of P per K tile), many of them, so that
+# reading P takes one or two dependent rounds at T = 1 (P is E·d_in·4 bytes: 3 MiB at E = 256, d_in = 3072).
+DECODE_ROUTE_BLOCK_K = 32
+DECODE_ROUTE_BLOCK_E_MAX = 64
+# Every shrink program re-reads its token's partial scores from all route slices (L2): S1·next_pow2(E)·4 bytes. At the
+# 64 bytes per clock an SM reads from L2 (gpu_model.py) 32 KiB take about 0.3 µs, under one DRAM round trip. The
+# bound is per token, so it does not shrink with T (the previous table bounded it per block of 16 tokens, which forced
+# a single slice at T = 16, E = 256).
+ROUTE_PARTIALS_MAX = 32 * 1024
+# Decode shrink: (k·r rows × 128 bytes) tiles of A (64 16-bit or 32 float32 columns), at most DECODE_SHRINK_STEPS tiles
+# per program: each tile is one dependent DRAM round (the loop has no tl.dot for the pipeliner to overlap), so slices
+# are kept short and there are many programs instead. (64 float32 columns: ptxas spilled 4 bytes at 32 registers.)
+DECODE_SHRINK_ROW_BYTES = 128
+DECODE_SHRINK_STEPS = 2
+# Decode expand: (k·r rows × BLOCK_N) tile of Bᵀ per program.
+DECODE_EXPAND_TILE = 8192
+DECODE_EXPAND_BLOCK_N_MAX = 256
+# Smallest tile of a loop that sums partial results: 4 float32 (16 bytes) per thread of a 4-warp program.
+MIN_TILE = 4 * 32 * NUM_WARPS
+# Programs the route kernel aims for per SM (two keep one program's loads in flight while the other computes).
+PROGRAMS_PER_SM = 2
 
 # Max dynamic shared memory per block (bytes), by compute capability; the default covers sm_86/sm_89/sm_12x.
 _SMEM_LIMIT = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024}
@@ -109,34 +131,71 @@ def pieces_for(dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True)
-class DecodePlan:
-    """Split-K shrink + gathered expand (``decode.py``)."""
+class LayerSpec:
+    """What the table needs to know about a prepared layer, fixed when it is prepared (the key of :func:`plan_for`).
 
-    k_splits: int
-    k_per_split: int
-    shrink_block_t: int  # token block of the shrink's tl.dot (>= 16)
+    ``capability`` / ``num_sms`` are None where no GPU runs the kernels (the interpreter). ``regime``, ``split`` and
+    ``fuse_base`` override the table (tests and benchmarks reach every path with them).
+    """
+
+    num_experts: int
+    rank: int
+    top_k: int
+    d_in: int
+    d_out: int
+    dtype: torch.dtype
+    capability: tuple[int, int] | None
+    num_sms: int | None
+    regime: str | None = None
+    split: int | None = None
+    fuse_base: bool | None = None
+    mix_weights: bool = False
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self):
+        fields = (self.num_experts, self.rank, self.top_k, self.d_in, self.d_out, self.dtype, self.capability,
+                  self.num_sms, self.regime, self.split, self.fuse_base, self.mix_weights)  # fmt: skip
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:  # computed once: plan_for hashes the spec on every call
+        return self._hash
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The three decode kernels (``decode.py``)."""
+
+    route_splits: int  # slices of d_in of the route kernel (0 when the caller passes the scores)
+    route_k_per_split: int
+    route_block_k: int
+    route_block_e: int  # prototypes per route program
+    route_e_blocks: int
+    shrink_splits: int  # slices of d_in of the shrink kernel
+    shrink_k_per_split: int
     shrink_block_k: int
-    block_c: int  # column block of the shrink
-    n_p_blocks: int  # column blocks over the prototypes (0 when the caller passes the scores)
-    n_a_blocks: int  # column blocks over the E·r rows of A
-    block_t: int  # token block of the expand: next_pow2(T), at most DECODE_MAX_T
-    block_n: int
-    block_e: int
+    block_e: int  # next_pow2(E): the top-k row
     block_r: int
     block_kk: int
-    split_chunk: int  # splits loaded per tile in the expand
+    block_kr: int  # block_kk · block_r rows of the selected experts
+    route_chunk: int  # route slices summed per tile by the shrink kernel
+    shrink_chunk: int  # shrink slices summed per tile by the expand kernel
+    block_n: int  # expand: output columns per program
     num_warps: int
+    route_stages: int
 
     @property
-    def ws_cols(self) -> int:
-        """Columns of one (split, token) row of the partial-sum workspace: prototype blocks, then A blocks."""
-        return (self.n_p_blocks + self.n_a_blocks) * self.block_c
+    def route_cols(self) -> int:
+        """Columns of one (slice, token) row of the route partial sums."""
+        return self.route_e_blocks * self.route_block_e
 
-    def shrink_grid(self, num_tokens: int) -> tuple[int, int, int]:
-        return (self.k_splits, self.n_p_blocks + self.n_a_blocks, cdiv(num_tokens, self.shrink_block_t))
+    def route_grid(self, num_tokens: int) -> tuple[int, int, int]:
+        return (self.route_splits, self.route_e_blocks, cdiv(num_tokens, MIN_DOT))
+
+    def shrink_grid(self, num_tokens: int) -> tuple[int, int]:
+        return (num_tokens, self.shrink_splits)
 
     def expand_grid(self, num_tokens: int, d_out: int) -> tuple[int, int]:
-        return (cdiv(d_out, self.block_n), cdiv(num_tokens, self.block_t))
+        return (cdiv(d_out, self.block_n), num_tokens)
 
 
 @dataclass(frozen=True)
@@ -152,9 +211,16 @@ class RoutePlan:
     block_kk: int
     pieces: int  # compute-dtype pieces of the prototypes (1 for float32)
     split_k: int
-    split_chunk: int  # splits summed per tile by the finalising program
+    split_chunk: int  # splits of the shrink columns summed per tile by the finalising program
+    score_chunk: int  # the same for the score columns
     num_warps: int
     num_stages: int
+    count_pairs: bool = False  # write each token block's pairs per expert (the grouped regime's scatter reads them)
+
+    @property
+    def na(self) -> int:
+        """Columns of the dense shrink block (0 in mode ROUTE)."""
+        return self.block_ea * self.block_r if self.mode == MODE_DENSE else 0
 
 
 @dataclass(frozen=True)
@@ -183,6 +249,7 @@ class GroupedPlan:
     num_warps: int
     num_stages: int
     fp32_accumulate: bool  # atomics into a float32 buffer, then one y += buffer (see choose_plan)
+    scatter_chunk: int  # pairs per one-hot tile in the scatter kernel
 
 
 @dataclass(frozen=True)
@@ -194,6 +261,11 @@ class Plan:
     route: RoutePlan | None = None
     expand: DenseExpandPlan | None = None
     grouped: GroupedPlan | None = None
+
+    @property
+    def fuses_base(self) -> bool:
+        """The base GEMM runs inside the expand kernel (no cuBLAS call)."""
+        return self.expand is not None and self.expand.fuse_base
 
 
 def _elt_size(dtype: torch.dtype) -> int:
@@ -218,11 +290,24 @@ def _block_rows(num_tokens: int, width: int, acc_max: int) -> int:
     return b
 
 
+def _chunk(rows: int, width: int) -> int:
+    """Rows per (rows, width) tile of a loop that sums partial rows: all rows when they fit in ACC_ELEMS_MAX, and at
+    least MIN_TILE elements (masked rows past the end), so each thread loads 16 bytes per instruction."""
+    lo = max(1, MIN_TILE // width)
+    return max(lo, min(next_pow2(max(1, rows)), _pow2_floor(ACC_ELEMS_MAX // width)))
+
+
+def dense_columns(num_experts: int, rank: int) -> int:
+    """Columns of the dense shrink block: next_pow2(E)·next_pow2(r), at least MIN_DOT."""
+    block_r = next_pow2(rank)
+    return max(next_pow2(num_experts), -(-MIN_DOT // block_r)) * block_r
+
+
 def regime_for(num_tokens: int, num_experts: int, rank: int) -> str:
     """The table's regime for a call (see the module docstring)."""
     if num_tokens <= DECODE_MAX_T:
         return "decode"
-    if num_experts * rank <= DENSE_MAX_ER:
+    if dense_columns(num_experts, rank) <= DENSE_MAX_NA:
         return "dense"
     return "grouped"
 
@@ -233,54 +318,75 @@ def decode_plan(
     rank: int,
     top_k: int,
     d_in: int,
+    dtype: torch.dtype,
     has_scores: bool,
+    capability: tuple[int, int] | None,
     num_sms: int | None,
-    k_splits: int | None = None,
+    split: int | None = None,
 ) -> DecodePlan:
-    """Blocks and split count of the decode kernels. Without an SM count (the interpreter) one split, unless forced.
+    """Blocks and slice counts of the decode kernels. Without an SM count (the interpreter) one slice each, unless
+    ``split`` forces a count for both the route and the shrink kernel.
 
-    Splits: enough CTAs for every SM (``cdiv(SMs, column blocks)`` splits), at most one per K tile, and at most what
-    keeps each expand CTA's reads of the partial sums under WS_READ_MAX.
+    Route slices: PROGRAMS_PER_SM programs per SM over (slices × prototype blocks), at most one slice per K tile and at
+    most what keeps a token's partial scores under ROUTE_PARTIALS_MAX. Shrink slices: at most DECODE_SHRINK_STEPS K
+    tiles per program (each tile is a dependent round), so the grid grows with d_in and T instead of one program
+    walking d_in.
     """
-    bc, bk = DECODE_BLOCK_C, DECODE_BLOCK_K
-    n_p = 0 if has_scores else cdiv(num_experts, bc)
-    n_a = cdiv(num_experts * rank, bc)
-    block_t = min(next_pow2(num_tokens), DECODE_MAX_T)
-    block_e = max(2, next_pow2(num_experts))
+    block_e = max(MIN_DOT, next_pow2(num_experts))
+    route_block_e = min(DECODE_ROUTE_BLOCK_E_MAX, block_e)
+    # Blocks over next_pow2(E) (not E): the partial-score rows are then exactly BLOCK_E wide, zero past E, and the
+    # shrink kernel reads them without a column mask (16-byte loads).
+    route_e_blocks = block_e // route_block_e
+    rbk = DECODE_ROUTE_BLOCK_K
+    sbk = DECODE_SHRINK_ROW_BYTES // _elt_size(dtype)
+    if split is not None and split < 1:
+        raise ValueError(f"split count must be >= 1, got {split}")
+    if has_scores:
+        route_splits = 0
+    elif split is not None:
+        route_splits = split
+    elif num_sms is None:
+        route_splits = 1
+    else:
+        cap_bytes = ROUTE_PARTIALS_MAX // (route_e_blocks * route_block_e * 4)
+        want = cdiv(PROGRAMS_PER_SM * num_sms, route_e_blocks)
+        route_splits = max(1, min(want, cdiv(d_in, rbk), cap_bytes))
+    route_kps = cdiv(cdiv(d_in, max(1, route_splits)), rbk) * rbk
+    if route_splits:
+        route_splits = cdiv(d_in, route_kps)  # rounding up the slice may leave fewer non-empty slices
+    if split is not None:
+        shrink_splits = split
+    elif num_sms is None:
+        shrink_splits = 1
+    else:
+        shrink_splits = cdiv(d_in, DECODE_SHRINK_STEPS * sbk)
+    shrink_kps = cdiv(cdiv(d_in, shrink_splits), sbk) * sbk
+    shrink_splits = cdiv(d_in, shrink_kps)
     block_r = next_pow2(rank)
     block_kk = next_pow2(top_k)
-    per_split = block_t * ((0 if has_scores else block_e) + block_kk * block_r) * 4
-    if k_splits is None:
-        k_splits = 1
-        if num_sms is not None:
-            k_splits = max(1, min(cdiv(num_sms, n_p + n_a), cdiv(d_in, bk), WS_READ_MAX // per_split))
-    if k_splits < 1:
-        raise ValueError(f"split count must be >= 1, got {k_splits}")
-    # K range per split: a multiple of the K tile; rounding up may leave fewer non-empty splits, and only those run.
-    k_per_split = cdiv(cdiv(d_in, k_splits), bk) * bk
-    k_splits = cdiv(d_in, k_per_split)
-    width = max(0 if has_scores else block_e, block_kk * block_r)
-    split_chunk = max(1, min(next_pow2(k_splits), _pow2_floor(DECODE_TILE_MAX // (block_t * width))))
-    block_n = max(MIN_DOT, min(DECODE_BLOCK_N_MAX, ACC_ELEMS_MAX // (block_t * block_r)))
+    block_kr = block_kk * block_r
+    elt = _elt_size(dtype)
     return DecodePlan(
-        k_splits=k_splits,
-        k_per_split=k_per_split,
-        shrink_block_t=MIN_DOT,
-        shrink_block_k=bk,
-        block_c=bc,
-        n_p_blocks=n_p,
-        n_a_blocks=n_a,
-        block_t=block_t,
-        block_n=block_n,
+        route_splits=route_splits,
+        route_k_per_split=route_kps,
+        route_block_k=rbk,
+        route_block_e=route_block_e,
+        route_e_blocks=route_e_blocks,
+        shrink_splits=shrink_splits,
+        shrink_k_per_split=shrink_kps,
+        shrink_block_k=sbk,
         block_e=block_e,
         block_r=block_r,
         block_kk=block_kk,
-        split_chunk=split_chunk,
+        block_kr=block_kr,
+        route_chunk=_chunk(route_splits, block_e),
+        shrink_chunk=_chunk(shrink_splits, block_kr),
+        block_n=max(MIN_DOT, min(DECODE_EXPAND_BLOCK_N_MAX, DECODE_EXPAND_TILE // block_kr)),
         num_warps=NUM_WARPS,
+        route_stages=_stages((MIN_DOT * elt + route_block_e * 4) * rbk, capability),
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def choose_plan(
     num_tokens: int,
     num_experts: int,
@@ -295,23 +401,31 @@ def choose_plan(
     regime: str | None = None,
     split: int | None = None,
     fuse_base: bool | None = None,
+    has_weight: bool = True,
+    mix_weights: bool = False,
 ) -> Plan:
-    """The plan for one call (cached). ``regime``, ``split`` and ``fuse_base`` override the table (tests use them).
+    """The plan for one call. ``regime``, ``split`` and ``fuse_base`` override the table (tests use them).
 
     ``capability`` and ``num_sms`` are None when no GPU runs the kernels (the interpreter). ``has_scores``: the caller
-    passes the routing scores (tensor parallelism), so no kernel computes them.
+    passes the routing scores (tensor parallelism), so no kernel computes them. ``has_weight``: the call has a base
+    weight the fused-base kernel can read (unit-stride rows); without one the table never fuses. ``mix_weights``:
+    "weights" mixing (part of the key; no block size depends on it at present).
     """
     for name, v in (("num_experts", num_experts), ("rank", rank), ("top_k", top_k), ("d_in", d_in), ("d_out", d_out)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} exceeds the number of experts {num_experts}")
-    regime = regime or regime_for(num_tokens, num_experts, rank)
-    if regime not in REGIMES:
+    if regime is not None and regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; expected one of {REGIMES}")
+    if fuse_base and regime not in (None, "dense"):
+        raise ValueError("fuse_base applies to the dense regime only")
+    regime = regime or regime_for(num_tokens, num_experts, rank)
+    if split is not None and split < 1:
+        raise ValueError(f"split count must be >= 1, got {split}")
     elt = _elt_size(dtype)
     if regime == "decode":
-        plan = decode_plan(num_tokens, num_experts, rank, top_k, d_in, has_scores, num_sms, split)
+        plan = decode_plan(num_tokens, num_experts, rank, top_k, d_in, dtype, has_scores, capability, num_sms, split)
         return Plan("decode", decode=plan)
 
     acc_max = _acc_max(dtype)
@@ -322,64 +436,88 @@ def choose_plan(
     block_k = 16 if dtype == torch.float32 else PIECE_BLOCK_K
     pieces = pieces_for(dtype)
     mode = MODE_DENSE if regime == "dense" else MODE_ROUTE
-    n_a = block_ea * block_r if mode == MODE_DENSE else 0
-    # The pieces accumulate into one (BLOCK_T, BLOCK_E) block; in mode DENSE the epilogue's
-    # masked pick of the selected experts holds a second (BLOCK_T, E·r) tile next to the accumulator, so the A part
-    # counts twice (at BLOCK_T = 64 this spilled 16-96 bytes on sm_80/sm_90 in the earlier table).
-    block_t = _block_rows(num_tokens, block_e + 2 * n_a, acc_max)
+    na = block_ea * block_r if mode == MODE_DENSE else 0
+    # The score and (mode DENSE) shrink accumulators of a token block live side by side; the epilogue picks the
+    # selected experts' shrinks through an L2 scratch row instead of a second register tile (route_shrink.py).
+    route_acc = acc_max if dtype == torch.float32 else ROUTE_ACC_ELEMS_MAX
+    if has_scores:
+        # Caller scores arrive as a loaded (BLOCK_T, BLOCK_E) tile in a plain blocked layout, not the dot's: top-k on
+        # a 64 × 256 tile of it spilled 400 bytes on sm_90 under Triton 3.6.0; half the rows do not.
+        route_acc //= 2
+    block_t = MIN_DOT
+    while block_t < 64 and block_t < num_tokens and 2 * block_t * (block_e + na) <= route_acc:
+        block_t *= 2
+    # 8 warps from 32 token rows (the larger accumulator); a 16-row block on 8 warps spilled 16 bytes on sm_90 with
+    # a 256-column shrink block although it held only 17 accumulator registers per thread.
+    route_block_k = block_k
+    if dtype == torch.float32:
+        # FMA dots hold operand fragments in registers: a 16-row block with 272 columns took 128 registers per thread
+        # on 4 warps and spilled 20 bytes on sm_90; 8 warps halve each thread's share, and K tiles of 32 keep the x
+        # and prototype tiles at 2 float32 per thread (16-column tiles left 1: 4-byte copies).
+        route_warps = ROUTE_WARPS if block_t * (block_e + na) > acc_max else NUM_WARPS
+        route_block_k = 32 if route_warps == ROUTE_WARPS else block_k
+    else:
+        route_warps = ROUTE_WARPS if block_t >= 32 else NUM_WARPS
     n_tblocks = max(1, cdiv(num_tokens, block_t))
     if split is None:
         split = 1
         if num_sms is not None and n_tblocks < num_sms:
             split = max(1, min(cdiv(num_sms, n_tblocks), cdiv(d_in, 4 * block_k)))
-    if split < 1:
-        raise ValueError(f"split count must be >= 1, got {split}")
     route = RoutePlan(
         mode=mode,
         block_t=block_t,
-        block_k=block_k,
+        block_k=route_block_k,
         block_e=block_e,
         block_ea=block_ea,
         block_r=block_r,
         block_kk=block_kk,
         pieces=pieces,
         split_k=split,
-        # The finalising program's (chunk, BLOCK_T, width) tile of partial sums at half the accumulator budget: the
-        # full budget spilled 8 bytes on sm_90 (E=64, BLOCK_T=32, mode ROUTE).
-        split_chunk=max(1, min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * max(block_e, n_a))))),
-        num_warps=NUM_WARPS,
-        num_stages=_stages((block_t + block_e + n_a) * block_k * elt, capability),
+        # The finalising program's (chunk, BLOCK_T, width) tile of partial sums at half the accumulator budget.
+        split_chunk=max(1, min(next_pow2(split), _pow2_floor(acc_max // 2 // (block_t * max(block_e, na))))),
+        score_chunk=max(
+            MIN_TILE * route_warps // NUM_WARPS // (block_t * block_e),
+            # a quarter of the budget: the "weights" epilogue spilled 8 bytes on sm_90 with (8, 32, 16) tiles
+            min(next_pow2(split), _pow2_floor(acc_max // 4 // (block_t * block_e))),
+            1,
+        ),
+        num_warps=route_warps,
+        # Two stages when the dense shrink block is wide: three spilled 8 bytes on sm_90 (BLOCK_T = 32, 128 columns).
+        num_stages=_stages((block_t + block_e + na) * route_block_k * elt, capability) if na < 128 else 2,
+        count_pairs=mode == MODE_ROUTE,
     )
     if regime == "dense":
-        # The fused base GEMM is a plain Triton GEMM: it removes the y round trip (base write, expand read + write:
-        # 4·T·d_out bytes) but must match cuBLAS to gain. Nothing was measured yet, so the table keeps cuBLAS
-        # (gpu_model.py prints both predictions; the benchmarks time both, impls "ours" and "ours_fused").
-        fuse = bool(fuse_base)
-        # A full K tile even when E·r is narrower (the padding columns are masked): with BLOCK_KC = 32 < BLOCK_K the
-        # bf16 expand at BLOCK_T = 32 spilled 4 bytes on sm_90 under Triton 3.6.0; with 64 none does.
-        block_kc = block_k
+        # The fused base GEMM removes the y round trip of an expand after cuBLAS (read and write T·d_out: on an H100
+        # about 19 % of a compute-bound base GEMM's time whatever T, since 4·T·d_out bytes at 3.35 TB/s against
+        # 2·T·d_in·d_out FLOPs at 989 TFLOP/s is 0.19 at d_in = 3072). It pays while this kernel reaches at least
+        # ~85 % of cuBLAS's rate (gpu_model.py prints both); the table fuses 16-bit calls from 256 tokens on (enough
+        # 128-row tiles to fill the SMs) and leaves float32 (FMA dots, no tensor cores) to cuBLAS.
+        if fuse_base is None:
+            fuse = has_weight and dtype != torch.float32 and num_tokens >= 256
+        else:
+            fuse = bool(fuse_base) and has_weight
+        block_kc = min(block_k, na)  # divides NA (both powers of two): C's tiles need no column mask
         if fuse:
-            # 128 × 128 float32 accumulator over 8 warps (64 registers per thread), K tiles of 64, two stages (three
-            # took 240 KiB of shared memory on sm_90, over its 227 KiB); sm_80's mma keeps more fragments in registers
-            # (128 × 128 spilled 152 bytes there), so 128 × 64; float32 (FMA dots) at 64 × 64, as in the rest of the
-            # table.
+            # A GEMM of K = d_in + E·BLOCK_R: 128 × 256 tiles over 8 warps on sm_90 (the float32 accumulator is 128
+            # registers per thread, held by the wgmma instructions), so each program's L2 traffic per FLOP matches the
+            # 128 × 256 tiles a vendor GEMM uses on this part: with 128 × 128 the operands re-read from L2 (1.8 GB at
+            # T = 2048 for qkv_proj) outweigh the y round trip the fusion saves (gpu_model.py). sm_80's mma keeps
+            # more fragments in registers (128 × 128 spilled 152 bytes there), so 128 × 64; float32 (FMA dots) at
+            # 64 × 64, as in the rest of the table. Three stages of 128 × 64 and 64 × 256 tiles: 144 KiB.
             if dtype == torch.float32:
-                bt, bn, warps = 64, 64, NUM_WARPS
+                bt, bn, warps, stages = 64, 64, NUM_WARPS, 2
+            elif capability is None or tuple(capability) >= (9, 0):
+                bt, bn, warps, stages = 128, 256, 8, 3
             else:
-                bt, warps = 128, 8
-                bn = 128 if capability is None or tuple(capability) >= (9, 0) else 64
+                bt, bn, warps, stages = 128, 64, 8, 2
             kb = block_k
-            stages = 2
         else:
             bn = 64
             bt, warps, kb = _block_rows(num_tokens, bn, acc_max), NUM_WARPS, block_k
-            # No software pipelining: with E·r <= DENSE_MAX_ER the K loop runs 1-4 times (3 stages of operand tiles
-            # spilled in the earlier table for nothing to overlap).
+            # The K loop over E·r runs 1-4 times: three stages of operand tiles spilled for nothing to overlap.
             stages = 1
         expand = DenseExpandPlan(bt, bn, block_ea, block_r, block_kc, fuse, kb, warps, stages)
         return Plan("dense", route=route, expand=expand)
-    if fuse_base:
-        raise ValueError("fuse_base applies to the dense regime only")
     # Block of (token, slot) pairs per expert: the largest of {16, 32, 64} not above the mean pairs per expert
     # T·k/E, which bounds the padding of the per-expert blocks to under one block per expert.
     mean_pairs = num_tokens * top_k / num_experts
@@ -404,5 +542,16 @@ def choose_plan(
         num_warps=NUM_WARPS,
         num_stages=_stages((block_m + gblock_r) * block_k * elt, capability),
         fp32_accumulate=fp32_acc,
+        # (CHUNK, experts) one-hot tiles of a quarter of the accumulator budget (the chunks are unrolled): the full
+        # budget spilled 24-28 bytes on sm_80, half of it 8.
+        scatter_chunk=max(MIN_DOT, min(128, _pow2_floor(ACC_ELEMS_MAX // 4 // next_pow2(num_experts)))),
     )
     return Plan("grouped", route=route, grouped=grouped)
+
+
+@functools.lru_cache(maxsize=8192)
+def plan_for(spec: LayerSpec, num_tokens: int, has_scores: bool = False, has_weight: bool = True) -> Plan:
+    """The table's plan for a layer and a call (cached: the one plan cache of the Triton path)."""
+    s = spec
+    return choose_plan(num_tokens, s.num_experts, s.rank, s.top_k, s.d_in, s.d_out, s.dtype, s.capability, s.num_sms,
+                       has_scores, s.regime, s.split, s.fuse_base, has_weight, s.mix_weights)  # fmt: skip

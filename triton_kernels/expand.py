@@ -1,9 +1,10 @@
-"""Dense expand: ``y (+)= Σ_j g_j · Bᵀ_{idx_j}`` from the compact coefficients of the route pass, optionally with the
-base GEMM in the same kernel.
+"""Dense expand: ``y (+)= C · Bᵀ_all`` from the dense coefficients of the route pass, optionally with the base GEMM in
+the same kernel, which then computes ``[x | C] · [W | Bᵀ_all]ᵀ``: one GEMM whose K range is d_in plus the experts'
+columns.
 
-``g`` (T, k·r) float32 holds each token's k selected slots (mixing applied, scaling folded into ``b_t``), ``idx``
-(T, k) int32 the experts. The kernel rebuilds the masked (BLOCK_T, E·r) coefficient block in registers (zeros for
-unselected experts), in chunks of BLOCK_KC columns, and does one tl.dot per chunk against Bᵀ (E·r, BLOCK_N).
+``C`` (T, NA) in the compute dtype holds, at column e·BLOCK_R + s, the coefficient of expert e's rank slot s (the
+routing weight and mixing applied, the scaling folded into ``b_t``; zero for unselected experts and past r). Each
+K step loads a (BLOCK_T, BLOCK_KC) tile of C and the matching Bᵀ rows, with 16-byte loads like any GEMM operand.
 
 - ACCUMULATE: the delta is added to y (the base linear's output from cuBLAS): y is read and written once more.
 - FUSE_BASE: the kernel first computes ``x Wᵀ (+ bias)`` for its tile over all of d_in (a plain tiled GEMM), then adds
@@ -23,8 +24,7 @@ from .launch import launch
 
 @triton.jit(do_not_specialize=["T", "E", "R"])
 def _expand_dense_kernel(
-    g_ptr,
-    idx_ptr,
+    c_ptr,
     bt_ptr,
     y_ptr,
     x_ptr,
@@ -39,7 +39,7 @@ def _expand_dense_kernel(
     stride_w,
     E,
     R,
-    TOP_K: tl.constexpr,
+    NA: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     FUSE_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -49,7 +49,7 @@ def _expand_dense_kernel(
     BLOCK_KC: tl.constexpr,
     BLOCK_KB: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK_T), cdiv(D_OUT, BLOCK_N)). Column e·BLOCK_R + s of the dense block: expert e, rank s."""
+    """Grid (cdiv(T, BLOCK_T), cdiv(D_OUT, BLOCK_N)). Column e·BLOCK_R + s of C: expert e, rank s (Bᵀ row e·R + s)."""
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     t_offs = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -69,25 +69,22 @@ def _expand_dense_kernel(
             acc = tl.dot(xt, wt, acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    # The experts' K range: C's columns (zero past E and past r) against Bᵀ's rows. C's rows are NA wide and
+    # BLOCK_KC divides NA, so its tiles need no column mask.
+    c_rows = c_ptr + t64[:, None] * NA
     for k0 in range(0, E * BLOCK_R, BLOCK_KC):
         c = k0 + tl.arange(0, BLOCK_KC)
         ce = c // BLOCK_R
         cs = c % BLOCK_R
         real = (ce < E) & (cs < R)
-        # Scatter the k compact slots into the dense chunk: slot j of token t lands on the columns of expert idx[t, j].
-        coef = tl.zeros((BLOCK_T, BLOCK_KC), dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            ej = tl.load(idx_ptr + t64 * TOP_K + j, mask=t_mask, other=-1)
-            hit = t_mask[:, None] & real[None, :] & (ce[None, :] == ej[:, None])
-            coef += tl.load(g_ptr + t64[:, None] * (TOP_K * R) + j * R + cs[None, :], mask=hit, other=0.0)
+        ct = tl.load(c_rows + c[None, :], mask=t_mask[:, None], other=0.0)
         b = tl.load(
             bt_ptr + (ce * R + cs).to(tl.int64)[:, None] * stride_b + n_offs[None, :],
             mask=real[:, None] & n_mask[None, :],
             other=0.0,
         )
-        # Coefficients are rounded to the weights' dtype for the tensor-core dot (as the torch backend does);
         # "ieee" keeps float32 inputs exact instead of TF32.
-        acc = tl.dot(coef.to(b.dtype), b, acc, input_precision="ieee")
+        acc = tl.dot(ct, b, acc, input_precision="ieee")
     y_ptrs = y_ptr + t64[:, None] * stride_y + n_offs[None, :]
     ymask = t_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
@@ -96,10 +93,9 @@ def _expand_dense_kernel(
 
 
 def expand_dense_(
+    layer,
     y: torch.Tensor,
-    g: torch.Tensor,
-    idx: torch.Tensor,
-    b_t: torch.Tensor,
+    c: torch.Tensor,
     plan: DenseExpandPlan,
     accumulate: bool,
     x: torch.Tensor | None = None,
@@ -108,12 +104,13 @@ def expand_dense_(
 ) -> torch.Tensor:
     """``y (+)= Σ_j g_j Bᵀ_{idx_j}`` in place (y (T, d_out)); with ``plan.fuse_base`` ``y = x Wᵀ + bias + delta``.
 
-    ``g`` (T, k·r) float32 and ``idx`` (T, k) int32 come from :func:`route_shrink.route_shrink`; ``b_t`` is
-    (E, r, d_out) with unit-stride rows and ``stride(0) == r·stride(1)``. Returns y.
+    ``layer`` is a :class:`~.linear.PreparedExperts` (its ``b_t`` (E, r, d_out) has unit-stride rows and
+    ``stride(0) == r·stride(1)``); ``c`` (T, NA) the dense coefficients from the route pass, in y's dtype. Returns y.
     """
     t, d_out = y.shape
     if t == 0:
         return y
+    b_t = layer.b_t
     e, r, _ = b_t.shape
     fuse = plan.fuse_base and weight is not None
     if plan.fuse_base and not fuse:
@@ -122,8 +119,7 @@ def expand_dense_(
     launch(
         _expand_dense_kernel,
         grid,
-        g,
-        idx,
+        c,
         b_t,
         y,
         x if fuse else y,
@@ -138,7 +134,7 @@ def expand_dense_(
         weight.stride(0) if fuse else 0,
         e,
         r,
-        TOP_K=idx.shape[1],
+        NA=c.shape[1],
         ACCUMULATE=accumulate and not fuse,
         FUSE_BASE=fuse,
         HAS_BIAS=fuse and bias is not None,

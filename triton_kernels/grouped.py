@@ -5,7 +5,8 @@ This is the fused-MoE idea (as in vLLM) applied to LoRA: after routing, every pa
 BLOCK_M pairs belong to one expert, so both the shrink ``h = x_t A_eᵀ`` and the expand ``y_t += g B_eᵀ`` are small
 GEMMs with that expert's factors as the shared operand.
 
-The alignment is one single-program kernel (a counting sort) and never reads a count back to the host: the grid is
+The alignment is a counting sort in one launch of one program per token block (``_scatter_kernel``), from the
+per-block counts the route pass wrote, and never reads a count back to the host: the grid of the grouped kernels is
 sized for the worst case (``cdiv(T·k, BLOCK_M) + min(E, T·k)`` blocks) and blocks past the last real one carry expert
 -1 and return at once.
 
@@ -24,106 +25,129 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import GroupedPlan, cdiv, next_pow2
+from .dispatch import ACC_ELEMS_MAX, MIN_TILE, NUM_WARPS, GroupedPlan, cdiv, next_pow2
 from .launch import launch
 
-# Elements of the (chunk, experts) and (blocks, experts) tiles of the alignment kernel, over ALIGN_WARPS warps (64
-# per thread): each chunk is one dependent load round of a single program, so the chunks are made large.
-ALIGN_TILE = 32768
-ALIGN_WARPS = 16
+# Token blocks per tile when the scatter sums the route pass's per-block counts.
+COUNTS_TILE = 8192
 
 
-@triton.jit(do_not_specialize=["N", "E", "NUM_BLOCKS"])
-def _align_kernel(
+@triton.jit(do_not_specialize=["N", "E", "NUM_BLOCKS", "N_TBLOCKS"])
+def _scatter_kernel(
     idx_ptr,
+    counts_ptr,
     pairs_ptr,
     bexp_ptr,
     N,
     E,
     NUM_BLOCKS,
+    N_TBLOCKS,
+    PAIRS_PER_TBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    TB_CHUNK: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    """Grid (1,): the counting sort of align_pairs_by_expert in one program (three passes over the N pairs' experts).
+    """Grid (token blocks,): the counting sort of align_pairs_by_expert, one program per token block of the route pass.
 
-    1. counts per expert; padded run lengths and their exclusive prefix sums (the runs' starts);
-    2. each pair's slot: its run's start + the pairs of its expert in earlier chunks + its rank within the chunk
-       (an exclusive cumsum of the one-hot (CHUNK, BLOCK_E) tile);
-    3. per block: its expert (how many runs end at or before its first slot) and the padding slots (past the run's
-       real pairs, or past the last run), written with N.
-    Passes 2 and 3 write disjoint slots, so no ordering between them is needed.
+    1. from the route pass's per-block counts (N_TBLOCKS, BLOCK_E): each expert's total, padded run length and run
+       start (exclusive prefix sum), and the pairs of this expert in earlier token blocks;
+    2. each of this block's pairs p (in order) goes to slot run start + earlier blocks' pairs of its expert + its rank
+       among this block's pairs of that expert (an exclusive cumsum of the one-hot (CHUNK, BLOCK_E) tile);
+    3. program 0 also writes every block's expert (how many runs end at or before its first slot; -1 past the last
+       run) and the padding slots (past a run's real pairs), with N.
+    Every program redoes step 1 from the same counts (a few KiB from L2), so no program waits for another: the sort
+    is one launch whose depth does not grow with T.
     """
+    pid = tl.program_id(0)
     e_offs = tl.arange(0, BLOCK_E)
-    c_offs = tl.arange(0, CHUNK)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c0 in range(0, N, CHUNK):
-        ev = tl.load(idx_ptr + c0 + c_offs, mask=c0 + c_offs < N, other=BLOCK_E)
-        counts += tl.sum((ev[:, None] == e_offs[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for b0 in range(0, N_TBLOCKS, TB_CHUNK):
+        b = b0 + tl.arange(0, TB_CHUNK)[:, None]
+        c = tl.load(counts_ptr + b * BLOCK_E + e_offs[None, :], mask=b < N_TBLOCKS, other=0)
+        totals += tl.sum(c, axis=0)
+        before += tl.sum(tl.where(b < pid, c, 0), axis=0)
+    padded = (totals + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     run_end = tl.cumsum(padded, 0)
     run_start = run_end - padded
-    seen = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c0 in range(0, N, CHUNK):
-        pm = c0 + c_offs < N
-        ev = tl.load(idx_ptr + c0 + c_offs, mask=pm, other=BLOCK_E)
+    seen = run_start + before
+    c_offs = tl.arange(0, CHUNK)
+    p0 = pid * PAIRS_PER_TBLOCK
+    for c0 in tl.static_range(0, PAIRS_PER_TBLOCK, CHUNK):
+        p = p0 + c0 + c_offs
+        # idx has whole token blocks; pairs past T hold BLOCK_E, which matches no expert column.
+        ev = tl.load(idx_ptr + p, mask=c0 + c_offs < PAIRS_PER_TBLOCK, other=BLOCK_E)
         onehot = (ev[:, None] == e_offs[None, :]).to(tl.int32)
         rank = tl.cumsum(onehot, 0) - onehot
-        slot = tl.sum(onehot * (rank + (run_start + seen)[None, :]), axis=1)
-        tl.store(pairs_ptr + slot, c0 + c_offs, mask=pm)
+        slot = tl.sum(onehot * (rank + seen[None, :]), axis=1)
+        tl.store(pairs_ptr + slot, p, mask=ev < E)
         seen += tl.sum(onehot, axis=0)
-    real_end = run_start + counts
-    m_offs = tl.arange(0, BLOCK_M)
-    for b0 in range(0, NUM_BLOCKS, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        bm = b < NUM_BLOCKS
-        first = b * BLOCK_M
-        ex = tl.sum((run_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        valid = ex < E
-        tl.store(bexp_ptr + b, tl.where(valid, ex, -1), mask=bm)
-        end = tl.sum(tl.where(e_offs[None, :] == ex[:, None], real_end[None, :], 0), axis=1)
-        s = first[:, None] + m_offs[None, :]
-        pad = (s >= end[:, None]) | (~valid[:, None])
-        tl.store(pairs_ptr + s, tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.int32) + N, mask=pad & bm[:, None])
+    if pid == 0:
+        real_end = run_start + totals
+        m_offs = tl.arange(0, BLOCK_M)
+        for b0 in range(0, NUM_BLOCKS, BLOCK_B):
+            bb = b0 + tl.arange(0, BLOCK_B)
+            bm = bb < NUM_BLOCKS
+            first = bb * BLOCK_M
+            ex = tl.sum((run_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+            valid = ex < E
+            tl.store(bexp_ptr + bb, tl.where(valid, ex, -1), mask=bm)
+            end = tl.sum(tl.where(e_offs[None, :] == ex[:, None], real_end[None, :], 0), axis=1)
+            s = first[:, None] + m_offs[None, :]
+            pad = (s >= end[:, None]) | (~valid[:, None])
+            tl.store(pairs_ptr + s, tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.int32) + N, mask=pad & bm[:, None])
 
 
-def align_pairs_by_expert(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def align_pairs_by_expert(
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    block_m: int,
+    route_block_t: int,
+    chunk: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs of ``idx`` (T, k) int32 by expert and pad each expert's run to a multiple of
-    block_m, in one single-program kernel (the same done with torch ops took about 28 small kernels).
+    block_m, with one program per token block of ``route_block_t`` tokens.
 
+    ``idx`` has whole blocks of ``route_block_t`` rows (rows past T hold BLOCK_E) and ``counts`` (token blocks,
+    BLOCK_E) int32 each token block's pairs per expert, as the route pass writes them; T is ``num_tokens``.
     Returns ``(sorted_pairs, block_expert)``: sorted_pairs (num_blocks·block_m,) int32 holds pair ids ``t·k + j`` in
     the order of the pairs within each expert (padding holds T·k, an invalid id), and block_expert (num_blocks,) int32
     the expert of each block (-1 for blocks past the end). ``num_blocks`` depends only on the shapes, so nothing here
     synchronises with the host.
     """
-    t, k = idx.shape
-    n = t * k
+    k = idx.shape[1]
+    n = num_tokens * k
     num_blocks = min(n, cdiv(n, block_m) + min(num_experts, n))
     sorted_pairs = torch.empty(num_blocks * block_m, dtype=torch.int32, device=idx.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=idx.device)
     if n == 0:
         return sorted_pairs, block_expert
-    block_e = next_pow2(num_experts)
-    # At most 512 pairs per chunk: (2048, 16) chunks spilled 196 bytes on sm_90 (the cumsum over the chunk axis).
-    chunk = max(16, min(512, ALIGN_TILE // block_e, next_pow2(n)))
-    # The block pass holds a (blocks, experts) and a (blocks, BLOCK_M) tile at once: an eighth of the budget (at the
-    # full budget it spilled 268-1028 bytes on sm_90, at a quarter 52 bytes with BLOCK_M = 64).
-    block_b = max(1, min(next_pow2(num_blocks), ALIGN_TILE // 8 // max(block_e, block_m)))
+    n_tblocks, block_e = counts.shape
+    # The block pass holds a (blocks, experts) and a (blocks, BLOCK_M) tile at once: an eighth of the accumulator
+    # budget (at the full budget it spilled 268-1028 bytes on sm_90, at a quarter 52 bytes with BLOCK_M = 64).
+    block_b = max(1, min(next_pow2(num_blocks), ACC_ELEMS_MAX // 8 // max(block_e, block_m)))
     launch(
-        _align_kernel,
-        (1,),
-        idx.contiguous(),
+        _scatter_kernel,
+        (n_tblocks,),
+        idx,
+        counts,
         sorted_pairs,
         block_expert,
         n,
         num_experts,
         num_blocks,
+        n_tblocks,
+        PAIRS_PER_TBLOCK=route_block_t * k,
         BLOCK_M=block_m,
         BLOCK_E=block_e,
+        TB_CHUNK=max(MIN_TILE // block_e, min(next_pow2(n_tblocks), COUNTS_TILE // block_e), 1),
         CHUNK=chunk,
         BLOCK_B=block_b,
-        num_warps=ALIGN_WARPS,
+        num_warps=NUM_WARPS,
     )
     return sorted_pairs, block_expert
 
@@ -226,16 +250,11 @@ def _grouped_expand_kernel(
 
 
 def grouped_shrink(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    w: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    block_expert: torch.Tensor,
-    rank: int,
-    plan: GroupedPlan,
+    layer, x: torch.Tensor, w: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor, plan: GroupedPlan
 ) -> torch.Tensor:
-    """``hw`` (T·k, r) float32 with ``hw[t·k + j] = w[t, j] · A_{idx[t, j]} x_t``; ``a`` is (E·r, d_in), pairs from
-    align_pairs_by_expert."""
+    """``hw`` (T·k, r) float32 with ``hw[t·k + j] = w[t, j] · A_{idx[t, j]} x_t``; ``layer`` a
+    :class:`~.linear.PreparedExperts` (A as (E·r, d_in)), pairs from align_pairs_by_expert."""
+    a, rank = layer.a, layer.rank
     t, d_in = x.shape
     top_k = w.shape[1]
     hw = torch.empty(t * top_k, rank, device=x.device, dtype=torch.float32)
@@ -266,17 +285,17 @@ def grouped_shrink(
 
 
 def grouped_expand_(
+    layer,
     y: torch.Tensor,
     hw: torch.Tensor,
     w: torch.Tensor,
     sorted_pairs: torch.Tensor,
     block_expert: torch.Tensor,
-    b_t: torch.Tensor,
-    rank: int,
-    mix_weights: bool,
     plan: GroupedPlan,
 ) -> torch.Tensor:
-    """``y += Σ_j g_j Bᵀ_{idx_j}`` in place (y must hold the base output or zeros), g from ``hw`` and the mixing."""
+    """``y += Σ_j g_j Bᵀ_{idx_j}`` in place (y must hold the base output or zeros), g from ``hw`` and the layer's
+    mixing."""
+    b_t, rank, mix_weights = layer.b_t, layer.rank, layer.mix_weights
     t, d_out = y.shape
     if t == 0:
         return y

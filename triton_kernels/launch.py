@@ -1,7 +1,7 @@
 """The one place kernels are launched, so the exact launches of a call can be recorded instead of run.
 
 ``recording()`` collects every launch (kernel, grid, arguments, launch options) of the code it wraps without running
-any: ``aot.py`` uses it on meta tensors to compile, for a real GPU architecture, exactly the configurations the
+any: ``tools/aot.py`` uses it on meta tensors to compile, for a real GPU architecture, exactly the configurations the
 dispatch table produces, on a machine without a GPU.
 """
 
@@ -51,6 +51,15 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int, num_s
         _recorder.append(Launch(kernel, tuple(grid), tuple(args), dict(constexprs), opts))
         return
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+
+
+def interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 before their import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .decode import _decode_route_kernel
+
+    return isinstance(_decode_route_kernel, InterpretedFunction)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Device functions shared by the decode and route-pass kernels: top-k + softmax, the mixing of the shrinks, and the
-sum of split-K partial sums."""
+"""Device functions shared by the decode and route-pass kernels: top-k + softmax (per block of tokens and per token),
+the mixing of the shrinks, and the sum of split-K partial sums."""
 
 from __future__ import annotations
 
@@ -40,6 +40,28 @@ def topk_softmax(scores, E, inv_temp, TOP_K: tl.constexpr, BLOCK_KK: tl.constexp
     p = tl.where(slots < TOP_K, p, 0.0)
     w = p / tl.sum(p, axis=1)[:, None]
     return w, top_i
+
+
+@triton.jit
+def topk_softmax_row(scores, E, inv_temp, TOP_K: tl.constexpr, BLOCK_KK: tl.constexpr):
+    """:func:`topk_softmax` of one token: ``scores`` (BLOCK_E,) float32 → (weights (BLOCK_KK,), indices (BLOCK_KK,))."""
+    BLOCK_E: tl.constexpr = scores.shape[0]
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, BLOCK_KK)
+    logits = tl.abs(scores)
+    logits = tl.where(logits == logits, logits, 0.0)  # NaN: see topk_softmax
+    logits = tl.where(cols < E, logits, -1.0)
+    top_v = tl.zeros((BLOCK_KK,), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_KK,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        m = tl.max(logits, axis=0)
+        sel = tl.minimum(tl.min(tl.where(logits == m, cols, BLOCK_E), axis=0), E - 1)
+        top_v = tl.where(slots == j, m, top_v)
+        top_i = tl.where(slots == j, sel, top_i)
+        logits = tl.where(cols == sel, -2.0, logits)
+    m0 = tl.max(tl.where(slots == 0, top_v, -float("inf")), axis=0)
+    p = tl.where(slots < TOP_K, tl.exp((top_v - m0) * inv_temp), 0.0)
+    return p / tl.sum(p, axis=0), top_i
 
 
 @triton.jit

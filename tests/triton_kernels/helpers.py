@@ -146,9 +146,30 @@ def shrink_coefficients(
     return g.reshape(t, -1)
 
 
+def dense_coefficients(g: torch.Tensor, idx: torch.Tensor, num_experts: int, block_r: int, na: int) -> torch.Tensor:
+    """The route pass's dense coefficients C (T, na) from compact ones g (T, k·r): slot j of token t at columns
+    idx[t, j]·block_r + s, zero elsewhere."""
+    t, k = idx.shape
+    r = g.shape[1] // k if k else 0
+    out = torch.zeros(t, na, dtype=g.dtype)
+    for j in range(k):
+        cols = idx[:, j : j + 1].long() * block_r + torch.arange(r)
+        out.scatter_(1, cols, g[:, j * r : (j + 1) * r])
+    return out
+
+
 def check(ours: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """assert_close_to_reference on CPU copies."""
     assert_close_to_reference(ours.detach().cpu(), ref64.detach().cpu(), ref_same.detach().cpu(), dtype, what)
+
+
+def check_delta(layer, prob: Problem, dtype: torch.dtype, top_k: int, temperature: float, mixing: str = "output",
+                what: str = "") -> torch.Tensor:  # fmt: skip
+    """The layer's delta alone (a delta-only call) against the reference delta: the tolerance then scales with the
+    delta, not with ``x Wᵀ + b``, so one expert's wrong contribution cannot hide under the base output."""
+    delta = layer(prob.x.to(device=DEVICE, dtype=dtype))
+    check(delta, *prob.reference(dtype, top_k, temperature, mixing, base=False), dtype, f"delta, {what}")
+    return delta
 
 
 def reference_pair(fn, *args64, dtype: torch.dtype):
@@ -164,6 +185,8 @@ __all__ = [
     "ON_GPU",
     "Problem",
     "check",
+    "check_delta",
+    "dense_coefficients",
     "make_problem",
     "random_routing",
     "reference",

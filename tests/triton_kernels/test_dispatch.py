@@ -1,5 +1,6 @@
-"""The dispatch table: regimes for the benchmark shapes, block-size invariants the kernels rely on, the decode grid
-filling the GPU, cached plans, launches per call, and bad input."""
+"""The dispatch table: regimes for the benchmark and cost-model shapes, block-size invariants the kernels rely on, the
+decode grids filling the GPU at T = 1 and T = 16 (E = 256 included), the one plan cache, launches per call, and bad
+input."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import itertools
 
 import pytest
 import torch
-from genknowsub_fast.triton_kernels import dispatch, launch
-from genknowsub_fast.triton_kernels.dispatch import MIN_DOT, MODE_DENSE, MODE_ROUTE, choose_plan
+from genknowsub_fast.triton_kernels import dispatch
+from genknowsub_fast.triton_kernels.dispatch import MIN_DOT, MODE_DENSE, MODE_ROUTE, LayerSpec, choose_plan, plan_for
 
 H100 = ((9, 0), 132)
 A100 = ((8, 0), 108)
@@ -20,16 +21,17 @@ def _pow2(n: int) -> bool:
 
 @pytest.mark.parametrize("t", [1, 16, 17, 256, 4096])
 def test_benchmark_regimes(t):
-    """Decode up to T = 16; beyond, E=10 r=4 (E·r = 40) is dense and E=64 r=8 grouped."""
-    for (e, r), prefill in (((10, 4), "dense"), ((64, 8), "grouped")):
+    """Decode up to T = 16; beyond, dense while the padded E·r block is at most 256 columns, grouped above."""
+    for (e, r), prefill in (((10, 4), "dense"), ((64, 8), "grouped"), ((10, 16), "dense"), ((256, 16), "grouped")):
         regime = choose_plan(t, e, r, 3, 3072, 3072, torch.bfloat16, *H100).regime
-        assert regime == ("decode" if t <= dispatch.DECODE_MAX_T else prefill)
+        assert regime == ("decode" if t <= dispatch.DECODE_MAX_T else prefill), (e, r, t)
+    assert dispatch.dense_columns(10, 16) == 256 and dispatch.dense_columns(64, 8) == 512
 
 
 GRID = list(
     itertools.product(
         [0, 1, 7, 16, 33, 256, 4096],  # T
-        [(1, 1), (3, 7), (10, 4), (16, 4), (64, 8), (8, 32)],  # (E, r)
+        [(1, 1), (3, 7), (10, 4), (16, 4), (64, 8), (8, 32), (256, 16)],  # (E, r)
         [1, 3],  # k (clamped to E)
         [torch.float16, torch.bfloat16, torch.float32],
         [None, A100, H100],
@@ -47,37 +49,43 @@ def test_plan_invariants():
 def _check_plan(t, er, k, dtype, dev, scores):
     e, r = er
     cap, sms = dev if dev else (None, None)
-    p = choose_plan(t, e, r, k, 3072, 5000, dtype, cap, sms, scores)
+    d_in = 3072
+    p = choose_plan(t, e, r, k, d_in, 5000, dtype, cap, sms, scores)
     if p.regime == "decode":
         d = p.decode
-        assert all(_pow2(b) for b in (d.block_t, d.block_n, d.block_e, d.block_r, d.block_kk, d.split_chunk)), d
-        assert d.shrink_block_t >= MIN_DOT and d.block_c >= MIN_DOT and d.shrink_block_k >= MIN_DOT
-        assert d.block_e >= e and d.block_r >= r and d.block_kk >= k and d.block_t >= min(max(t, 1), 16)
-        assert (d.n_p_blocks == 0) == scores and d.n_a_blocks * d.block_c >= e * r
-        assert d.k_per_split % d.shrink_block_k == 0 and (d.k_splits - 1) * d.k_per_split < 3072
-        assert d.block_t * d.block_r * d.block_n <= dispatch.ACC_ELEMS_MAX
-        width = max(0 if scores else d.block_e, d.block_kk * d.block_r)
-        assert d.split_chunk * d.block_t * width <= dispatch.DECODE_TILE_MAX or d.split_chunk == 1
+        assert all(_pow2(b) for b in (d.block_e, d.block_r, d.block_kk, d.block_n, d.route_block_e)), d
+        assert all(_pow2(b) for b in (d.route_chunk, d.shrink_chunk)), d
+        assert d.block_e >= e and d.block_r >= r and d.block_kk >= k and d.block_kr == d.block_kk * d.block_r
+        # The partial-score rows are exactly BLOCK_E wide (the shrink reads them without a column mask).
+        assert d.route_cols == d.block_e and d.route_block_e >= MIN_DOT and d.route_block_k >= MIN_DOT
+        assert (d.route_splits == 0) == scores
+        for splits, kps, bk in ((d.route_splits, d.route_k_per_split, d.route_block_k),
+                                (d.shrink_splits, d.shrink_k_per_split, d.shrink_block_k)):  # fmt: skip
+            if splits:
+                assert kps % bk == 0 and kps % 16 == 0 and (splits - 1) * kps < d_in <= splits * kps
+        assert d.route_chunk * d.block_e >= dispatch.MIN_TILE or d.route_chunk >= d.route_splits
+        assert d.route_chunk * d.block_e <= dispatch.ACC_ELEMS_MAX or d.route_chunk * d.block_e <= dispatch.MIN_TILE
+        assert d.block_kr * d.block_n <= dispatch.DECODE_EXPAND_TILE or d.block_n == MIN_DOT
         if sms is None:
-            assert d.k_splits == 1
-        else:
-            per_split = d.block_t * ((0 if scores else d.block_e) + d.block_kk * d.block_r) * 4
-            assert d.k_splits * per_split <= dispatch.WS_READ_MAX or d.k_splits == 1
+            assert d.route_splits in (0, 1) and d.shrink_splits == 1
+        elif not scores:
+            # Each shrink program re-reads its token's partial scores from every route slice: bounded per token.
+            assert d.route_splits * d.block_e * 4 <= dispatch.ROUTE_PARTIALS_MAX or d.route_splits == 1
         return
     ro = p.route
     assert all(_pow2(b) for b in (ro.block_t, ro.block_k, ro.block_e, ro.block_ea, ro.block_r, ro.block_kk)), p
-    assert _pow2(ro.split_chunk)
+    assert _pow2(ro.split_chunk) and _pow2(ro.score_chunk)
     # tl.dot operands: every dot dimension >= 16 (shapes below 16 fail on GPUs though the interpreter runs them).
     assert ro.block_t >= MIN_DOT and ro.block_k >= MIN_DOT and ro.block_e >= MIN_DOT
     assert ro.block_e >= e and ro.block_ea >= e and ro.block_r >= r and ro.block_kk >= k
     assert ro.pieces == (1 if dtype == torch.float32 else 3)
-    na = ro.block_ea * ro.block_r if ro.mode == MODE_DENSE else 0
     if ro.mode == MODE_DENSE:
-        assert na >= MIN_DOT
-    assert ro.block_t * (ro.block_e + 2 * na) <= dispatch.ACC_ELEMS_MAX or ro.block_t == MIN_DOT
+        assert MIN_DOT <= ro.na <= dispatch.DENSE_MAX_NA
+    budget = dispatch.ROUTE_ACC_ELEMS_MAX if dtype != torch.float32 else dispatch.FP32_ACC_ELEMS_MAX
+    assert ro.block_t * (ro.block_e + ro.na) <= budget or ro.block_t == MIN_DOT
     elt = torch.empty((), dtype=dtype).element_size()
     if ro.num_stages == 3:
-        assert 3 * (ro.block_t + ro.block_e + na) * ro.block_k * elt <= dispatch.smem_limit(cap)
+        assert 3 * (ro.block_t + ro.block_e + ro.na) * ro.block_k * elt <= dispatch.smem_limit(cap)
     if sms is None:
         assert ro.split_k == 1
     else:
@@ -85,59 +93,65 @@ def _check_plan(t, er, k, dtype, dev, scores):
         assert ro.split_k == 1 or n_tblocks * (ro.split_k - 1) < sms
     if p.regime == "dense":
         ex = p.expand
-        assert ro.mode == MODE_DENSE and not ex.fuse_base
-        assert min(ex.block_t, ex.block_n, ex.block_kc) >= MIN_DOT
+        assert ro.mode == MODE_DENSE and not ro.count_pairs
+        assert min(ex.block_t, ex.block_n, ex.block_kc) >= MIN_DOT and ro.na % ex.block_kc == 0
+        # The fused base GEMM is the table's choice for 16-bit calls of 256 tokens or more.
+        assert ex.fuse_base == (dtype != torch.float32 and t >= 256)
     else:
         g = p.grouped
-        assert ro.mode == MODE_ROUTE
+        assert ro.mode == MODE_ROUTE and ro.count_pairs
         assert min(g.block_m, g.block_k, g.block_n, g.block_r) >= MIN_DOT and g.block_r >= r
         assert g.fp32_accumulate == (dtype == torch.bfloat16 and cap is not None and cap < (9, 0))
 
 
 @pytest.mark.parametrize("shape", [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)])
-@pytest.mark.parametrize("er", [(10, 4), (64, 8)])
-def test_decode_grid_fills_the_gpu_at_t1(shape, er):
-    """At T = 1 the shrink runs at least one CTA per two SMs, each over a slice of d_in."""
+@pytest.mark.parametrize("er", [(10, 4), (64, 8), (256, 16)])
+@pytest.mark.parametrize("t", [1, 16])
+def test_decode_grids_fill_the_gpu(shape, er, t):
+    """At T = 1 and T = 16 the route and shrink kernels each run at least one program per two SMs, every program
+    over a slice of d_in (no single program walks all of d_in), and the expand covers d_out: the slice counts do not
+    collapse at T = 16, E = 256 (a bound per token block once forced a single slice there)."""
     d_in, d_out = shape
     for cap, sms in (H100, A100):
-        p = choose_plan(1, *er, 3, d_in, d_out, torch.bfloat16, cap, sms).decode
-        grid = p.shrink_grid(1)
-        assert grid[0] * grid[1] * grid[2] >= sms / 2, (grid, sms)
-        assert p.k_per_split < d_in
-        assert p.expand_grid(1, d_out)[0] * p.block_n >= d_out
+        p = choose_plan(t, *er, 3, d_in, d_out, torch.bfloat16, cap, sms).decode
+        route = p.route_grid(t)
+        assert route[0] * route[1] * route[2] >= sms / 2, (route, sms)
+        assert p.route_k_per_split <= d_in // 8 and p.route_splits > 1
+        shrink = p.shrink_grid(t)
+        assert shrink[0] * shrink[1] >= sms / 8
+        assert p.shrink_k_per_split <= dispatch.DECODE_SHRINK_STEPS * p.shrink_block_k
+        assert p.expand_grid(t, d_out)[0] * p.block_n >= d_out
 
 
-def test_plans_are_cached():
-    a = choose_plan(1, 10, 4, 3, 3072, 3072, torch.bfloat16, *H100)
-    assert choose_plan(1, 10, 4, 3, 3072, 3072, torch.bfloat16, *H100) is a
-    assert choose_plan.cache_info().hits >= 1
+def test_the_one_plan_cache():
+    """plan_for caches per (spec, T, flags); a spec hashes once; choose_plan itself caches nothing."""
+    spec = LayerSpec(10, 4, 3, 3072, 3072, torch.bfloat16, *H100)
+    a = plan_for(spec, 1)
+    hits = plan_for.cache_info().hits
+    assert plan_for(LayerSpec(10, 4, 3, 3072, 3072, torch.bfloat16, *H100), 1) is a
+    assert plan_for.cache_info().hits == hits + 1
+    assert not hasattr(choose_plan, "cache_info")
+    assert plan_for(spec, 1, True) is not a and plan_for(spec, 300, True, False) is not plan_for(spec, 300)
 
 
-def _launches(t, e, r, scores=False, fuse=None):
-    from genknowsub_fast.triton_kernels.linear import add_delta_
+def _launches(t, e, r, scores=False, fuse=None, weight=True):
+    from tools import aot
 
-    meta = torch.device("meta")
-    d_in, d_out, dt = 1024, 384, torch.bfloat16
-    p = choose_plan(t, e, r, 3, d_in, d_out, dt, *H100, scores, None, None, fuse)
-    new = lambda *s, dtype=dt: torch.empty(*s, device=meta, dtype=dtype)  # noqa: E731
-    sc = new(t, e, dtype=torch.float32) if scores else None
-    with launch.recording() as rec:
-        add_delta_(
-            new(t, d_out), new(t, d_in), new(e, d_in, dtype=torch.float32), new(e, 3 * d_in), 1.0, new(e * r, d_in),
-            new(e, r, d_out), 3, 1.0, False, p, True, sc, new(d_out, d_in), None,
-        )  # fmt: skip
-    return [ln.name for ln in rec]
+    layer = aot.meta_layer(90, 1024, 384, e, r, 3, torch.bfloat16, fuse_base=fuse)
+    return [ln.name for ln in aot.record_call(layer, t, scores, weight)]
 
 
 def test_launches_per_call():
-    """Decode: 2 kernels; dense: route + expand; grouped: route + alignment + grouped shrink + grouped expand; the
-    route pass adds its finalising program when split over d_in."""
-    assert _launches(1, 10, 4) == ["_decode_shrink_kernel", "_decode_expand_kernel"]
-    assert _launches(16, 64, 8, scores=True) == ["_decode_shrink_kernel", "_decode_expand_kernel"]
+    """Decode: route + shrink + expand (shrink + expand with caller scores); dense: route + (fused) expand; grouped:
+    route + scatter + grouped shrink + grouped expand; the route pass adds its finalising program when split."""
+    decode = ["_decode_route_kernel", "_decode_shrink_kernel", "_decode_expand_kernel"]
+    assert _launches(1, 10, 4) == decode
+    assert _launches(16, 256, 16) == decode
+    assert _launches(16, 64, 8, scores=True) == decode[1:]
     assert _launches(16384, 10, 4) == ["_route_shrink_kernel", "_expand_dense_kernel"]
-    assert _launches(16384, 10, 4, fuse=True) == ["_route_shrink_kernel", "_expand_dense_kernel"]
+    assert _launches(16384, 10, 4, weight=False) == ["_route_shrink_kernel", "_expand_dense_kernel"]
     assert _launches(64, 10, 4) == ["_route_shrink_kernel"] * 2 + ["_expand_dense_kernel"]
-    grouped = ["_route_shrink_kernel", "_align_kernel", "_grouped_shrink_kernel", "_grouped_expand_kernel"]
+    grouped = ["_route_shrink_kernel", "_scatter_kernel", "_grouped_shrink_kernel", "_grouped_expand_kernel"]
     assert _launches(16384, 64, 8) == grouped
 
 
@@ -146,6 +160,10 @@ def test_overrides_and_bad_input():
     assert p.regime == "grouped" and p.route.split_k == 5
     fused = choose_plan(300, 10, 4, 3, 3072, 3072, torch.float16, None, None, False, "dense", None, True)
     assert fused.expand.fuse_base
+    delta_only = choose_plan(300, 10, 4, 3, 3072, 3072, torch.float16, None, None, False, "dense", None, True, False)
+    assert not delta_only.expand.fuse_base, "a call without a base weight cannot fuse it"
+    forced = choose_plan(1, 10, 4, 3, 3072, 3072, torch.float16, *H100, False, "decode", 3)
+    assert forced.decode.route_splits == 3 and forced.decode.shrink_splits == 3
     with pytest.raises(ValueError, match="regime"):
         choose_plan(4, 3, 2, 2, 16, 8, torch.float32, None, None, False, "fast")
     with pytest.raises(ValueError, match="split"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from genknowsub_fast.triton_kernels import launch as launch_mod
-from genknowsub_fast.triton_kernels.dispatch import choose_plan
 
 from tests.triton_kernels.helpers import DEVICE, check, make_problem, require_triton
 
@@ -18,22 +17,16 @@ def test_grid_limits_are_checked_before_launch():
         with pytest.raises(ValueError, match="grid"):
             launch_mod.check_grid("k", grid)
     # Recorded launches go through the same check: a dense expand over a (fake) output wider than 65535 column blocks.
-    from genknowsub_fast.triton_kernels.expand import expand_dense_
+    from tools import aot
 
-    meta = torch.device("meta")
-    d_out = 65536 * 64 + 1
-    plan = choose_plan(17, 10, 4, 3, 64, d_out, torch.float16, (9, 0), 132)
-    y = torch.empty(17, d_out, device=meta, dtype=torch.float16)
-    g = torch.empty(17, 12, device=meta)
-    idx = torch.empty(17, 3, device=meta, dtype=torch.int32)
-    b_t = torch.empty(10, 4, d_out, device=meta, dtype=torch.float16)
-    with launch_mod.recording(), pytest.raises(ValueError, match="exceeds the CUDA limits"):
-        expand_dense_(y, g, idx, b_t, plan.expand, True)
+    layer = aot.meta_layer(90, 64, 65536 * 64 + 1, 10, 4, 3, torch.float16)
+    with pytest.raises(ValueError, match="exceeds the CUDA limits"):
+        aot.record_call(layer, 17)
 
 
 def test_table_grids_fit_for_the_benchmark_shapes():
-    """Every launch the table makes for the benchmark problem set (recorded, not run) has a legal grid."""
-    from genknowsub_fast.triton_kernels import aot
+    """Every launch the table makes for the AOT problem set (recorded, not run) has a legal grid."""
+    from tools import aot
 
     launches = aot.record_table_launches(90, (torch.bfloat16,))
     assert launches
@@ -43,33 +36,19 @@ def test_table_grids_fit_for_the_benchmark_shapes():
 
 
 def test_empty_batch_every_entry_point():
-    """T = 0 launches nothing (a zero-size grid is an error on a GPU) and returns well-formed empty outputs."""
+    """T = 0 launches nothing (a zero-size grid is an error on a GPU) and returns well-formed empty outputs, in every
+    regime, with and without a base weight and caller scores."""
     require_triton()
-    from genknowsub_fast.triton_kernels.decode import decode_delta_
-    from genknowsub_fast.triton_kernels.expand import expand_dense_
-    from genknowsub_fast.triton_kernels.grouped import align_pairs_by_expert, grouped_expand_, grouped_shrink
-    from genknowsub_fast.triton_kernels.route_shrink import route_shrink
-
     prob = make_problem(0, 4, 2, 20, 9, margin=False)
-    layer = prob.layer(torch.float32, 3, 1.0)
     x = torch.empty(0, 20, device=DEVICE)
-    y = torch.empty(0, 9, device=DEVICE)
+    weight = torch.randn(9, 20, device=DEVICE)
     with launch_mod.recording() as rec:
         for regime in ("decode", "dense", "grouped"):
-            plan = choose_plan(0, 4, 2, 3, 20, 9, torch.float32, None, None, False, regime)
-            if regime == "decode":
-                decode_delta_(y, x, layer.prototypes, layer.a, layer.b_t, 3, 1.0, False, plan.decode, True)
-                continue
-            g, idx, w = route_shrink(x, layer.p_route, 1.0, layer.a, 4, 2, 3, 1.0, False, plan.route)
-            assert idx.shape == (0, 3) and w.shape == (0, 3)
-            if regime == "dense":
-                expand_dense_(y, g, idx, layer.b_t, plan.expand, True)
-                continue
-            pairs, bexp = align_pairs_by_expert(idx, 4, plan.grouped.block_m)
-            assert pairs.numel() == 0 and bexp.numel() == 0
-            hw = grouped_shrink(x, layer.a, w, pairs, bexp, 2, plan.grouped)
-            assert hw.shape == (0, 2)
-            grouped_expand_(y, hw, w, pairs, bexp, layer.b_t, 2, False, plan.grouped)
+            layer = prob.layer(torch.float32, 3, 1.0, regime=regime)
+            assert layer(x).shape == (0, 9)
+            assert layer(x, weight).shape == (0, 9)
+            y = torch.empty(0, 9, device=DEVICE)
+            assert layer.add_delta_(y, x, torch.empty(0, 4, device=DEVICE)) is y
     assert rec == [], [ln.name for ln in rec]
 
 
