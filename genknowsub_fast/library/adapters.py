@@ -49,21 +49,41 @@ class FileTensors(MutableMapping):
     def __getitem__(self, path: str) -> torch.Tensor:
         if path in self._memory:
             return self._memory[path]
-        key = self._keys[path]
-        try:
-            fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            name = os.path.basename(self.file)
-            raise ValueError(f"adapter {self.adapter!r}: {name} cannot be read ({exc})") from None
-        try:
-            t = tensor_file.read_tensor(fd, self.header, key, self.file)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"adapter {self.adapter!r}: tensor {key!r} cannot be read ({exc})") from None
-        finally:
-            os.close(fd)
-        if not all_finite(t):
-            raise ValueError(f"adapter {self.adapter!r}: tensor {key!r} contains NaN or Inf")
+        info = self.header.tensors[self._keys[path]]
+        t = self.read_into(path, torch.empty(info.shape, dtype=info.dtype), check=False)
+        self.check_finite(path, t)
         return t
+
+    def read_into(self, path: str, out: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Read module ``path``'s tensor into ``out`` (contiguous, CPU, of its shape), converting the dtype if it
+        differs; ``check``: refuse NaN or Inf (callers that read many tensors check once with :meth:`check_finite`)."""
+        if path in self._memory:
+            out.copy_(self._memory[path])
+        else:
+            key = self._keys[path]
+            info = self.header.tensors[key]
+            target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+            try:
+                fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                name = os.path.basename(self.file)
+                raise ValueError(f"adapter {self.adapter!r}: {name} cannot be read ({exc})") from None
+            try:
+                tensor_file.read_into(fd, self.header.data_start + info.begin, target, self.file)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"adapter {self.adapter!r}: tensor {key!r} cannot be read ({exc})") from None
+            finally:
+                os.close(fd)
+            if target is not out:
+                out.copy_(target)
+        if check:
+            self.check_finite(path, out)
+        return out
+
+    def check_finite(self, path: str, t: torch.Tensor) -> None:
+        """ValueError naming the adapter and tensor when ``t`` (module ``path``'s, as read) holds NaN or Inf."""
+        if not all_finite(t):
+            raise ValueError(f"adapter {self.adapter!r}: tensor {self._keys.get(path, path)!r} contains NaN or Inf")
 
     def __setitem__(self, path: str, value: torch.Tensor) -> None:
         self._memory[path] = value

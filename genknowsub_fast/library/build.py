@@ -12,17 +12,18 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from ..backends import prototype_ext
 from ..backends.packing import from_stored, pack_experts, stored_tensors
-from ..experts import ModuleExperts
+from ..experts import ModuleExperts, all_finite
 from . import file_checks as checks
 from . import file_format
 from . import gks as gks_math
-from .adapters import LoraAdapter, read_adapter
+from .adapters import FileTensors, LoraAdapter, read_adapter
 from .base_model import model_family, model_id
 from .layer_prototypes import decoder_layer, group_by_layer, layer_factors
 
@@ -75,7 +76,9 @@ def read_adapter_dirs(
 # A build combines, prototypes and packs this many bytes of one group's task factors (in the working dtype) at a time,
 # so that it holds the finished library (or, writing a file, one module of it), the general and added adapters'
 # factors of one group, and one such chunk: never every adapter and every intermediate at once.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 8 * 2**20
+# ... or this fraction of the library, when that is more: fewer, larger steps on a big library cost it little memory.
+CHUNK_FRACTION = 1 / 64
 
 
 @dataclass
@@ -89,6 +92,7 @@ class ModulePlan:
     work: torch.dtype  # the dtype GenKnowSub and the prototypes compute in
     dtype: torch.dtype  # the library's dtype
     combine: bool  # whether GenKnowSub combines this module's factors
+    _specs: tuple | None = field(default=None, repr=False)
 
     @property
     def r_max(self) -> int:
@@ -96,7 +100,9 @@ class ModulePlan:
 
     def stored_specs(self):
         """(name → (dtype, shape), layout) of the packed tensors a file stores for this module."""
-        return file_format.stored_specs(len(self.ranks), self.r_max, self.d_in, self.d_out, self.dtype)
+        if self._specs is None:
+            self._specs = file_format.stored_specs(len(self.ranks), self.r_max, self.d_in, self.d_out, self.dtype)
+        return self._specs
 
 
 def plan_modules(
@@ -178,6 +184,7 @@ def build_modules(
     per_expert = {p: plans[p].r_max * (plans[p].d_in + plans[p].d_out) * item[p] for p in paths}
     extra_bytes = {p: sum(_factor_bytes(g, p) for g in general + add) for p in paths}
     total = sum(_factor_bytes(t, p) for t in tasks for p in paths) + sum(extra_bytes.values())
+    chunk_bytes = max(CHUNK_BYTES, int(library_bytes(plans) * CHUNK_FRACTION))
     if progress is None:
         progress = sys.stderr.isatty()
     from tqdm.auto import tqdm
@@ -188,18 +195,21 @@ def build_modules(
             extra = {}
             for p in group:
                 w = plans[p].work
-                extra[p] = (
-                    [(g.a[p].to(w), g.b[p].to(w)) for g in general],
-                    [(g.a[p].to(w), g.b[p].to(w)) for g in add],
-                )
+                gen_f = [(g.a[p].to(w), g.b[p].to(w)) for g in general]
+                add_f = [(g.a[p].to(w), g.b[p].to(w)) for g in add]
+                if gks == "param" and plans[p].combine:  # the general sums once per module, not per chunk
+                    extra[p] = gks_math.param_terms(gen_f, general_weights, add_f, add_weights)
+                else:
+                    extra[p] = (gen_f, add_f)
+                del gen_f, add_f
                 bar.update(extra_bytes[p])
-            step = max(1, CHUNK_BYTES // max(1, sum(per_expert[p] for p in group)))
+            step = max(1, chunk_bytes // max(1, sum(per_expert[p] for p in group)))
             outs: dict[str, dict[str, torch.Tensor]] = {}
             zeros: dict[str, list[torch.Tensor]] = {p: [] for p in group}
             for i0 in range(0, e, step):
                 chunk = tasks[i0 : i0 + step]
                 raw = {
-                    p: _combined_chunk(p, plans[p], chunk, general, add, *extra[p], gks, general_weights,
+                    p: _combined_chunk(p, plans[p], chunk, general, add, extra[p], gks, general_weights,
                                        add_weights, task_weight)  # fmt: skip
                     for p in group
                 }
@@ -217,10 +227,10 @@ def build_modules(
                         zeros[p].append(zero[0])
                 for p in group:
                     plan, m = plans[p], raw.pop(p)
-                    chunk_packed = pack_experts(
-                        m.a.to(plan.dtype), m.b.to(plan.dtype), m.scaling, m.prototypes.to(plan.dtype),
-                        ranks=m.ranks, dtype=plan.dtype,
-                    )  # fmt: skip
+                    # Packed from the working dtype: s·Bᵀ is rounded to the library's dtype once. The prototypes are
+                    # rounded to it first, as a library in that dtype holds them.
+                    chunk_packed = pack_experts(m.a, m.b, m.scaling, m.prototypes.to(plan.dtype), ranks=m.ranks,
+                                                dtype=plan.dtype)  # fmt: skip
                     del m
                     stored, _ = stored_tensors(chunk_packed)
                     if p not in outs:
@@ -274,33 +284,78 @@ def _combined_chunk(
     chunk: list[LoraAdapter],
     general: list[LoraAdapter],
     add: list[LoraAdapter],
-    gen_f: list[tuple[torch.Tensor, torch.Tensor]],
-    add_f: list[tuple[torch.Tensor, torch.Tensor]],
+    extra: tuple,
     gks: str | None,
     general_weights: list[float] | None,
     add_weights: list[float],
     task_weight: float,
 ) -> ModuleExperts:
-    """One chunk of task experts of module ``path`` after GenKnowSub, padded to the module's rank (working dtype)."""
+    """One chunk of task experts of module ``path`` after GenKnowSub, padded to the module's rank (working dtype).
+    ``extra``: the general and added factors (``gks="delta"``), or their sums (``"param"``, :func:`param_terms`)."""
     w = plan.work
-    task_f = [(t.a[path].to(w), t.b[path].to(w)) for t in chunk]
     scalings = [t.scaling[path] for t in chunk]
-    if gks == "param" and plan.combine:
-        task_f = gks_math.combine_param(task_f, gen_f, general_weights, add_f, add_weights, task_weight)
-    elif gks == "delta":
+    if gks == "delta":
+        gen_f, add_f = extra
+        task_f = [(t.a[path].to(w), t.b[path].to(w)) for t in chunk]
         gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
         add_s = [(a, b, g.scaling[path]) for (a, b), g in zip(add_f, add, strict=True)]
         task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
         sub = gks_math.combine_delta(task_s, gen_s, general_weights, add_s, add_weights, task_weight)
         task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
-    ranks = [a.shape[0] for a, _ in task_f]
-    return ModuleExperts(
-        a=_pad_stack([a for a, _ in task_f], 0, plan.r_max),
-        b=_pad_stack([b for _, b in task_f], 1, plan.r_max),
-        scaling=torch.tensor(scalings, dtype=torch.float32),
-        prototypes=torch.empty(0),
-        ranks=torch.tensor(ranks, dtype=torch.int64),
-    )
+        a, b = _pad_stack([a for a, _ in task_f], 0, plan.r_max), _pad_stack([b for _, b in task_f], 1, plan.r_max)
+        ranks = [x.shape[0] for x, _ in task_f]
+    else:
+        a, b = _read_stacked(path, plan, chunk)
+        if gks == "param" and plan.combine:
+            # Every expert has the module's rank here, so the chunk is combined as one stacked tensor: the same
+            # element-wise arithmetic as expert by expert, with the general terms broadcast.
+            ((a, b),) = gks_math.apply_param([(a, b)], extra, task_weight)
+        ranks = [t.rank(path) for t in chunk]
+    return ModuleExperts(a, b, torch.tensor(scalings, dtype=torch.float32), torch.empty(0),
+                         torch.tensor(ranks, dtype=torch.int64))  # fmt: skip
+
+
+def _read_stacked(path: str, plan: ModulePlan, chunk: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's A (c, r_max, d_in) and B (c, d_out, r_max) in the working dtype, read straight into one stacked
+    tensor each (zero past each expert's rank); NaN or Inf is a ValueError naming the adapter and tensor."""
+    c, r_max, w = len(chunk), plan.r_max, plan.work
+    mixed = any(t.rank(path) != r_max for t in chunk)
+    make = torch.zeros if mixed else torch.empty
+    a = make(c, r_max, plan.d_in, dtype=w)
+    b = make(c, plan.d_out, r_max, dtype=w)
+
+    def read(i: int) -> None:
+        t = chunk[i]
+        r = t.rank(path)
+        _read_factor(t.a, path, a[i, :r])
+        if r == r_max:
+            _read_factor(t.b, path, b[i])
+        else:
+            b[i, :, :r].copy_(t.b[path])
+
+    # File reads release the GIL: as many threads read as torch computes with.
+    threads = min(c, torch.get_num_threads())
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, range(c)))
+    else:
+        for i in range(c):
+            read(i)
+    if not (all_finite(a) and all_finite(b)):
+        for i, t in enumerate(chunk):  # name the first adapter at fault
+            for factors, x in ((t.a, a[i]), (t.b, b[i])):
+                if not all_finite(x):
+                    if isinstance(factors, FileTensors):
+                        factors.check_finite(path, x)
+                    raise ValueError(f"adapter {t.name!r}: module {path!r} contains NaN or Inf")
+    return a, b
+
+
+def _read_factor(factors, path: str, out: torch.Tensor) -> None:
+    if isinstance(factors, FileTensors):
+        factors.read_into(path, out, check=False)
+    else:
+        out.copy_(factors[path])
 
 
 def _pad_stack(mats: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from safetensors import safe_open
 
 from ..backends.packing import STORED_NAMES, pack_experts, stored_tensors
 from ..experts import ModuleExperts
@@ -179,7 +178,7 @@ def read(path: str | os.PathLike, mmap: bool | None = None) -> tuple[dict[str, M
         check_fits(header.file_size, f"library {path!r} needs {human_bytes(header.file_size)}",
                    "free memory or load a smaller library")  # fmt: skip
         if meta["format_version"] == 1:
-            return _read_v1(path, meta, where), meta, "memory"
+            return _read_v1(mapped, header, meta, where), meta, "memory"
         return _read_v2(mapped, header, meta, where, mmap)
     finally:
         mapped.finish()
@@ -236,21 +235,25 @@ def _read_v2(mapped: tensor_file.MappedFile, header: tensor_file.Header, meta: d
     return modules, meta, storage
 
 
-def _read_v1(path: str, meta: dict, where: str) -> dict[str, ModuleExperts]:
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            checks.check_tensor_keys(list(f.keys()), meta["module_paths"], where, version=1)
-            e, method = len(meta["expert_names"]), meta.get("prototype_method", "exact")
-            modules = {}
-            for p in meta["module_paths"]:
-                t = {k: f.get_tensor(f"{p}/{k}") for k in checks.TENSOR_KEYS}
-                raw = checks.check_module_tensors(t, e, method, f"{where}: tensor '{p}")
-                modules[p] = raw.packed_copy()  # packed once here, so that patching adds no copy
-                del raw, t
-    except ValueError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types on corrupt files
-        raise ValueError(f"cannot read library {path!r}: {exc}") from exc
+def _read_v1(mapped: tensor_file.MappedFile, header: tensor_file.Header, meta: dict, where: str):
+    """Version 1: five plain tensors per module, read into memory (never mapped) and packed once, module by module,
+    so that the library holds the packed form only."""
+    checks.check_tensor_keys(list(header.tensors), meta["module_paths"], where, version=1)
+    for key, info in header.tensors.items():
+        if info.dtype is None:
+            raise ValueError(f"{where}: tensor {key!r} has a dtype this reader does not know")
+    e, method = len(meta["expert_names"]), meta.get("prototype_method", "exact")
+    modules = {}
+    for p in meta["module_paths"]:
+        t = {k: tensor_file.read_tensor(mapped.fd, header, f"{p}/{k}", mapped.path) for k in checks.TENSOR_KEYS}
+        raw = checks.check_module_tensors(t, e, method, f"{where}: tensor '{p}")
+        modules[p] = raw.packed_copy()
+        del raw, t
+    warnings.warn(
+        f"{where} is in library format 1, which is packed when loaded; save it again (LoraLibrary.save) to have "
+        "it mapped as it is",
+        stacklevel=4,
+    )
     return modules
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from safetensors.torch import save_file
 
 from genknowsub_fast.library.lora_library import library_metadata
