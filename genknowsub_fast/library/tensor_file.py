@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import json
 import mmap
 import os
@@ -285,7 +286,8 @@ class MappedFile:
         self.why_unprotected: str | None = None
         self.detached = False
         self._regions: dict[int, tuple[int, int]] = {}  # id → (address, length) of each live mapping
-        self._lock = threading.Lock()
+        # Re-entrant: the lease-break handler may run in the main thread while it is inside _unmap.
+        self._lock = threading.RLock()
         self._done = False  # no more mappings will be made (the fd closes with the last one)
 
     def take_lease(self) -> bool:
@@ -361,21 +363,30 @@ class MappedFile:
         """Copy every live mapping into anonymous memory at the same address, then give the lease up: the tensors
         keep their bytes and no longer depend on the file."""
         c = _c()
-        with self._lock:
-            regions = list(self._regions.values())
-            for addr, length in regions:
-                new = c.mmap(None, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-                if new in (None, _MAP_FAILED):
-                    print(f"genknowsub_fast: cannot copy the mapping of {self.path!r} before it is rewritten "
-                          "(out of memory); reading it later may fail", file=sys.stderr)  # fmt: skip
-                    continue
-                ctypes.memmove(new, addr, length)
-                if c.mremap(new, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, addr) in (None, _MAP_FAILED):
-                    c.munmap(new, length)
-            self.detached = True
+        collecting = gc.isenabled()
+        gc.disable()  # no finalizer may unmap a region of this file between the check below and its copy
+        try:
+            with self._lock:
+                for key in list(self._regions):
+                    if key in self._regions:  # not unmapped meanwhile
+                        self._copy_region(c, *self._regions[key])
+                self.detached = True
+        finally:
+            if collecting:
+                gc.enable()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.fd, F_SETLEASE, fcntl.F_UNLCK)
         _leased.pop(id(self), None)
+
+    def _copy_region(self, c, addr: int, length: int) -> None:
+        new = c.mmap(None, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if new in (None, _MAP_FAILED):
+            print(f"genknowsub_fast: cannot copy the mapping of {self.path!r} before it is rewritten (out of memory); "
+                  "reading it later may fail", file=sys.stderr)  # fmt: skip
+            return
+        ctypes.memmove(new, addr, length)
+        if c.mremap(new, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, addr) in (None, _MAP_FAILED):
+            c.munmap(new, length)
 
 
 def open_for_mapping(path: str) -> tuple[MappedFile, Header]:
