@@ -159,8 +159,10 @@ class ModuleExperts:
         if p is not None and p.device == device and p.dtype == dtype:
             return p if p.mixing == mixing else replace(p, mixing=mixing)
         if p is not None:
-            ones = torch.ones(p.num_experts, dtype=torch.float32, device=p.device)
-            return pack_experts(p.a, p.b_t.transpose(1, 2), ones, p.prototypes, mixing, None, dtype, device)
+            # Moved as they are first (one copy of the packed bytes to the device), then packed there.
+            a, b_t, protos = (t.to(device) for t in (p.a, p.b_t, p.prototypes))
+            ones = torch.ones(p.num_experts, dtype=torch.float32, device=device)
+            return pack_experts(a, b_t.transpose(1, 2), ones, protos, mixing, None, dtype, device)
         return pack_experts(self._a, self._b, self.scaling, self._prototypes, mixing, self.ranks, dtype, device)
 
     def packed_copy(self, device=None, dtype=None) -> ModuleExperts:

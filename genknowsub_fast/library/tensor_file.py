@@ -212,7 +212,6 @@ def write_at(fd: int, offset: int, tensor: torch.Tensor) -> None:
 _libc = None
 PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS = 1, 2, 0x02, 0x20
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-MADV_POPULATE_READ = 22
 F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
@@ -229,7 +228,6 @@ def _c():
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.mremap.restype = ctypes.c_void_p
         lib.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc = lib
     return _libc
 
@@ -328,7 +326,6 @@ class MappedFile:
         if addr in (None, _MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, f"cannot map {self.path!r}: {os.strerror(err)}")
-        c.madvise(addr, length, MADV_POPULATE_READ)  # fault the pages in at once (ignored by kernels before 5.14)
         region = _region_type(nbytes).from_address(addr + offset - start)
         with self._lock:
             self._regions[id(region)] = (addr, length)

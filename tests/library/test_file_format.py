@@ -20,6 +20,7 @@ from genknowsub_fast.library import file_format, tensor_file
 from genknowsub_fast.patching import patched_layers
 from genknowsub_fast.runner import RoutedLinear
 from tests.library.format_1 import write_format_1
+from tests.tolerances import FP32_SAME_MATH, packed_b
 
 DATA = Path(__file__).parent / "data"
 QKV = "model.layers.0.self_attn.qkv_proj"
@@ -159,7 +160,7 @@ def test_format_1_files_written_by_the_previous_version_load(name, dtype):
             assert m.is_packed and torch.equal(m.a, raw.a) and torch.equal(m.ranks, raw.ranks)
             assert torch.equal(m.scaling, raw.scaling) and torch.equal(m.prototypes, raw.prototypes.float())
             # B comes back as b_t / s: one rounding of s·Bᵀ and one of the division
-            torch.testing.assert_close(m.b.float(), raw.b.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+            torch.testing.assert_close(m.b.float(), raw.b.float(), **packed_b(dtype))
             x = torch.randn(7, m.d_in, dtype=dtype, generator=torch.Generator().manual_seed(1))
             options = lib.routing_options(2)
             ours, theirs = RoutedLinear(m, options), RoutedLinear(raw, options)
@@ -332,3 +333,21 @@ def test_a_library_too_large_to_build_is_refused_before_reading(phi3_setup, tmp_
     monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(ValueError, match="needs .* but only 1 KB of disk space is free"):
         LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general, output=tmp_path / "x.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_experts_are_copied_once_and_the_host_mapping_goes_with_the_library(phi3_setup, built, tmp_path):
+    import gc
+
+    path = tmp_path / "lib.safetensors"
+    built.save(path)
+    lib = _load(path)
+    model = gkf.patch_model(phi3_setup.fresh().cuda(), lib, backend="torch")
+    for layer in patched_layers(model).values():
+        assert layer.runner.experts.device.type == "cuda" and layer.runner.experts.packed is layer.runner.packed
+    expected = _logits(gkf.patch_model(phi3_setup.fresh(), built), phi3_setup.ids)
+    assert str(path) in _mapped_files(), "the caller keeps the library, so its host copy stays"
+    del lib
+    gc.collect()
+    assert str(path) not in _mapped_files()
+    torch.testing.assert_close(_logits(model, phi3_setup.ids.cuda()).cpu(), expected, **FP32_SAME_MATH)
