@@ -207,6 +207,27 @@ def from_stored(tensors: dict[str, torch.Tensor], layout: dict, mixing: str = "o
     return PackedExperts(protos, a, rows[:, :, :d_out], e, r, mixing)
 
 
+def pack_into(
+    dest: PackedExperts,
+    start: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: torch.Tensor,
+    prototypes: torch.Tensor,
+) -> None:
+    """Pack experts ``start, start + len(a)`` of ``dest`` in place: the values :func:`pack_experts` gives for these
+    factors in ``dest``'s dtype, written straight into ``dest`` (a build fills a module chunk by chunk this way,
+    without a packed copy of each chunk)."""
+    check_factors(a, b, scaling, prototypes)
+    c = a.shape[0]
+    rows = slice(start, start + c)
+    work = torch.promote_types(a.dtype, torch.float32)
+    dest.a[rows].copy_(a)
+    # The product in the working dtype, rounded once on the way into dest: as pack_experts' (B·s).to(dtype).
+    torch.mul(b.to(work).transpose(1, 2), scaling.to(work).view(c, 1, 1), out=dest.b_t[rows])
+    dest.prototypes[rows].copy_(pack_prototypes(prototypes, dest.dtype, dest.device))
+
+
 __all__ = [
     "PackedExperts",
     "pack_experts",
@@ -219,4 +240,5 @@ __all__ = [
     "StoredLayoutError",
     "stored_tensors",
     "from_stored",
+    "pack_into",
 ]

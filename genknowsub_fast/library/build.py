@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..backends import prototype_ext
-from ..backends.packing import from_stored, pack_experts, stored_tensors
+from ..backends.packing import PackedExperts, from_stored, pack_into
 from ..experts import ModuleExperts, all_finite
 from . import file_checks as checks
 from . import file_format
@@ -204,7 +204,7 @@ def build_modules(
                 del gen_f, add_f
                 bar.update(extra_bytes[p])
             step = max(1, chunk_bytes // max(1, sum(per_expert[p] for p in group)))
-            outs: dict[str, dict[str, torch.Tensor]] = {}
+            outs: dict[str, PackedExperts] = {}
             zeros: dict[str, list[torch.Tensor]] = {p: [] for p in group}
             for i0 in range(0, e, step):
                 chunk = tasks[i0 : i0 + step]
@@ -227,22 +227,19 @@ def build_modules(
                         zeros[p].append(zero[0])
                 for p in group:
                     plan, m = plans[p], raw.pop(p)
+                    if p not in outs:
+                        specs, layout = plan.stored_specs()  # zeros: the rows' filler past d_out is written as 0
+                        dev = m.a.device
+                        stored = {k: torch.zeros(shape, dtype=dt, device=dev) for k, (dt, shape) in specs.items()}
+                        outs[p] = from_stored(stored, layout)
                     # Packed from the working dtype: s·Bᵀ is rounded to the library's dtype once. The prototypes are
                     # rounded to it first, as a library in that dtype holds them.
-                    chunk_packed = pack_experts(m.a, m.b, m.scaling, m.prototypes.to(plan.dtype), ranks=m.ranks,
-                                                dtype=plan.dtype)  # fmt: skip
+                    pack_into(outs[p], i0, m.a, m.b, m.scaling, m.prototypes.to(plan.dtype))
                     del m
-                    stored, _ = stored_tensors(chunk_packed)
-                    if p not in outs:
-                        outs[p] = {k: t.new_empty((e, *t.shape[1:])) for k, t in stored.items()}
-                    for k, t in stored.items():
-                        outs[p][k][i0 : i0 + len(chunk)].copy_(t)
-                    del chunk_packed, stored
                 bar.update(sum(_factor_bytes(t, p) for t in chunk for p in group))
             for p in group:
                 plan = plans[p]
-                _, layout = plan.stored_specs()
-                packed = from_stored(outs.pop(p), layout)
+                packed = outs.pop(p)
                 experts = ModuleExperts.from_packed(
                     packed,
                     torch.tensor(plan.scalings, dtype=torch.float32, device=packed.device),
