@@ -44,6 +44,13 @@ class LoraLibrary:
             expert, shared by the layer's modules).
         base_model_name: the base model the adapters name (``base_model_name_or_path``), or the ``base_model_name``
             given to :meth:`from_adapters`; None when they name none.
+        storage: where the experts' bytes live: ``"mapped"`` (a file :meth:`load` maps, protected against being
+            rewritten in place), ``"mapped, unprotected"`` (``load(mmap=True)`` where no protection could be had) or
+            ``"memory"``.
+
+    The modules built by :meth:`from_adapters` and read by :meth:`load` hold their experts packed, in the layout the
+    CPU kernels read (:meth:`ModuleExperts.from_packed`): a patched model in the library's dtype runs on these very
+    tensors.
 
     ``len(library)`` is the number of experts (as ``library.num_experts``); ``len(library.modules)`` counts the target
     modules.
