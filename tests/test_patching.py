@@ -208,9 +208,11 @@ def test_accelerate_hook_stays_in_front(phi3_setup):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
-    """A half-precision model gets half-precision experts; a patched layer's output meets the tolerance table.
+    """A half-precision model gets half-precision experts; the patched layer's delta (alone, so the base output's
+    magnitude does not loosen the bound) and its whole output meet the tolerance table.
 
     Inputs are built with a clear top-k margin (whole random models flip near-tied routings in bf16, as PEFT does).
+    The same check refuses a delta in which one selected expert's B is 10 % off: it can fail.
     """
     from tests.tolerances import assert_close_to_reference
 
@@ -218,7 +220,8 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
     model = gkf.patch_model(copy.deepcopy(phi3_setup.base).to(dtype), lib, top_k=2, temperature=0.5)
     path = "model.layers.1.self_attn.o_proj"
     layer = dict(model.named_modules())[path]
-    packed = patched_layers(model)[path].runner.packed
+    runner = patched_layers(model)[path].runner
+    packed = runner.packed
     assert packed.b_t.dtype == dtype and packed.a.dtype == dtype and packed.prototypes.dtype == torch.float32
     m = lib.modules[path]
     p64 = m.prototypes.double()
@@ -228,15 +231,24 @@ def test_low_precision_patched_layer_matches_reference(phi3_setup, dtype):
     x64 = x64.to(dtype).double()  # representable in the low dtype
     w0 = layer.weight.double()
 
-    def ref(dt):
-        c = {k: getattr(m, k).to(dt) for k in ("a", "b", "prototypes")}
+    def ref(dt, base=True, b=m.b):
+        c = {"a": m.a.to(dt), "b": b.to(dt), "prototypes": m.prototypes.to(dt)}
         return reference.routed_lora(
-            x64.to(dt), c["a"], c["b"], m.scaling.to(dt), c["prototypes"], 2, 0.5, weight=w0.to(dt)
+            x64.to(dt), c["a"], c["b"], m.scaling.to(dt), c["prototypes"], 2, 0.5, weight=w0.to(dt) if base else None
         )
 
     with torch.no_grad():
-        ours = layer(x64.to(dtype))
-    assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
+        delta = runner(x64.to(dtype))  # what the patched layer adds to x Wᵀ, alone
+        whole = layer(x64.to(dtype))
+    assert_close_to_reference(delta, ref(torch.float64, False), ref(dtype, False), dtype, f"{dtype} o_proj delta")
+    assert_close_to_reference(whole, ref(torch.float64), ref(dtype), dtype, f"{dtype} o_proj")
+    # A kernel that read one selected expert's B 10 % off would be refused by the same check.
+    top = int(reference.route(x64, p64, 2, 0.5)[1][0, 0])  # an expert the first token uses
+    wrong_b = m.b.double().clone()
+    wrong_b[top] *= 1.1
+    mutant = delta.double() + (ref(torch.float64, False, wrong_b) - ref(torch.float64, False))
+    with pytest.raises(AssertionError):
+        assert_close_to_reference(mutant, ref(torch.float64, False), ref(dtype, False), dtype, "mutant")
 
 
 def test_cpu_kernel_and_torch_regimes_agree_and_autograd_flows(phi3_setup, monkeypatch):

@@ -72,14 +72,16 @@ def test_half_precision_model_routes_with_float32_scores(phi3_setup, dtype):
         xc = x[flips | (clear & (clear.cumsum(0) <= 32))]
         w64, idx64 = reference.route(xc.double(), m.prototypes.double(), k, 0.5)
         with torch.no_grad():
-            ours = layer.module(xc)
+            ours, delta = layer.module(xc), layer.runner(xc)
 
-        def ref(dt, xc=xc, w64=w64, idx64=idx64, m=m, lin=layer.module):
+        def ref(dt, base=True, xc=xc, w64=w64, idx64=idx64, m=m, lin=layer.module):
             delta = reference.expand_with_routing(
                 xc.to(dt), m.a.to(dt), m.b.to(dt), m.scaling.to(dt), w64.to(dt), idx64
             )
-            return xc.to(dt) @ lin.weight.to(dt).T + delta
+            return xc.to(dt) @ lin.weight.to(dt).T + delta if base else delta
 
+        # The delta alone (the bound scales with |y|, which the base output would dominate), then the whole output.
+        assert_close_to_reference(delta, ref(torch.float64, False), ref(dtype, False), dtype, f"{layer.name} delta")
         assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, layer.name)
     assert discriminating > 0, "precondition: some clear-margin tokens are routed differently by low-precision scores"
 
@@ -113,13 +115,13 @@ def test_patched_layer_breaks_ties_to_the_lower_index(phi3_setup, dtype):
     _, idx = layer.runner.route(x)
     assert idx.tolist() == [[0, 1]] * 5
     with torch.no_grad():
-        ours = layer.module(x)
+        ours, delta = layer.module(x), layer.runner(x)
 
-    def ref(dt):
-        return reference.routed_lora(
-            x.to(dt), a.to(dt), b.to(dt), m.scaling.to(dt), protos.to(dt), 2, 1.0, weight=layer.module.weight.to(dt)
-        )
+    def ref(dt, base=True):
+        w = layer.module.weight.to(dt) if base else None
+        return reference.routed_lora(x.to(dt), a.to(dt), b.to(dt), m.scaling.to(dt), protos.to(dt), 2, 1.0, weight=w)
 
+    assert_close_to_reference(delta, ref(torch.float64, False), ref(dtype, False), dtype, "tie delta")
     assert_close_to_reference(ours, ref(torch.float64), ref(dtype), dtype, "tie")
 
 

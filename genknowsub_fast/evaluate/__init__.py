@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-_SCORING = (
+SCORING_NAMES = (
     "REDUCTIONS",
     "TEMPLATES",
     "OptionTokens",
@@ -26,11 +26,11 @@ _SCORING = (
     "score_choices_naive",
     "tokenize_options",
 )
-__all__ = list(_SCORING)
+__all__ = list(SCORING_NAMES)
 
 
 def __getattr__(name: str):
-    if name not in _SCORING:
+    if name not in SCORING_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(".scoring", __name__), name)
     globals()[name] = value

@@ -43,22 +43,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import REDUCTIONS, TEMPLATES, check_examples, resolve_template
+from . import SCORING_NAMES
+from .formats import REDUCTIONS, TEMPLATES, check_examples, resolve_template  # noqa: F401 (re-exported)
 from .passes import next_token_nlls
 
-__all__ = [
-    "REDUCTIONS",
-    "TEMPLATES",
-    "OptionTokens",
-    "accuracy",
-    "check_examples",
-    "predictions",
-    "reduce_nll",
-    "resolve_template",
-    "score_choices",
-    "score_choices_naive",
-    "tokenize_options",
-]
+__all__ = list(SCORING_NAMES)  # the package re-exports exactly these
 
 
 @dataclass
