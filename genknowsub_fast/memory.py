@@ -57,4 +57,30 @@ def check_fits(need: int, what: str, hint: str = "") -> str:
     return what
 
 
-__all__ = ["available_bytes", "human_bytes", "check_fits"]
+def device_available_bytes(device) -> int | None:
+    """Free memory on ``device`` (a torch device): :func:`available_bytes` for the CPU, the driver's free memory for
+    CUDA; None where unknown."""
+    if device.type == "cpu":
+        return available_bytes()
+    if device.type == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    return None
+
+
+def check_device_fits(need: int, device, what: str, hint: str = "") -> str:
+    """As :func:`check_fits`, for memory on ``device`` (the CPU or a CUDA device)."""
+    free = device_available_bytes(device)
+    if free is not None and need > free:
+        where = "" if device.type == "cpu" else f" on {device}"
+        raise ValueError(
+            f"{what}, but only {human_bytes(free)} of memory is available{where}" + (f"; {hint}" if hint else "")
+        )
+    return what
+
+
+__all__ = ["available_bytes", "device_available_bytes", "human_bytes", "check_fits", "check_device_fits"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from .experts import ModuleExperts
 from .library import LoraLibrary, model_family
+from .memory import check_device_fits, human_bytes
 from .runner import RoutedLinear
 
 # Linear layers that adapters usually target, per model family (Phi-3 fuses q/k/v and gate/up).
@@ -343,6 +344,22 @@ def check_fits_config(
     check_fits(model, library, strict_base_model, name)
 
 
+def _check_room(library: LoraLibrary, targets: dict[str, tuple[str, nn.Module]]) -> None:
+    """ValueError (one line, with the sizes) when the experts that patching must pack for the layers' devices and
+    dtypes would not fit there; experts already packed where and as a layer runs cost nothing."""
+    need: dict[torch.device, int] = {}
+    for path, (_, module) in targets.items():
+        experts = library.modules[path]
+        device = _module_device(module)
+        dtype = torch.float32 if _is_quantised(module) else _module_dtype(module, library.dtype)
+        if device.type == "meta" or (experts.is_packed and experts.device == device and experts.dtype == dtype):
+            continue
+        need[device] = need.get(device, 0) + experts.nbytes * dtype.itemsize // experts.dtype.itemsize
+    for device, n in need.items():
+        lib = f"{str(library.dtype).replace('torch.', '')} on {library.device}"
+        check_device_fits(n, device, f"patching packs {human_bytes(n)} of experts (from a library in {lib})")
+
+
 def patch_model(
     model: nn.Module,
     library: LoraLibrary | str | os.PathLike | None = None,
@@ -411,6 +428,7 @@ def patch_model(
             raise ValueError(f"library must be a LoraLibrary or the path of a saved one, got {type(library).__name__}")
         targets = check_fits(model, library, strict_base_model)
         options = library.routing_options(top_k, temperature, mixing)
+        _check_room(library, targets)
 
         layers = []
         for path, (_, module) in targets.items():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import cpu_kernel, torch_ops
-from .backends.packing import COMPUTE_DTYPES, PackedExperts, check_factors, check_mixing, pack_experts
+from .backends.packing import COMPUTE_DTYPES, PackedExperts, check_factors, check_mixing
 from .experts import ModuleExperts
 from .options import RoutingOptions
 
@@ -56,6 +56,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f'backend="triton" cannot run: {why}')
         return "triton"
     return "triton" if ok else "torch"
+
+
+_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _keeps_everything(source: torch.dtype, target: torch.dtype) -> bool:
+    """True when experts in ``source`` are represented exactly in ``target`` (the same dtype or a wider one)."""
+    return source == target or _PRECISION.get(target, 0) > _PRECISION.get(source, 9)
 
 
 @dataclass
@@ -100,7 +108,8 @@ class RoutedLinear:
                 "options must be a RoutingOptions (see genknowsub_fast.options.resolve_routing), got "
                 f"{type(options).__name__}"
             )
-        check_factors(experts.a, experts.b, experts.scaling, experts.prototypes)
+        if not experts.is_packed:  # packed experts were checked when they were packed
+            check_factors(experts.a, experts.b, experts.scaling, experts.prototypes)
         options.check_experts(experts.num_experts)
         check_mixing(options.mixing, experts.scaling, experts.ranks)
         if backend not in BACKENDS:
@@ -173,7 +182,11 @@ class RoutedLinear:
             device = torch.device("cuda", torch.cuda.current_device())
         backend = resolve_backend(self.backend, device)
         e = self.experts
-        packed = pack_experts(e.a, e.b, e.scaling, e.prototypes, self.mixing, e.ranks, dtype=dtype, device=device)
+        packed = e.packed_for(device, dtype, self.mixing)
+        if packed is not e.packed and _keeps_everything(e.dtype, dtype) and device.type != "meta":
+            # One copy of the experts: the plan's packing holds them as precisely as the source did, so the runner
+            # keeps that one and lets the source go (a library the caller still holds keeps its own).
+            self.experts = ModuleExperts.from_packed(packed, e.scaling.to(device), e.ranks.to(device))
         plan = _Plan(device, dtype, backend, packed)
         if backend == "triton":
             from .backends import triton_ops

@@ -56,6 +56,15 @@ PROTOTYPE_BF16 = {"rtol": 0.0, "atol": 1e-2}
 # expand's atomics; a CUDA-graph replay or a torch.compile'd call against an eager one): a few ulps of the 16-bit
 # output (a bf16 ulp is 2^-8 relative).
 LOW_PRECISION_ADD_ORDER = {"rtol": 2e-2, "atol": 2e-2}
+
+
+def packed_b(dtype: torch.dtype) -> dict:
+    """B recovered from packed experts (``b_t / s``, where ``s·Bᵀ`` was rounded to the library's dtype once and the
+    quotient is rounded once more) against the B it was packed from: two roundings of at most eps/2 each, relative,
+    with a factor of two for the float32 product and quotient in between."""
+    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": 0.0}
+
+
 # Patched-model logits of the Triton and the torch backend in float32 (different summation orders through 2-4
 # layers), relative to the logits' largest magnitude.
 FP32_BACKEND_LOGITS_REL = 1e-4

@@ -110,9 +110,7 @@ def pack_experts(
     device = torch.device(device) if device is not None else a.device
     # Fold the scaling in float32 (or better) before casting, so fp16/bf16 storage rounds once.
     work = torch.promote_types(a.dtype, torch.float32)
-    protos = prototypes.to(device=device, dtype=torch.promote_types(prototypes.dtype, torch.float32)).contiguous()
-    if protos.dtype == torch.float64 and dtype != torch.float64:
-        protos = protos.float()
+    protos = pack_prototypes(prototypes, dtype, device)
     a_packed = a.to(device=device, dtype=dtype).contiguous()
     b_t = (b.to(work).transpose(1, 2) * scaling.to(work).view(e, 1, 1)).to(device=device, dtype=dtype)
     if b_t.device.type == "cpu":
@@ -120,6 +118,14 @@ def pack_experts(
     else:
         b_t = b_t.contiguous()
     return PackedExperts(protos, a_packed, b_t, e, r, mixing)
+
+
+def pack_prototypes(prototypes: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The prototypes as :func:`pack_experts` keeps them for compute ``dtype`` on ``device``."""
+    protos = prototypes.to(device=device, dtype=torch.promote_types(prototypes.dtype, torch.float32)).contiguous()
+    if protos.dtype == torch.float64 and dtype != torch.float64:
+        protos = protos.float()
+    return protos
 
 
 def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
@@ -141,4 +147,98 @@ def padded_rows(b_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["PackedExperts", "pack_experts", "check_mixing", "check_factors", "padded_rows", "MIXING_MODES"]
+# ---------------------------------------------------------------------------------------------------- stored form
+# A library file holds each module's PackedExperts as packed for the CPU in the library's dtype, so that loading maps
+# the tensors the kernels read instead of packing again. These two functions are the only code that knows how a
+# PackedExperts maps to stored tensors: a change of the layout above changes them, and the file follows.
+
+STORED_NAMES = ("prototypes", "a", "b_t")
+
+
+class StoredLayoutError(ValueError):
+    """Stored tensors that cannot be a PackedExperts; ``key`` names the tensor at fault."""
+
+    def __init__(self, key: str, message: str):
+        self.key, self.message = key, message
+        super().__init__(f"{key} {message}")
+
+
+def stored_tensors(packed: PackedExperts) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, layout) a file stores for ``packed``: dense tensors named by :data:`STORED_NAMES`, each with the
+    experts along dimension 0, and the JSON numbers that :func:`from_stored` needs to view them back.
+
+    ``b_t`` is stored with its padded rows (``(E, r, row stride)``, zeros past ``d_out``), so that a mapped file gives
+    the CPU layout without a copy.
+    """
+    b_t = packed.b_t
+    e, r, d = b_t.shape
+    ld = b_t.stride(1) if r > 1 else b_t.stride(0)  # the row stride (padded_rows: an odd number of cache lines)
+    if (d > 1 and b_t.stride(2) != 1) or ld < d or (e > 1 and b_t.stride(0) != r * ld):
+        raise ValueError(f"b_t (E, r, d_out) has strides {b_t.stride()}; expected rows of one stride >= {d}")
+    rows = b_t.as_strided((e, r, ld), (r * ld, ld, 1))
+    return {"prototypes": packed.prototypes, "a": packed.a, "b_t": rows}, {"d_out": int(d)}
+
+
+def from_stored(tensors: dict[str, torch.Tensor], layout: dict, mixing: str = "output") -> PackedExperts:
+    """The PackedExperts that :func:`stored_tensors` wrote, as views of ``tensors`` (no copy).
+
+    StoredLayoutError naming the tensor when they cannot be one: a wrong dtype, shape or stride.
+    """
+    protos, a, rows = (tensors[k] for k in STORED_NAMES)
+    if a.dtype not in COMPUTE_DTYPES:
+        raise StoredLayoutError("a", f"has dtype {a.dtype}; expected one of {COMPUTE_DTYPES}")
+    if a.dim() != 3 or min(a.shape) < 1 or not a.is_contiguous():
+        raise StoredLayoutError("a", f"has shape {tuple(a.shape)}; expected a dense (E, r, d_in)")
+    e, r, d_in = a.shape
+    if rows.dtype != a.dtype:
+        raise StoredLayoutError("b_t", f"has dtype {rows.dtype} but a has {a.dtype}")
+    d_out = layout.get("d_out") if isinstance(layout, dict) else None
+    if isinstance(d_out, bool) or not isinstance(d_out, int) or d_out < 1:
+        raise StoredLayoutError("b_t", f"has no valid d_out in the layout ({layout!r})")
+    if rows.dim() != 3 or tuple(rows.shape[:2]) != (e, r) or rows.shape[2] < d_out or not rows.is_contiguous():
+        raise StoredLayoutError(
+            "b_t", f"has shape {tuple(rows.shape)}; expected a dense ({e}, {r}, row stride >= {d_out})"
+        )
+    want = pack_prototypes(torch.empty(0, dtype=a.dtype, device="meta"), a.dtype, torch.device("meta")).dtype
+    if protos.dtype not in (want, torch.float32):
+        raise StoredLayoutError("prototypes", f"has dtype {protos.dtype}; expected {want}")
+    if tuple(protos.shape) != (e, d_in) or not protos.is_contiguous():
+        raise StoredLayoutError("prototypes", f"has shape {tuple(protos.shape)}; expected ({e}, {d_in})")
+    return PackedExperts(protos, a, rows[:, :, :d_out], e, r, mixing)
+
+
+def pack_into(
+    dest: PackedExperts,
+    start: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: torch.Tensor,
+    prototypes: torch.Tensor,
+) -> None:
+    """Pack experts ``start, start + len(a)`` of ``dest`` in place: the values :func:`pack_experts` gives for these
+    factors in ``dest``'s dtype, written straight into ``dest`` (a build fills a module chunk by chunk this way,
+    without a packed copy of each chunk)."""
+    check_factors(a, b, scaling, prototypes)
+    c = a.shape[0]
+    rows = slice(start, start + c)
+    work = torch.promote_types(a.dtype, torch.float32)
+    dest.a[rows].copy_(a)
+    # The product in the working dtype, rounded once on the way into dest: as pack_experts' (B·s).to(dtype).
+    torch.mul(b.to(work).transpose(1, 2), scaling.to(work).view(c, 1, 1), out=dest.b_t[rows])
+    dest.prototypes[rows].copy_(pack_prototypes(prototypes, dest.dtype, dest.device))
+
+
+__all__ = [
+    "PackedExperts",
+    "pack_experts",
+    "pack_prototypes",
+    "check_mixing",
+    "check_factors",
+    "padded_rows",
+    "MIXING_MODES",
+    "STORED_NAMES",
+    "StoredLayoutError",
+    "stored_tensors",
+    "from_stored",
+    "pack_into",
+]

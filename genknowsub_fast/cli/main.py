@@ -44,14 +44,15 @@ def _run_build(args: argparse.Namespace) -> int:
     from ..paths import check_output_file
 
     check_output_file(args.output, "--output")
+    # Written module by module as it is built: the library is never held in memory whole.
     lib = LoraLibrary.from_adapters(
         args.task,
         args.general or None,
         gks=args.gks or "auto",
         prototypes=args.prototypes,
+        output=args.output,
         **adapter_options(args),
     )
-    lib.save(args.output)
     print(f"wrote {args.output}: {lib!r}")
     return 0
 
@@ -74,7 +75,7 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"base model: {lib.base_model_name}")
     if lib.routing:
         print(f"default routing: {lib.routing}")
-    n_params = sum(m.a.numel() + m.b.numel() for m in lib.modules.values())
+    n_params = sum(m.num_experts * m.rank * (m.d_in + m.d_out) for m in lib.modules.values())
     print(f"{len(lib.modules)} modules, {n_params / 1e6:.2f} M adapter parameters")
     width = max(len(p) for p in lib.modules)
     for path, m in lib.modules.items():

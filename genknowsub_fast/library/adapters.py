@@ -9,12 +9,13 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 
 from ..experts import all_finite
+from . import tensor_file
 from .naming import default_names, missing_config_message
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
@@ -23,13 +24,103 @@ _UNSUPPORTED = ("lora_magnitude_vector", "lora_E")
 _CONV_KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 
 
+class FileTensors(MutableMapping):
+    """Tensors of one adapter file by module path, read from the file at each access and not kept (a build reads
+    one module of every adapter at a time). Their dtype and shape come from the file's header; their values are
+    checked (NaN, Inf) when read. Assigning a tensor keeps that one in memory instead."""
+
+    def __init__(self, adapter: str, file: str, header: tensor_file.Header):
+        self.adapter, self.file, self.header = adapter, file, header
+        self._keys: dict[str, str] = {}  # module path → tensor name in the file
+        self._memory: dict[str, torch.Tensor] = {}
+
+    def add(self, path: str, key: str) -> None:
+        self._keys[path] = key
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        if path in self._memory:
+            return tuple(self._memory[path].shape)
+        return self.header.tensors[self._keys[path]].shape
+
+    def dtype(self, path: str) -> torch.dtype:
+        if path in self._memory:
+            return self._memory[path].dtype
+        return self.header.tensors[self._keys[path]].dtype
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        if path in self._memory:
+            return self._memory[path]
+        info = self.header.tensors[self._keys[path]]
+        t = self.read_into(path, torch.empty(info.shape, dtype=info.dtype), check=False)
+        self.check_finite(path, t)
+        return t
+
+    def read_into(self, path: str, out: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Read module ``path``'s tensor into ``out`` (contiguous, CPU, of its shape), converting the dtype if it
+        differs; ``check``: refuse NaN or Inf (callers that read many tensors check once with :meth:`check_finite`)."""
+        if path in self._memory:
+            out.copy_(self._memory[path])
+        else:
+            key = self._keys[path]
+            info = self.header.tensors[key]
+            target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+            try:
+                fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                name = os.path.basename(self.file)
+                raise ValueError(f"adapter {self.adapter!r}: {name} cannot be read ({exc})") from None
+            try:
+                tensor_file.read_into(fd, self.header.data_start + info.begin, target, self.file)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"adapter {self.adapter!r}: tensor {key!r} cannot be read ({exc})") from None
+            finally:
+                os.close(fd)
+            if target is not out:
+                out.copy_(target)
+        if check:
+            self.check_finite(path, out)
+        return out
+
+    def check_finite(self, path: str, t: torch.Tensor) -> None:
+        """ValueError naming the adapter and tensor when ``t`` (module ``path``'s, as read) holds NaN or Inf."""
+        if not all_finite(t):
+            raise ValueError(f"adapter {self.adapter!r}: tensor {self._keys.get(path, path)!r} contains NaN or Inf")
+
+    def __setitem__(self, path: str, value: torch.Tensor) -> None:
+        self._memory[path] = value
+
+    def __delitem__(self, path: str) -> None:
+        self._memory.pop(path, None)
+        self._keys.pop(path, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._keys, *self._memory]))
+
+    def __len__(self) -> int:
+        return len(set(self._keys) | set(self._memory))
+
+
+def tensor_shape(tensors: Mapping[str, torch.Tensor], path: str) -> tuple[int, ...]:
+    """The shape of ``tensors[path]`` without reading a file-backed tensor."""
+    return tensors.shape(path) if isinstance(tensors, FileTensors) else tuple(tensors[path].shape)
+
+
+def tensor_dtype(tensors: Mapping[str, torch.Tensor], path: str) -> torch.dtype:
+    """The dtype of ``tensors[path]`` without reading a file-backed tensor."""
+    return tensors.dtype(path) if isinstance(tensors, FileTensors) else tensors[path].dtype
+
+
 @dataclass
 class LoraAdapter:
-    """One PEFT LoRA adapter: per module path the factors A (r, d_in), B (d_out, r) and the scaling."""
+    """One PEFT LoRA adapter: per module path the factors A (r, d_in), B (d_out, r) and the scaling.
+
+    ``a`` and ``b`` map module paths to tensors: dicts of tensors in memory, or :class:`FileTensors` that read each
+    tensor from the adapter's file when it is used (``read_adapter(..., lazy=True)``).
+    """
 
     name: str
-    a: dict[str, torch.Tensor] = field(default_factory=dict)
-    b: dict[str, torch.Tensor] = field(default_factory=dict)
+    a: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
+    b: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     scaling: dict[str, float] = field(default_factory=dict)
     base_model_name: str | None = None
     base_model_class: str | None = None
@@ -40,7 +131,19 @@ class LoraAdapter:
         return list(self.a)
 
     def rank(self, path: str) -> int:
-        return int(self.a[path].shape[0])
+        return int(tensor_shape(self.a, path)[0])
+
+    def a_shape(self, path: str) -> tuple[int, ...]:
+        """(r, d_in) of module ``path``'s A, without reading it."""
+        return tensor_shape(self.a, path)
+
+    def b_shape(self, path: str) -> tuple[int, ...]:
+        """(d_out, r) of module ``path``'s B, without reading it."""
+        return tensor_shape(self.b, path)
+
+    def dtype(self, path: str) -> torch.dtype:
+        """The dtype of module ``path``'s A, without reading it."""
+        return tensor_dtype(self.a, path)
 
 
 def _pattern_value(patterns: dict, path: str, default):
@@ -77,14 +180,19 @@ def _read_config(path: str) -> dict:
     return cfg
 
 
-def _read_state(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The adapter's tensors; every read error becomes a ValueError naming the adapter directory."""
+def _read_state(path: str, allow_pickle: bool) -> dict[str, torch.Tensor] | tensor_file.Header:
+    """The adapter's tensors in memory (a pickled ``adapter_model.bin``), or the header of its safetensors file;
+    every read error becomes a ValueError naming the adapter directory."""
     st_path = os.path.join(path, "adapter_model.safetensors")
     bin_path = os.path.join(path, "adapter_model.bin")
     if os.path.isfile(st_path):
         try:
-            return load_file(st_path)
-        except Exception as exc:  # safetensors raises its own error types on truncated or corrupt files
+            fd = os.open(st_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                return tensor_file.read_header(fd, st_path)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
             raise ValueError(f"adapter {path!r}: adapter_model.safetensors cannot be read ({exc})") from None
     if not os.path.isfile(bin_path):
         raise ValueError(f"adapter {path!r} has no adapter_model.safetensors")
@@ -119,6 +227,7 @@ def read_adapter(
     allow_pickle: bool = False,
     name: str | None = None,
     ignore_modules_to_save: bool = False,
+    lazy: bool = False,
 ) -> LoraAdapter:
     """Read a PEFT LoRA adapter directory. Raises ValueError on anything this package cannot use.
 
@@ -131,6 +240,9 @@ def read_adapter(
         ignore_modules_to_save: leave out the full-module tensors an adapter saved for its ``modules_to_save`` (e.g.
             a fine-tuned ``lm_head``), listing them in :attr:`LoraAdapter.ignored_modules`; Arrow routes LoRA factors
             only, so without this such an adapter is refused.
+        lazy: read only the file's header now (names, dtypes, shapes: every check but the values) and each factor
+            when it is used (:class:`FileTensors`, which checks its values then); a pickled ``.bin`` is read whole.
+            Without it every factor is read, checked (NaN, Inf) and kept in memory.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -149,7 +261,14 @@ def read_adapter(
     adapter = LoraAdapter(name=name or default_names([path])[0])
     adapter.base_model_name = cfg.get("base_model_name_or_path") or None
     adapter.base_model_class = (cfg.get("auto_mapping") or {}).get("base_model_class")
-    for key, tensor in state.items():
+    if isinstance(state, tensor_file.Header):
+        file = os.path.join(path, "adapter_model.safetensors")
+        adapter.a, adapter.b = FileTensors(path, file, state), FileTensors(path, file, state)
+        # (key, dtype or None, shape) from the header; None: a dtype this reader does not know (not a float)
+        entries = [(k, info.dtype, info.shape) for k, info in state.tensors.items()]
+    else:
+        entries = [(k, t.dtype if isinstance(t, torch.Tensor) else None, t) for k, t in state.items()]
+    for key, dtype, tensor in entries:
         emb = _EMBEDDING_KEY.match(key)
         if emb is not None:
             raise ValueError(
@@ -172,18 +291,23 @@ def read_adapter(
             if saved not in adapter.ignored_modules:
                 adapter.ignored_modules.append(saved)
             continue
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        if dtype is None or not dtype.is_floating_point:
+            what = dtype if dtype is not None else "of a dtype that is not a float" if isinstance(tensor, tuple) else (
+                type(tensor).__name__)  # fmt: skip
             raise ValueError(f"adapter {path!r}: tensor {key!r} is {what}; LoRA factors are floating-point")
-        if not all_finite(tensor):
-            raise ValueError(f"adapter {path!r}: tensor {key!r} contains NaN or Inf")
-        if tensor.dim() in _CONV_KIND:
+        shape = tuple(tensor) if isinstance(tensor, tuple) else tuple(tensor.shape)
+        if len(shape) in _CONV_KIND:
             raise ValueError(
-                f"adapter {path!r}: module {m['path']!r} is a {_CONV_KIND[tensor.dim()]} (convolution) LoRA "
-                f"(lora_{m['factor']} weight of shape {tuple(tensor.shape)}); Arrow routes linear layers only"
+                f"adapter {path!r}: module {m['path']!r} is a {_CONV_KIND[len(shape)]} (convolution) LoRA "
+                f"(lora_{m['factor']} weight of shape {shape}); Arrow routes linear layers only"
             )
         target = adapter.a if m["factor"] == "A" else adapter.b
-        target[m["path"]] = tensor
+        if isinstance(target, FileTensors):
+            target.add(m["path"], key)
+        else:
+            if not all_finite(tensor):
+                raise ValueError(f"adapter {path!r}: tensor {key!r} contains NaN or Inf")
+            target[m["path"]] = tensor
     if not adapter.a:
         raise ValueError(f"adapter {path!r} holds no LoRA weights")
     if set(adapter.a) != set(adapter.b):
@@ -193,13 +317,16 @@ def read_adapter(
     r_default = int(cfg.get("r", 8))
     alpha_default = float(cfg.get("lora_alpha", r_default))
     for p in adapter.a:
-        a, b = adapter.a[p], adapter.b[p]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"adapter {path!r}, module {p!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not chain")
-        r = int(a.shape[0])
+        a, b = adapter.a_shape(p), adapter.b_shape(p)
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise ValueError(f"adapter {path!r}, module {p!r}: A {a} and B {b} do not chain")
+        r = int(a[0])
         r_cfg = int(_pattern_value(cfg.get("rank_pattern"), p, r_default))
         if r_cfg != r:
             raise ValueError(f"adapter {path!r}, module {p!r}: config says rank {r_cfg}, weights have rank {r}")
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), p, alpha_default))
         adapter.scaling[p] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    if not lazy and isinstance(adapter.a, FileTensors):
+        adapter.a = {p: adapter.a[p] for p in adapter.a}  # reading checks the values
+        adapter.b = {p: adapter.b[p] for p in adapter.b}
     return adapter

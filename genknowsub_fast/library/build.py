@@ -7,20 +7,24 @@ pieces a library is made of and know nothing of the file format.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
 from ..backends import prototype_ext
-from ..experts import ModuleExperts
+from ..backends.packing import PackedExperts, from_stored, pack_into
+from ..experts import ModuleExperts, all_finite
+from . import file_format, naming
 from . import gks as gks_math
-from . import naming
-from .adapters import LoraAdapter, read_adapter
+from .adapters import FileTensors, LoraAdapter, read_adapter
 from .base_model import model_family, model_id
-from .layer_prototypes import group_by_layer, layer_factors
+from .layer_prototypes import decoder_layer, group_by_layer, layer_factors
 
 
 def read_adapter_dirs(
@@ -54,7 +58,8 @@ def read_adapter_dirs(
     # The bar is closed (and cleared) before an error propagates, so the error starts on a line of its own.
     with tqdm(paths, desc="reading adapters", unit="adapter", disable=not progress, leave=False) as bar:
         read = [
-            read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save) for p in bar
+            read_adapter(p, allow_pickle=allow_pickle, ignore_modules_to_save=ignore_modules_to_save, lazy=True)
+            for p in bar
         ]
     n_t, n_g = len(task_adapters), len(general_adapters)
     tasks, general, add = read[:n_t], read[n_t : n_t + n_g], read[n_t + n_g :]
@@ -62,6 +67,77 @@ def read_adapter_dirs(
         adapter.name = n
     _warn_ignored_modules(read)
     return tasks, general, add
+
+
+# A build combines, prototypes and packs this many bytes of one group's task factors (in the working dtype) at a time,
+# so that it holds the finished library (or, writing a file, one module of it), the general and added adapters'
+# factors of one group, and one such chunk: never every adapter and every intermediate at once.
+CHUNK_BYTES = 8 * 2**20
+# ... or this fraction of the library, when that is more: fewer, larger steps on a big library cost it little memory.
+CHUNK_FRACTION = 1 / 64
+
+
+@dataclass
+class ModulePlan:
+    """What one module of the library will hold, known from the adapters' headers before anything is read."""
+
+    d_in: int
+    d_out: int
+    ranks: list[int]  # per task expert, after GenKnowSub (delta: the concatenated rank)
+    scalings: list[float]  # per task expert (delta: 1.0, the scalings are folded into B)
+    work: torch.dtype  # the dtype GenKnowSub and the prototypes compute in
+    dtype: torch.dtype  # the library's dtype
+    combine: bool  # whether GenKnowSub combines this module's factors
+    _specs: tuple | None = field(default=None, repr=False)
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ranks)
+
+    def stored_specs(self):
+        """(name → (dtype, shape), layout) of the packed tensors a file stores for this module."""
+        if self._specs is None:
+            self._specs = file_format.stored_specs(len(self.ranks), self.r_max, self.d_in, self.d_out, self.dtype)
+        return self._specs
+
+
+def plan_modules(
+    tasks: list[LoraAdapter],
+    general: list[LoraAdapter],
+    add: list[LoraAdapter],
+    gks: str | None,
+    already_subtracted: set[str],
+    dtype: torch.dtype | None,
+) -> dict[str, ModulePlan]:
+    """Every module's :class:`ModulePlan`, from the adapters' shapes (nothing is read); ValueError for ranks that
+    ``gks="param"`` cannot subtract."""
+    plans = {}
+    for path in tasks[0].module_paths:
+        work = torch.promote_types(tasks[0].dtype(path), torch.float32)
+        combine = gks == "delta" or (gks == "param" and path not in already_subtracted)
+        if gks == "param" and combine:
+            _check_equal_ranks(path, tasks + general + add)
+        extra = sum(g.rank(path) for g in general + add) if gks == "delta" else 0
+        plans[path] = ModulePlan(
+            d_in=int(tasks[0].a_shape(path)[1]),
+            d_out=int(tasks[0].b_shape(path)[0]),
+            ranks=[t.rank(path) + extra for t in tasks],
+            scalings=[1.0 if gks == "delta" else t.scaling[path] for t in tasks],
+            work=work,
+            dtype=dtype or work,
+            combine=combine,
+        )
+    return plans
+
+
+def library_bytes(plans: dict[str, ModulePlan]) -> int:
+    """Bytes of the library the plans describe (what its file's tensors hold)."""
+    total = 0
+    for plan in plans.values():
+        specs, _ = plan.stored_specs()
+        total += sum(dt.itemsize * math.prod(shape) for dt, shape in specs.values())
+        total += len(plan.ranks) * (4 + 8)  # scaling float32, ranks int64
+    return total
 
 
 def build_modules(
@@ -77,41 +153,202 @@ def build_modules(
     task_weight: float,
     prototype_scope: str,
     base_model_name: str | None,
+    dtype: torch.dtype | None = None,
+    emit: Callable[[str, ModuleExperts], None] | None = None,
+    progress: bool | None = None,
+    plans: dict[str, ModulePlan] | None = None,
 ) -> tuple[dict[str, ModuleExperts], str | None, str | None]:
     """(modules, base model class, base model name): each module's experts after GenKnowSub, padded to one rank, with
-    their prototypes. The arguments are validated by the caller (``LoraLibrary.from_loaded``)."""
-    base_class, base_name = _check_compatible(tasks, general + add, base_model_name)
-    modules: dict[str, ModuleExperts] = {}
-    for path in tasks[0].module_paths:
-        work = torch.promote_types(tasks[0].a[path].dtype, torch.float32)
-        task_f = [(t.a[path].to(work), t.b[path].to(work)) for t in tasks]
-        gen_f = [(g.a[path].to(work), g.b[path].to(work)) for g in general]
-        add_f = [(g.a[path].to(work), g.b[path].to(work)) for g in add]
-        scalings = [t.scaling[path] for t in tasks]
-        if gks == "param" and path not in already_subtracted:
-            _check_equal_ranks(path, tasks + general + add)
-            task_f = gks_math.combine_param(task_f, gen_f, general_weights, add_f, add_weights, task_weight)
-        elif gks == "delta":
-            gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
-            add_s = [(a, b, g.scaling[path]) for (a, b), g in zip(add_f, add, strict=True)]
-            task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
-            sub = gks_math.combine_delta(task_s, gen_s, general_weights, add_s, add_weights, task_weight)
-            task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
-        ranks = [a.shape[0] for a, _ in task_f]
-        r_max = max(ranks)
-        modules[path] = ModuleExperts(
-            a=_pad_stack([a for a, _ in task_f], 0, r_max),
-            b=_pad_stack([b for _, b in task_f], 1, r_max),
-            scaling=torch.tensor(scalings, dtype=torch.float32),
-            prototypes=torch.empty(0),
-            ranks=torch.tensor(ranks, dtype=torch.int64),
-        )
+    their prototypes, packed in ``dtype`` (default: the working dtype, float32 for float32 or 16-bit adapters).
+
+    The work goes one decoder layer (``prototype_scope="layer"``) or one module at a time, and within it a chunk of
+    experts at a time (:data:`CHUNK_BYTES`): each chunk's factors are read, combined, given their prototypes and
+    packed into the module's tensors, then dropped. ``emit(path, experts)``, when given, takes each finished module
+    instead of the returned dict (which is then empty), so that a file can be written without holding the library.
+    The arguments are validated by the caller (``LoraLibrary.from_loaded``).
+    """
+    base_class, base_name = check_compatible(tasks, general + add, base_model_name)
+    if plans is None:
+        plans = plan_modules(tasks, general, add, gks, already_subtracted, dtype)
     names = [t.name for t in tasks]
-    if prototype_scope == "layer":
-        _fill_layer_prototypes(modules, prototypes, rng_seed, names)
-    else:
-        _fill_prototypes(modules, prototypes, rng_seed, names)
+    paths = list(plans)
+    groups = group_by_layer(paths) if prototype_scope == "layer" else {p: [p] for p in paths}
+    e = len(tasks)
+    zero_report: list[str] = []
+    modules: dict[str, ModuleExperts] = {}
+    item = {p: plan.work.itemsize for p, plan in plans.items()}
+    per_expert = {p: plans[p].r_max * (plans[p].d_in + plans[p].d_out) * item[p] for p in paths}
+    extra_bytes = {p: sum(_factor_bytes(g, p) for g in general + add) for p in paths}
+    total = sum(_factor_bytes(t, p) for t in tasks for p in paths) + sum(extra_bytes.values())
+    chunk_bytes = max(CHUNK_BYTES, int(library_bytes(plans) * CHUNK_FRACTION))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="building library", unit="B", unit_scale=True, disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        for layer, group in groups.items():
+            extra = {}
+            for p in group:
+                w = plans[p].work
+                gen_f = [(g.a[p].to(w), g.b[p].to(w)) for g in general]
+                add_f = [(g.a[p].to(w), g.b[p].to(w)) for g in add]
+                if gks == "param" and plans[p].combine:  # the general sums once per module, not per chunk
+                    extra[p] = gks_math.param_terms(gen_f, general_weights, add_f, add_weights)
+                else:
+                    extra[p] = (gen_f, add_f)
+                del gen_f, add_f
+                bar.update(extra_bytes[p])
+            step = max(1, chunk_bytes // max(1, sum(per_expert[p] for p in group)))
+            outs: dict[str, PackedExperts] = {}
+            zeros: dict[str, list[torch.Tensor]] = {p: [] for p in group}
+            for i0 in range(0, e, step):
+                chunk = tasks[i0 : i0 + step]
+                raw = {
+                    p: _combined_chunk(p, plans[p], chunk, general, add, extra[p], gks, general_weights,
+                                       add_weights, task_weight)  # fmt: skip
+                    for p in group
+                }
+                if prototype_scope == "layer":
+                    a_cat, b_cat = layer_factors(layer, raw)
+                    protos, zero = prototype_ext.prototypes_by_method([a_cat], [b_cat], prototypes, rng_seed)
+                    for p in group:
+                        raw[p].prototypes = protos[0].to(raw[p].a.dtype).clone()
+                        zeros[p].append(zero[0])
+                else:
+                    for p in group:
+                        m = raw[p]
+                        protos, zero = prototype_ext.prototypes_by_method([m.a], [m.b], prototypes, rng_seed)
+                        m.prototypes = protos[0]
+                        zeros[p].append(zero[0])
+                for p in group:
+                    plan, m = plans[p], raw.pop(p)
+                    if p not in outs:
+                        specs, layout = plan.stored_specs()  # zeros: the rows' filler past d_out is written as 0
+                        dev = m.a.device
+                        stored = {k: torch.zeros(shape, dtype=dt, device=dev) for k, (dt, shape) in specs.items()}
+                        outs[p] = from_stored(stored, layout)
+                    # Packed from the working dtype: s·Bᵀ is rounded to the library's dtype once. The prototypes are
+                    # rounded to it first, as a library in that dtype holds them.
+                    pack_into(outs[p], i0, m.a, m.b, m.scaling, m.prototypes.to(plan.dtype))
+                    del m
+                bar.update(sum(_factor_bytes(t, p) for t in chunk for p in group))
+            for p in group:
+                plan = plans[p]
+                packed = outs.pop(p)
+                experts = ModuleExperts.from_packed(
+                    packed,
+                    torch.tensor(plan.scalings, dtype=torch.float32, device=packed.device),
+                    torch.tensor(plan.ranks, dtype=torch.int64, device=packed.device),
+                )
+                zero = torch.cat(zeros[p])
+                if bool(zero.any()):
+                    zero_report.append(f"{p}: {[names[i] for i in zero.nonzero().flatten().tolist()]}")
+                if emit is not None:
+                    emit(p, experts)
+                else:
+                    modules[p] = experts
+    if zero_report:
+        what = "layers" if prototype_scope == "layer" else "modules"
+        if prototype_scope == "layer":  # one line per layer, as its modules share the prototypes
+            by_layer = {}
+            for line in zero_report:
+                p, rest = line.split(": ", 1)
+                by_layer.setdefault(decoder_layer(p), rest)
+            zero_report = [f"{k}: {v}" for k, v in by_layer.items()]
+        warnings.warn(
+            "experts with ΔW = 0 get a zero prototype (never routed to unless all are zero): "
+            + "; ".join(zero_report[:5])
+            + (f" and {len(zero_report) - 5} more {what}" if len(zero_report) > 5 else ""),
+            stacklevel=3,
+        )
     return modules, base_class, base_name
+
+
+def _factor_bytes(adapter: LoraAdapter, path: str) -> int:
+    """Bytes of one adapter's A and B of module ``path`` (as stored)."""
+    item = adapter.dtype(path).itemsize
+    return (math.prod(adapter.a_shape(path)) + math.prod(adapter.b_shape(path))) * item
+
+
+def _combined_chunk(
+    path: str,
+    plan: ModulePlan,
+    chunk: list[LoraAdapter],
+    general: list[LoraAdapter],
+    add: list[LoraAdapter],
+    extra: tuple,
+    gks: str | None,
+    general_weights: list[float] | None,
+    add_weights: list[float],
+    task_weight: float,
+) -> ModuleExperts:
+    """One chunk of task experts of module ``path`` after GenKnowSub, padded to the module's rank (working dtype).
+    ``extra``: the general and added factors (``gks="delta"``), or their sums (``"param"``, :func:`param_terms`)."""
+    w = plan.work
+    scalings = [t.scaling[path] for t in chunk]
+    if gks == "delta":
+        gen_f, add_f = extra
+        task_f = [(t.a[path].to(w), t.b[path].to(w)) for t in chunk]
+        gen_s = [(a, b, g.scaling[path]) for (a, b), g in zip(gen_f, general, strict=True)]
+        add_s = [(a, b, g.scaling[path]) for (a, b), g in zip(add_f, add, strict=True)]
+        task_s = [(a, b, s) for (a, b), s in zip(task_f, scalings, strict=True)]
+        sub = gks_math.combine_delta(task_s, gen_s, general_weights, add_s, add_weights, task_weight)
+        task_f, scalings = [(a, b) for a, b, _ in sub], [s for _, _, s in sub]
+        a, b = _pad_stack([a for a, _ in task_f], 0, plan.r_max), _pad_stack([b for _, b in task_f], 1, plan.r_max)
+        ranks = [x.shape[0] for x, _ in task_f]
+    else:
+        a, b = _read_stacked(path, plan, chunk)
+        if gks == "param" and plan.combine:
+            # Every expert has the module's rank here, so the chunk is combined as one stacked tensor: the same
+            # element-wise arithmetic as expert by expert, with the general terms broadcast.
+            ((a, b),) = gks_math.apply_param([(a, b)], extra, task_weight)
+        ranks = [t.rank(path) for t in chunk]
+    return ModuleExperts(a, b, torch.tensor(scalings, dtype=torch.float32), torch.empty(0),
+                         torch.tensor(ranks, dtype=torch.int64))  # fmt: skip
+
+
+def _read_stacked(path: str, plan: ModulePlan, chunk: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's A (c, r_max, d_in) and B (c, d_out, r_max) in the working dtype, read straight into one stacked
+    tensor each (zero past each expert's rank); NaN or Inf is a ValueError naming the adapter and tensor."""
+    c, r_max, w = len(chunk), plan.r_max, plan.work
+    mixed = any(t.rank(path) != r_max for t in chunk)
+    make = torch.zeros if mixed else torch.empty
+    a = make(c, r_max, plan.d_in, dtype=w)
+    b = make(c, plan.d_out, r_max, dtype=w)
+
+    def read(i: int) -> None:
+        t = chunk[i]
+        r = t.rank(path)
+        _read_factor(t.a, path, a[i, :r])
+        if r == r_max:
+            _read_factor(t.b, path, b[i])
+        else:
+            b[i, :, :r].copy_(t.b[path])
+
+    # File reads release the GIL: as many threads read as torch computes with.
+    threads = min(c, torch.get_num_threads())
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, range(c)))
+    else:
+        for i in range(c):
+            read(i)
+    if not (all_finite(a) and all_finite(b)):
+        for i, t in enumerate(chunk):  # name the first adapter at fault
+            for factors, x in ((t.a, a[i]), (t.b, b[i])):
+                if not all_finite(x):
+                    if isinstance(factors, FileTensors):
+                        factors.check_finite(path, x)
+                    raise ValueError(f"adapter {t.name!r}: module {path!r} contains NaN or Inf")
+    return a, b
+
+
+def _read_factor(factors, path: str, out: torch.Tensor) -> None:
+    if isinstance(factors, FileTensors):
+        factors.read_into(path, out, check=False)
+    else:
+        out.copy_(factors[path])
 
 
 def _pad_stack(mats: list[torch.Tensor], dim: int, size: int) -> torch.Tensor:
@@ -149,7 +386,7 @@ def _check_distinct_dirs(
             seen[real] = kind
 
 
-def _check_compatible(
+def check_compatible(
     tasks: list[LoraAdapter], general: list[LoraAdapter], base_model_name: str | None = None
 ) -> tuple[str | None, str | None]:
     """All adapters target the same modules with the same shapes and come from one base model class.
@@ -180,10 +417,12 @@ def _check_compatible(
                 "every task and general adapter must target the same modules"
             )
         for p in ref.module_paths:
-            if ad.a[p].shape[1] != ref.a[p].shape[1] or ad.b[p].shape[0] != ref.b[p].shape[0]:
+            (_, d_in), (d_out, _) = ad.a_shape(p), ad.b_shape(p)
+            (_, ref_in), (ref_out, _) = ref.a_shape(p), ref.b_shape(p)
+            if d_in != ref_in or d_out != ref_out:
                 raise ValueError(
-                    f"module {p!r}: adapter {ad.name!r} has d_in×d_out {ad.a[p].shape[1]}×{ad.b[p].shape[0]}, "
-                    f"{ref.name!r} has {ref.a[p].shape[1]}×{ref.b[p].shape[0]}: adapters for another base model?"
+                    f"module {p!r}: adapter {ad.name!r} has d_in×d_out {d_in}×{d_out}, "
+                    f"{ref.name!r} has {ref_in}×{ref_out}: adapters for another base model?"
                 )
     return (next(iter(classes)) if classes else None), base_model_name
 
@@ -209,44 +448,12 @@ def _check_equal_ranks(path: str, adapters: list[LoraAdapter]) -> None:
         )
 
 
-def _fill_prototypes(
-    modules: dict[str, ModuleExperts], method: str, rng_seed: int | None, names: list[str], what: str = "modules"
-) -> None:
-    """Compute every module's prototypes: one batched call for the exact method."""
-    paths = list(modules)
-    protos, zeros = prototype_ext.prototypes_by_method(
-        [modules[p].a for p in paths], [modules[p].b for p in paths], method, rng_seed, progress=True
-    )
-    zero_report = []
-    for p, proto, zero in zip(paths, protos, zeros, strict=True):
-        modules[p].prototypes = proto
-        if bool(zero.any()):
-            zero_report.append(f"{p}: {[names[i] for i in zero.nonzero().flatten().tolist()]}")
-    if zero_report:
-        warnings.warn(
-            "experts with ΔW = 0 get a zero prototype (never routed to unless all are zero): "
-            + "; ".join(zero_report[:5])
-            + (f" and {len(zero_report) - 5} more {what}" if len(zero_report) > 5 else ""),
-            stacklevel=3,
-        )
-
-
-def _fill_layer_prototypes(
-    modules: dict[str, ModuleExperts], method: str, rng_seed: int | None, names: list[str]
-) -> None:
-    """``prototype_scope="layer"``: one prototype per decoder layer and expert, of ``Σ_m s_m B_m A_m`` over the
-    layer's modules, given to each of them (see :mod:`genknowsub_fast.layer_prototypes`)."""
-    groups = group_by_layer(list(modules))
-    sums = {}
-    for layer, paths in groups.items():
-        a_cat, b_cat = layer_factors(layer, {p: modules[p] for p in paths})
-        ones = torch.ones(a_cat.shape[0], dtype=torch.float32)
-        ranks = torch.full_like(ones, a_cat.shape[1], dtype=torch.int64)
-        sums[layer] = ModuleExperts(a_cat, b_cat, ones, torch.empty(0), ranks)
-    _fill_prototypes(sums, method, rng_seed, names, what="layers")
-    for layer, paths in groups.items():
-        for p in paths:
-            modules[p].prototypes = sums[layer].prototypes.to(modules[p].a.dtype).clone()
-
-
-__all__ = ["read_adapter_dirs", "build_modules"]
+__all__ = [
+    "read_adapter_dirs",
+    "build_modules",
+    "plan_modules",
+    "library_bytes",
+    "check_compatible",
+    "ModulePlan",
+    "CHUNK_BYTES",
+]

@@ -9,10 +9,12 @@ giving wrong or NaN logits later. Each check costs O(size of the tensors) plus r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
 
+from ..backends.packing import STORED_NAMES, StoredLayoutError, from_stored
 from ..experts import ModuleExperts, all_finite
 from .gks import GKS_MODES
 from .layer_prototypes import PROTOTYPE_SCOPES
@@ -20,6 +22,7 @@ from .layer_prototypes import PROTOTYPE_SCOPES
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TENSOR_KEYS = ("A", "B", "scaling", "prototypes", "ranks")
 PROTOTYPE_METHODS = ("exact", "power", "svd", "peft")  # "peft": PEFT's own power-iteration prototypes
+_ALIGN = re.compile(r"\.align\.\d+")  # filler tensors that page-align a version 2 file's packed tensors
 
 
 def check_float_dtype(dtype: object) -> None:
@@ -147,8 +150,9 @@ def check_module_tensors(
 
 def _check_prototypes(a, b, protos, method: str, fail) -> None:
     """Unit rows (power iteration: norm in (0, 1], its damped normalisation gives slightly less than 1 for tiny ΔW),
-    or a zero row for an expert whose ΔW is zero."""
-    tol = prototype_tolerance(protos.dtype)
+    or a zero row for an expert whose ΔW is zero. Packed prototypes are float32 copies of prototypes rounded to the
+    library's dtype, so the tolerance is the coarser of the two dtypes'."""
+    tol = max(prototype_tolerance(protos.dtype), prototype_tolerance(a.dtype))
     norms = protos.to(torch.float64).norm(dim=1)
     zero = norms == 0
     too_long = norms > 1 + tol
@@ -168,10 +172,75 @@ def _check_prototypes(a, b, protos, method: str, fail) -> None:
             raise fail(f"rows {live} are zero but those experts' ΔW = B·A is not (a prototype must be a unit vector)")
 
 
-def check_tensor_keys(keys: Sequence[str], module_paths: Sequence[str], where: str) -> None:
-    """Every module has its five tensors and the file holds nothing else."""
-    have = set(keys)
-    want = {f"{p}/{k}" for p in module_paths for k in TENSOR_KEYS}
+def check_packed_layouts(meta: dict, where: str) -> dict[str, dict]:
+    """The ``packed`` entry of a version 2 file's metadata: one layout object per module path."""
+    layouts = meta.get("packed")
+    if not isinstance(layouts, dict) or not all(isinstance(v, dict) for v in layouts.values()):
+        raise ValueError(f"{where}: metadata has no 'packed' object of per-module layouts")
+    missing = [p for p in meta["module_paths"] if p not in layouts]
+    if missing:
+        raise ValueError(f"{where}: metadata 'packed' has no layout for module {missing[0]!r}")
+    return layouts
+
+
+def check_packed_module(
+    tensors: dict[str, torch.Tensor], layout: dict, num_experts: int, prototype_method: str, where: str
+) -> ModuleExperts:
+    """One module's tensors of a version 2 file (the packed ``prototypes``, ``a``, ``b_t``, and ``scaling``,
+    ``ranks``) as packed ModuleExperts viewing them, or ValueError naming the tensor (``where`` as in
+    :func:`check_module_tensors`).
+
+    The same checks as version 1's, on the packed form: B's zero padding is checked on the rows of ``b_t`` (which
+    hold ``s·Bᵀ``), and a zero prototype needs a zero ``b_tᵀ a`` (ΔW times the scaling). Every byte of the packed
+    tensors is read once (finite values), the row padding of ``b_t`` included.
+    """
+    scaling, ranks = tensors["scaling"], tensors["ranks"]
+
+    def fail(key: str, msg: str) -> ValueError:
+        return ValueError(f"{where}/{key}' {msg}")
+
+    e = num_experts
+    a = tensors["a"]
+    if a.dim() != 3 or a.shape[0] != e:
+        raise fail("a", f"has shape {tuple(a.shape)}; expected ({e}, r, d_in)")
+    if scaling.dtype != torch.float32:
+        raise fail("scaling", f"has dtype {scaling.dtype}; expected torch.float32")
+    if ranks.dtype != torch.int64:
+        raise fail("ranks", f"has dtype {ranks.dtype}; expected torch.int64")
+    if scaling.shape != (e,):
+        raise fail("scaling", f"has shape {tuple(scaling.shape)}; expected ({e},)")
+    if ranks.shape != (e,):
+        raise fail("ranks", f"has shape {tuple(ranks.shape)}; expected ({e},)")
+    try:
+        packed = from_stored({k: tensors[k] for k in STORED_NAMES}, layout)
+    except StoredLayoutError as exc:
+        raise fail(exc.key, exc.message) from None
+    for key in STORED_NAMES:
+        if not all_finite(tensors[key]):
+            raise fail(key, "contains NaN or Inf")
+    if not all_finite(scaling):
+        raise fail("scaling", "contains NaN or Inf")
+    r = packed.rank
+    bad = ((ranks < 1) | (ranks > r)).nonzero().flatten().tolist()
+    if bad:
+        raise fail("ranks", f"has {[int(ranks[i]) for i in bad]} for experts {bad}; each rank must be in [1, {r}]")
+    pad = torch.arange(r)[None, :] >= ranks[:, None]  # (E, r): rows past each expert's rank
+    if bool(pad.any()):
+        if bool((packed.a.masked_select(pad[:, :, None]) != 0).any()):
+            raise fail("a", "has non-zero padding rows (rows past an expert's rank must be zero)")
+        if bool((packed.b_t.masked_select(pad[:, :, None]) != 0).any()):
+            raise fail("b_t", "has non-zero padding rows (rows past an expert's rank must be zero)")
+    _check_prototypes(packed.a, packed.b_t.transpose(1, 2), packed.prototypes, prototype_method,
+                      lambda msg: fail("prototypes", msg))  # fmt: skip
+    return ModuleExperts.from_packed(packed, scaling, ranks)
+
+
+def check_tensor_keys(keys: Sequence[str], module_paths: Sequence[str], where: str, version: int = 1) -> None:
+    """Every module has its tensors (version 1: :data:`TENSOR_KEYS`; version 2: the packed tensors, scaling and
+    ranks) and the file holds nothing else (version 2: but the ``.align.<n>`` filler of its layout)."""
+    names = TENSOR_KEYS if version == 1 else (*STORED_NAMES, "scaling", "ranks")
+    have = {k for k in keys if not (version == 2 and _ALIGN.fullmatch(k))}
+    want = {f"{p}/{k}" for p in module_paths for k in names}
     missing = sorted(want - have)
     if missing:
         raise ValueError(f"{where}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
@@ -187,6 +256,8 @@ __all__ = [
     "check_names",
     "check_metadata",
     "check_module_tensors",
+    "check_packed_layouts",
+    "check_packed_module",
     "check_tensor_keys",
     "prototype_tolerance",
 ]

@@ -101,12 +101,33 @@ def combine_param(
     A term whose adapter list is empty is left out, and ``t = 1`` does not multiply, so with the defaults and no
     added adapters the result is PEFT's ``A_i − mean_g A_g`` bit for bit.
     """
+    return apply_param(task, param_terms(general, general_weights, add, add_weights), task_weight)
+
+
+ParamTerms = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def param_terms(
+    general: Sequence[Factors],
+    general_weights: Sequence[float] | None = None,
+    add: Sequence[Factors] = (),
+    add_weights: Sequence[float] | None = None,
+) -> ParamTerms:
+    """(Σ_g w_g A_g, Σ_g w_g B_g, Σ_a u_a A_a, Σ_a u_a B_a) of :func:`combine_param`, None where a list is empty:
+    computed once and applied to any number of task experts with :func:`apply_param`."""
     if add_weights is None:
         add_weights = [1.0] * len(add)
     sub_a = weighted_sum([a for a, _ in general], general_weights) if general else None
     sub_b = weighted_sum([b for _, b in general], general_weights) if general else None
     add_a = weighted_sum([a for a, _ in add], add_weights) if add else None
     add_b = weighted_sum([b for _, b in add], add_weights) if add else None
+    return sub_a, sub_b, add_a, add_b
+
+
+def apply_param(task: Sequence[Factors], terms: ParamTerms, task_weight: float = 1.0) -> list[Factors]:
+    """:func:`combine_param` with its sums already made (:func:`param_terms`). A task pair may hold a stack of
+    experts (E, r, d_in) and (E, d_out, r): the terms broadcast, element by element the same arithmetic."""
+    sub_a, sub_b, add_a, add_b = terms
     out = []
     for a, b in task:
         if task_weight != 1.0:
@@ -148,5 +169,7 @@ __all__ = [
     "check_weights",
     "weighted_sum",
     "combine_param",
+    "param_terms",
+    "apply_param",
     "combine_delta",
 ]

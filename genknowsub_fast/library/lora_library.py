@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..experts import ModuleExperts
+from ..memory import check_fits, human_bytes
 from ..options import RoutingOptions, resolve_routing
 from . import build, file_format
 from . import file_checks as checks
@@ -43,6 +44,13 @@ class LoraLibrary:
             expert, shared by the layer's modules).
         base_model_name: the base model the adapters name (``base_model_name_or_path``), or the ``base_model_name``
             given to :meth:`from_adapters`; None when they name none.
+        storage: where the experts' bytes live: ``"mapped"`` (a file :meth:`load` maps, protected against being
+            rewritten in place), ``"mapped, unprotected"`` (``load(mmap=True)`` where no protection could be had) or
+            ``"memory"``.
+
+    The modules built by :meth:`from_adapters` and read by :meth:`load` hold their experts packed, in the layout the
+    CPU kernels read (:meth:`ModuleExperts.from_packed`): a patched model in the library's dtype runs on these very
+    tensors.
 
     ``len(library)`` is the number of experts (as ``library.num_experts``); ``len(library.modules)`` counts the target
     modules.
@@ -66,10 +74,13 @@ class LoraLibrary:
         expert_names = checks.check_names(list(expert_names), "expert names")
         e = len(expert_names)
         for path, m in modules.items():
-            if m.a.shape[0] != e or m.b.shape[0] != e or m.scaling.shape != (e,) or m.prototypes.shape[0] != e:
+            if m.a.shape[0] != e or m.scaling.shape != (e,) or m.prototypes.shape[0] != e:
                 raise ValueError(f"module {path!r}: expert count does not match the {e} expert names")
-            if m.b.shape[2] != m.a.shape[1] or m.prototypes.shape[1] != m.a.shape[2]:
+            if not m.is_packed and (m.b.shape[0] != e or m.b.shape[2] != m.a.shape[1]):
                 raise ValueError(f"module {path!r}: A {tuple(m.a.shape)}, B {tuple(m.b.shape)} do not chain")
+            if m.prototypes.shape[1] != m.a.shape[2]:
+                shapes = f"prototypes {tuple(m.prototypes.shape)}, A {tuple(m.a.shape)}"
+                raise ValueError(f"module {path!r}: {shapes} do not fit")
         self.modules = modules
         self.expert_names = list(expert_names)
         self.gks = gks
@@ -80,8 +91,14 @@ class LoraLibrary:
         self.base_model_name = base_model_name
         self.added_names = list(added_names)
         self.prototype_scope = prototype_scope
+        self.storage = "memory"  # load() says "mapped" (or "mapped, unprotected") when the tensors map the file
 
     # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def nbytes(self) -> int:
+        """Bytes the experts take (packed modules: the packed tensors, padding included, as a file stores them)."""
+        return sum(m.nbytes for m in self.modules.values())
+
     @property
     def num_experts(self) -> int:
         return len(self.expert_names)
@@ -163,6 +180,7 @@ class LoraLibrary:
         prototype_scope: str = "module",
         general_names: Sequence[str] | None = None,
         add_names: Sequence[str] | None = None,
+        output: str | os.PathLike | None = None,
     ) -> LoraLibrary:
         """Build a library from PEFT LoRA adapter directories.
 
@@ -196,6 +214,16 @@ class LoraLibrary:
                 per decoder layer and expert, shared by the layer's modules, as the original Phi-2 code).
             general_names, add_names: names of the general and of the added adapters (default: named after the
                 directories, as the experts); recorded in the library (``general_names``, ``added_names``).
+            output: write the library to this file as it is built, one module at a time, without holding it in
+                memory (``genknowsub-fast build`` does this); the library returned then maps that file
+                (:meth:`load`). The file is written under a temporary name and renamed into place when complete.
+
+        The adapters are read one module (``prototype_scope="layer"``: one decoder layer) at a time, a chunk of
+        experts at a time, and each chunk is combined, given its prototypes and packed before the next is read, so a
+        build holds the library it makes (none with ``output``) and little more. Their names, shapes and configs are
+        checked before any work; their values (NaN, Inf) as each module is read. A library larger than the memory
+        left (with ``output``: than the disk space left) is refused before any work. A progress bar with the time
+        left shows on a terminal (``progress``).
 
         The coefficients combine the factors in ``"param"`` mode and the ΔW in ``"delta"`` mode (see
         :mod:`genknowsub_fast.library.gks`); the README gives the arguments of each variant of the original code.
@@ -226,6 +254,10 @@ class LoraLibrary:
         checks.check_float_dtype(dtype)
         if base_model_name is not None and not (isinstance(base_model_name, str) and base_model_name):
             raise ValueError(f"base_model_name must be a non-empty string, got {base_model_name!r}")
+        if output is not None:
+            from ..paths import check_output_file
+
+            output = check_output_file(output, "output")
         tasks, general, add = build.read_adapter_dirs(
             task_adapters, general_adapters, add_adapters, names, allow_pickle, ignore_modules_to_save, progress,
             general_names=general_names, add_names=add_names,
@@ -244,6 +276,8 @@ class LoraLibrary:
             add_weights=add_weights,
             task_weight=task_weight,
             prototype_scope=prototype_scope,
+            output=output,
+            progress=progress,
         )
 
     @classmethod
@@ -264,14 +298,18 @@ class LoraLibrary:
         add_weights: Sequence[float] | None = None,
         task_weight: float = 1.0,
         prototype_scope: str = "module",
+        output: str | os.PathLike | None = None,
+        progress: bool | None = None,
     ) -> LoraLibrary:
-        """Build a library from adapters already in memory (:class:`~.adapters.LoraAdapter`).
+        """Build a library from adapters (:class:`~.adapters.LoraAdapter`, in memory or read from their files as
+        the build goes).
 
         ``gks`` is None (nothing subtracted) or one of :data:`~.gks.GKS_MODES`; ``already_subtracted`` names module
         paths whose task factors already had GenKnowSub applied (a PEFT model that ran once).
         ``general_weights`` / ``add`` / ``add_weights`` / ``task_weight`` / ``prototype_scope``: as in
         :meth:`from_adapters` (``add`` holds the added adapters).
         ``base_model_name``: see :meth:`from_adapters` (the adapters' own base model names are then not compared).
+        ``output``, ``progress``: see :meth:`from_adapters`.
         """
         tasks, general, add = list(tasks), list(general), list(add)
         if not tasks:
@@ -289,25 +327,42 @@ class LoraLibrary:
         task_weight = gks_math.check_weight(task_weight, "task_weight")
         if task_weight != 1.0 and gks is None:
             raise ValueError("task_weight weighs the task factors against general or added adapters; give some")
-        modules, base_class, base_name = build.build_modules(
-            tasks, general, add, gks, prototypes, rng_seed, set(already_subtracted or ()), general_weights,
-            add_weights, task_weight, prototype_scope, base_model_name,
-        )  # fmt: skip
-        lib = cls(
-            modules,
-            [t.name for t in tasks],
-            gks,
-            [g.name for g in general],
-            base_class,
-            prototypes,
-            routing,
-            base_name,
-            [a.name for a in add],
-            prototype_scope,
+        already = set(already_subtracted or ())
+        base_class, base_name = build.check_compatible(tasks, general + add, base_model_name)
+        plans = build.plan_modules(tasks, general, add, gks, already, dtype)
+        need = build.library_bytes(plans)
+        if output is None:
+            hint = "build it into a file (output=..., `genknowsub-fast build`), which holds one module at a time"
+            check_fits(need, f"the library needs {human_bytes(need)}", hint)
+        else:
+            _check_disk(output, need)
+        names = [t.name for t in tasks]
+        args = (tasks, general, add, gks, prototypes, rng_seed, already, general_weights, add_weights, task_weight,
+                prototype_scope, base_model_name)  # fmt: skip
+        described = dict(
+            expert_names=names,
+            gks=gks,
+            general_names=[g.name for g in general],
+            base_model_class=base_class,
+            prototype_method=prototypes,
+            routing=routing,
+            base_model_name=base_name,
+            added_names=[a.name for a in add],
+            prototype_scope=prototype_scope,
         )
-        if dtype is not None or device is not None:
-            lib = lib.to(device=device, dtype=dtype)
-        return lib
+        if output is None:
+            modules, _, _ = build.build_modules(*args, dtype=dtype, progress=progress, plans=plans)
+            lib = cls(modules, **described)
+            return lib.to(device=device) if device is not None else lib
+        # Streamed into the file: everything the metadata says is known before the first module is built.
+        meta = library_metadata(module_paths=list(plans), **described)
+        specs = {p: plan.stored_specs() for p, plan in plans.items()}
+
+        def produce(emit):
+            build.build_modules(*args, dtype=dtype, emit=emit, progress=progress, plans=plans)
+
+        file_format.write_streamed(output, specs, meta, produce)
+        return cls.load(output, device=device)
 
     @classmethod
     def from_peft_model(cls, model: torch.nn.Module, prototypes: str | None = None) -> LoraLibrary:
@@ -333,38 +388,43 @@ class LoraLibrary:
 
     # ---------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the library to one safetensors file (format in docs/design.md, :mod:`.file_format`).
+        """Write the library to one safetensors file (format in docs/design.md, :mod:`.file_format`), each module in
+        the layout the CPU kernels read, so that :meth:`load` maps it.
 
         The file is written under a temporary name in the same directory and renamed into place, so a failed write
         leaves any older file as it was; it gets the permissions of any newly created file (0o666 less the umask).
         ValueError when the directory does not exist or ``path`` is a directory, before anything is written.
         """
-        meta = {
-            "expert_names": self.expert_names,
-            "gks": self.gks,
-            "general_names": self.general_names,
-            "base_model_class": self.base_model_class,
-            "base_model_type": model_family(self.base_model_class),
-            "base_model_name": self.base_model_name,
-            "target_modules": self.target_modules,
-            "module_paths": list(self.modules),
-            "prototype_method": self.prototype_method,
-            "routing": self.routing,
-            "added_names": self.added_names,
-            "prototype_scope": self.prototype_scope,
-        }
+        meta = library_metadata(
+            self.expert_names, self.gks, self.general_names, self.base_model_class, self.prototype_method,
+            self.routing, self.base_model_name, self.added_names, self.prototype_scope, list(self.modules),
+        )  # fmt: skip
         file_format.write(path, self.modules, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> LoraLibrary:
-        """Read a library written by :meth:`save`.
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, mmap: bool | None = None
+    ) -> LoraLibrary:
+        """Read a library written by :meth:`save` (or ``genknowsub-fast build``).
 
-        Everything in the file is checked before it is used (see :mod:`genknowsub_fast.library.file_checks`): the
-        metadata, and per module the dtype, shape and values of A, B, scaling, prototypes and ranks (finite, ranks in
-        [1, r_max], zero padding, unit prototypes or a zero one for a zero ΔW). Anything else is a ValueError naming
-        the file and, where one is at fault, the tensor.
+        The experts are not copied: the library's tensors map the file (format version 2), in the layout the CPU
+        kernels read, so patching a model in the library's dtype adds no second copy, and memory is the same whether
+        the library object is kept or dropped after patching. The mapping is protected against the file being
+        rewritten in place while it is in use (a read lease: a writer first waits until this process has copied what
+        it maps, then the tensors keep the old content); where that protection cannot be had (the file belongs to
+        another user, a filesystem without leases, a first load outside the main thread) the file is read into
+        memory instead, with a warning. ``mmap=True`` maps it anyway (a process whose file is truncated then dies
+        of SIGBUS on its next read); ``mmap=False`` always reads it into memory. :attr:`storage` says which.
+        Version 1 files are read into memory and packed once. ``device``: move the experts there (the mapping is
+        released once nothing on the CPU uses it).
+
+        A library larger than the memory this process may still use is refused before anything is read. Everything
+        in the file is checked before it is used (see :mod:`genknowsub_fast.library.file_checks`): the metadata, and
+        per module the dtype, shape and values of its tensors (finite, ranks in [1, r_max], zero padding, unit
+        prototypes or a zero one for a zero ΔW). Anything else is a ValueError naming the file and, where one is at
+        fault, the tensor.
         """
-        modules, meta = file_format.read(path)
+        modules, meta, storage = file_format.read(path, mmap=mmap)
         lib = cls(
             modules,
             meta["expert_names"],
@@ -377,7 +437,48 @@ class LoraLibrary:
             meta.get("added_names", []),
             meta.get("prototype_scope", "module"),
         )
+        lib.storage = storage
         return lib.to(device=device) if device is not None else lib
+
+
+def library_metadata(
+    expert_names: list[str],
+    gks: str | None,
+    general_names: list[str],
+    base_model_class: str | None,
+    prototype_method: str,
+    routing: dict | None,
+    base_model_name: str | None,
+    added_names: list[str],
+    prototype_scope: str,
+    module_paths: list[str],
+) -> dict:
+    """The JSON metadata of a library file (the file format adds its version and layouts)."""
+    return {
+        "expert_names": list(expert_names),
+        "gks": gks,
+        "general_names": list(general_names),
+        "base_model_class": base_model_class,
+        "base_model_type": model_family(base_model_class),
+        "base_model_name": base_model_name,
+        "target_modules": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in module_paths)),
+        "module_paths": list(module_paths),
+        "prototype_method": prototype_method,
+        "routing": dict(routing or {}),
+        "added_names": list(added_names),
+        "prototype_scope": prototype_scope,
+    }
+
+
+def _check_disk(path: str, need: int) -> None:
+    """ValueError when the file system of ``path`` has less than ``need`` bytes free (before a build starts)."""
+    import shutil
+
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if need > free:
+        raise ValueError(
+            f"the library file {path!r} needs {human_bytes(need)}, but only {human_bytes(free)} of disk space is free"
+        )
 
 
 __all__ = ["LoraLibrary"]

@@ -55,3 +55,29 @@ def test_weights_mixing_needs_shared_rank_and_scaling():
         check_mixing("weights", torch.ones(2), torch.tensor([2, 4]))
     with pytest.raises(ValueError, match="mixing must be"):
         check_mixing("average", torch.ones(2), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_stored_form_round_trips_and_pack_into_equals_pack_experts(dtype):
+    """A file stores stored_tensors(packed) and maps it back with from_stored; a build fills a module chunk by chunk
+    with pack_into: both give pack_experts' tensors bit for bit."""
+    from genknowsub_fast.backends.packing import from_stored, pack_into, stored_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, 40, generator=gen), torch.randn(5, 72, 3, generator=gen)
+    s, p = torch.tensor([2.0, 0.75, 1.5, 1 / 3, 4.0]), torch.randn(5, 40, generator=gen)
+    whole = pack_experts(a, b, s, p.to(dtype), dtype=dtype)
+    tensors, layout = stored_tensors(whole)
+    assert layout == {"d_out": 72} and all(t.is_contiguous() and t.shape[0] == 5 for t in tensors.values())
+    back = from_stored({k: t.clone() for k, t in tensors.items()}, layout)
+    empty = from_stored({k: torch.zeros_like(t) for k, t in tensors.items()}, layout)
+    for start, stop in ((0, 2), (2, 5)):
+        pack_into(empty, start, a[start:stop], b[start:stop], s[start:stop], p[start:stop].to(dtype))
+    for packed in (back, empty):
+        assert packed.b_t.stride() == whole.b_t.stride()
+        for name in ("prototypes", "a", "b_t"):
+            assert torch.equal(getattr(packed, name), getattr(whole, name)), name
+    with pytest.raises(ValueError, match="b_t has shape"):
+        from_stored({**tensors, "b_t": tensors["b_t"][:, :2]}, layout)
+    with pytest.raises(ValueError, match="prototypes has shape"):
+        from_stored({**tensors, "prototypes": tensors["prototypes"][:4]}, layout)

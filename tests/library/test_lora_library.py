@@ -13,6 +13,7 @@ from genknowsub_fast import LoraLibrary, reference
 from genknowsub_fast.library.adapters import read_adapter
 from genknowsub_fast.options import RoutingOptions
 from genknowsub_fast.synthetic import make_phi3, write_adapters
+from tests.library.format_1 import write_format_1
 from tests.tolerances import FP32_PRODUCT, PROTOTYPE_MIN_COS
 
 QKV = "model.layers.0.self_attn.qkv_proj"
@@ -234,11 +235,32 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None, raw_meta=None):
     return dst
 
 
-@pytest.fixture(scope="module")
-def lib_file(phi3_setup, tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["format1", "format2"])
+def lib_file(request, phi3_setup, tmp_path_factory):
+    """A library file in format version 2 (what save writes) and version 1 (what earlier versions wrote)."""
     path = tmp_path_factory.mktemp("libfile") / "lib.safetensors"
-    LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general).save(path)
+    lib = LoraLibrary.from_adapters(phi3_setup.task, phi3_setup.general)
+    if request.param == 1:
+        write_format_1(lib, path)
+    else:
+        lib.save(path)
     return path
+
+
+# The tensors the edits below name, in each format: version 2 stores A as "a" and s·Bᵀ (E, r, row stride) as "b_t".
+_NAMES = {1: {"A": "A", "B": "B"}, 2: {"A": "a", "B": "b_t"}}
+
+
+def _version(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["genknowsub_fast"])["format_version"]
+
+
+def _drop_last_rank(x):
+    """B (E, d_out, r) loses its last rank column; b_t (E, r, row stride) its last rank row."""
+    return x[:, :, :-1] if x.shape[1] > x.shape[2] else x[:, :-1]
 
 
 def _set(key, fn):
@@ -272,13 +294,14 @@ O_PROJ = "model.layers.0.self_attn.o_proj"
         (O_PROJ, "prototypes", _row0(lambda v: 0.5 * v), "unit vectors"),
         (QKV, "ranks", _row0(lambda v: v * 0 - 1), "must be in [1, 4]"),
         (QKV, "ranks", _row0(lambda v: v * 0 + 99), "must be in [1, 4]"),
-        (QKV, "B", lambda x: x[:, :, :-1], "has shape"),
+        (QKV, "B", _drop_last_rank, "has shape"),
         (QKV, "prototypes", lambda x: x[:-1], "has shape"),
     ],
 )
 def test_edited_library_tensors_are_refused_naming_file_and_tensor(lib_file, tmp_path, module, tensor, edit, message):
     """Before the fix the loader checked only that A, B and the prototypes were finite, so every one
     of these files loaded (a NaN scaling then gave NaN logits)."""
+    tensor = _NAMES[_version(lib_file)].get(tensor, tensor)
     bad = _rewrite(lib_file, tmp_path / "edited.safetensors", _set(f"{module}/{tensor}", edit))
     with pytest.raises(ValueError) as exc:
         LoraLibrary.load(bad)
@@ -289,7 +312,8 @@ def test_edited_library_tensors_are_refused_naming_file_and_tensor(lib_file, tmp
 def test_non_zero_padding_is_refused(lib_file, tmp_path):
     """an expert's rank lowered to 3 of r_max 4 leaves a non-zero 4th row of A, which must be padding."""
     bad = _rewrite(lib_file, tmp_path / "edited.safetensors", _set(f"{QKV}/ranks", _row0(lambda v: v - 1)))
-    with pytest.raises(ValueError, match=f"{QKV}/A' has non-zero padding rows"):
+    a = _NAMES[_version(lib_file)]["A"]
+    with pytest.raises(ValueError, match=f"{QKV}/{a}' has non-zero padding rows"):
         LoraLibrary.load(bad)
 
 
@@ -382,15 +406,16 @@ def test_failed_save_leaves_the_old_file(phi3_setup, tmp_path, monkeypatch):
     path = tmp_path / "lib.safetensors"
     lib.save(path)
     before = path.read_bytes()
-    save_file = library_module.save_file
+    write_at = library_module.write_at
+    written = []
 
-    def half_write(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
-            f.truncate(100)
-        raise OSError(28, "No space left on device")
+    def half_write(fd, offset, tensor):
+        if written:  # the first tensor is written, then the disk is full
+            raise OSError(28, "No space left on device")
+        write_at(fd, offset, tensor)
+        written.append(offset)
 
-    monkeypatch.setattr(library_module, "save_file", half_write)
+    monkeypatch.setattr(library_module, "write_at", half_write)
     with pytest.raises(OSError, match="No space left"):
         lib.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["lib.safetensors"]
