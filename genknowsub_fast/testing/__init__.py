@@ -5,37 +5,9 @@ user's own pipeline does not need them.
 Also importable as ``genknowsub_fast.synthetic`` (the name the README uses).
 """
 
-from .adapters import SyntheticAdapters, decaying_factors, nonconvergent_spectrum, spectrum_factors, write_adapters
-from .models import (
-    PHI2_TARGETS,
-    PHI3_SIZES,
-    PHI3_TARGETS,
-    check_phi3_fits,
-    make_phi2,
-    make_phi3,
-    phi3_config,
-    phi3_cost,
-    phi3_num_parameters,
-)
-from .text import CHAT_TOKENS, WORDS, make_choice_examples, make_tokenizer
+from . import adapters, models, text
+from .adapters import *  # noqa: F403
+from .models import *  # noqa: F403
+from .text import *  # noqa: F403
 
-__all__ = [
-    "PHI2_TARGETS",
-    "PHI3_SIZES",
-    "PHI3_TARGETS",
-    "phi3_config",
-    "make_phi3",
-    "make_phi2",
-    "phi3_num_parameters",
-    "phi3_cost",
-    "check_phi3_fits",
-    "spectrum_factors",
-    "decaying_factors",
-    "nonconvergent_spectrum",
-    "SyntheticAdapters",
-    "write_adapters",
-    "WORDS",
-    "CHAT_TOKENS",
-    "make_tokenizer",
-    "make_choice_examples",
-]
+__all__ = [*models.__all__, *adapters.__all__, *text.__all__]
