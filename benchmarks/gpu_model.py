@@ -3,6 +3,7 @@ and launches per kernel, and the patched / base time ratios they predict. Its ro
 device run (RESULTS_gpu.md prints measured and predicted side by side), not to stand in for one.
 
     python -m benchmarks.gpu_model [--device h100|h200] [--json out.json] [--cases]     # from the repository root
+    python -m benchmarks.gpu_model --markdown     # the table of docs/design.md (H100 with its range, and H200)
 
 The kernels of a call and their grids are the ones the dispatch table really launches (recorded with
 ``triton_kernels.launch.recording`` on meta tensors); the base is one cuBLAS GEMM modelled the same way. A kernel
@@ -292,8 +293,21 @@ def predict(module: str, lib: str, t: int, dev: Device, fuse_base: bool | None =
     return predict_shape(f"{module} {lib} T={t}{tag}", t, d_in, d_out, e, r, dev, fuse_base, a)
 
 
+def plan_label(t: int, d_in: int, d_out: int, e: int, r: int, k: int, dev: Device,
+               fuse_base: bool | None = None) -> str:  # fmt: skip
+    """The dispatch table's choice that :func:`kernel_costs` prices: the regime, and "dense fused" when the base GEMM
+    runs inside the dense expand."""
+    from genknowsub_fast.triton_kernels.dispatch import LayerSpec
+    from genknowsub_fast.triton_kernels.linear import PreparedExperts
+
+    spec = LayerSpec(e, r, k, d_in, d_out, torch.bfloat16, dev.capability, dev.num_sms, None, None, fuse_base)
+    plan = PreparedExperts.on_meta(spec).plan(t)
+    return plan.regime + (" fused" if plan.fuses_base else "")
+
+
 def predict_shape(case: str, t: int, d_in: int, d_out: int, e: int, r: int, dev: Device,
                   fuse_base: bool | None = None, a: Assumptions = NOMINAL, k: int = TOP_K) -> Prediction:  # fmt: skip
+    """Prediction for one shape (bf16, with a base weight)."""
     base = base_gemm(t, d_in, d_out).price(dev, a)
     costs = kernel_costs(t, d_in, d_out, e, r, k, dev, fuse_base)
     ours = _total(costs, dev, a)
@@ -322,11 +336,35 @@ def target_table(dev: Device) -> list[dict]:
                 lo, hi = ratio_range(t, d_in, d_out, e, r, dev)
                 goal = target(t, e)
                 rows.append(dict(case=p.case, tokens=t, experts=e, rank=r, ratio=p.ratio, low=lo, high=hi,
+                                 regime=plan_label(t, d_in, d_out, e, r, TOP_K, dev),
                                  floor=p.floor_ratio, eager=p.eager_ratio, target=goal,
                                  met=None if goal is None else p.ratio <= goal,
                                  floor_met=None if goal is None else p.floor_ratio <= goal,
                                  kernels=[kc["name"] for kc in p.kernels]))  # fmt: skip
     return rows
+
+
+def _verdict(row: dict) -> str:
+    if row["target"] is None:
+        return "none stated"
+    goal = f"≤ {row['target']:.2f}"
+    if row["met"]:
+        return f"{goal} met"
+    return f"{goal} missed" + ("" if row["floor_met"] else " (floor)")
+
+
+def markdown_table(devices: tuple[str, str] = ("h100", "h200")) -> str:
+    """The table of docs/design.md: the first device's ratio, range, floor, regime and verdict, the second device's
+    ratio (the verdicts are the first device's)."""
+    first, second = (target_table(DEVICES[d]) for d in devices)
+    names = [DEVICES[d].name.split()[0] for d in devices]
+    lines = [f"| case | regime | {names[0]} | range | floor | target | {names[1]} |",
+             "|---|---|---:|---|---:|---|---:|"]  # fmt: skip
+    for row, other in zip(first, second):
+        case = row["case"].removeprefix(f"{TABLE_MODULE} ")
+        lines.append(f"| {case} | {row['regime']} | {row['ratio']:.3f} | {row['low']:.3f}–{row['high']:.3f} | "
+                     f"{row['floor']:.3f} | {_verdict(row)} | {other['ratio']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def table(dev: Device, tokens=(1, 16, 256, 4096)) -> list[Prediction]:
@@ -346,13 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=sorted(DEVICES), default="h100")
     parser.add_argument("--json", help="also write the predictions here")
     parser.add_argument("--cases", action="store_true", help="also every op benchmark case of bench_gpu.py")
+    parser.add_argument("--markdown", action="store_true", help="print only docs/design.md's table (H100 and H200)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table())
+        return 0
     dev = DEVICES[args.device]
     rows = target_table(dev)
     print(f"{dev.name}: predicted patched / base, {TABLE_MODULE} {PHI3_MINI_SHAPES[TABLE_MODULE]}, bf16, k={TOP_K}, "
           "CUDA graphs")  # fmt: skip
     print("ratio: nominal assumptions [LOW, HIGH corners]; floor: DRAM bytes and FLOPs only; eager: no graphs")
-    print(f"{'case':28s} {'ratio':>6s} {'range':>15s} {'floor':>6s} {'eager':>6s} {'target':>7s}  verdict")
+    print(f"{'case':28s} {'regime':12s} {'ratio':>6s} {'range':>15s} {'floor':>6s} {'eager':>6s} {'target':>7s}  "
+          "verdict")  # fmt: skip
     for row in rows:
         goal = "" if row["target"] is None else f"≤{row['target']:.2f}"
         if row["target"] is None:
@@ -361,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "met"
         else:
             verdict = "missed" + ("" if row["floor_met"] else " (the floor itself is above the target)")
-        print(f"{row['case']:28s} {row['ratio']:6.3f} [{row['low']:5.3f}, {row['high']:5.3f}] {row['floor']:6.3f} "
-              f"{row['eager']:6.2f} {goal:>7s}  {verdict}")  # fmt: skip
+        print(f"{row['case']:28s} {row['regime']:12s} {row['ratio']:6.3f} [{row['low']:5.3f}, {row['high']:5.3f}] "
+              f"{row['floor']:6.3f} {row['eager']:6.2f} {goal:>7s}  {verdict}")  # fmt: skip
     preds = table(dev) if args.cases else []
     if preds:
         print(f"\n{'benchmark case':40s} {'base µs':>9s} {'ours µs':>9s} {'ratio':>7s} {'floor':>7s} launches")
@@ -376,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DEVICES", "NOMINAL", "LOW", "HIGH", "Assumptions", "Device", "KernelCost", "Prediction", "predict",
-           "predict_shape", "ratio_range", "replace", "table", "target", "target_table"]  # fmt: skip
+__all__ = ["DEVICES", "NOMINAL", "LOW", "HIGH", "Assumptions", "Device", "KernelCost", "Prediction",
+           "markdown_table", "plan_label", "predict", "predict_shape", "ratio_range", "replace", "table", "target",
+           "target_table"]  # fmt: skip
 
 if __name__ == "__main__":
     raise SystemExit(main())

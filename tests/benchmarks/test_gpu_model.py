@@ -101,3 +101,81 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert set(data["assumptions"]) == {"nominal", "low", "high"}
     text = capsys.readouterr().out
     assert "qkv_proj T=1 E=10 r=8" in text and "qkv_proj T=2048 E=256 r=16" in text and "≤1.30" in text
+
+
+@pytest.fixture(scope="module")
+def h100_table():
+    return gpu_model.target_table(H100)
+
+
+def test_table_is_monotone_in_experts_and_never_below_the_base(h100_table):
+    """More experts never make a cell cheaper (nominal ratio and both corners, at a fixed T and r), and no cell
+    predicts the patched call faster than the base alone, at any corner."""
+    by_cell = {(row["tokens"], row["experts"], row["rank"]): row for row in h100_table}
+    for t in gpu_model.TABLE_TOKENS:
+        for r in gpu_model.TABLE_RANKS:
+            for e_lo, e_hi in zip(gpu_model.TABLE_EXPERTS, gpu_model.TABLE_EXPERTS[1:]):
+                lo, hi = by_cell[(t, e_lo, r)], by_cell[(t, e_hi, r)]
+                for key in ("ratio", "low", "high"):
+                    assert hi[key] >= lo[key] - 1e-9, (key, lo["case"], hi["case"])
+    for row in h100_table:
+        assert 1.0 <= row["low"] <= row["ratio"] <= row["high"], row["case"]
+        assert row["floor"] >= 1.0 and row["eager"] >= 1.0, row["case"]
+
+
+def test_reads_at_least_what_the_design_must_read(h100_table):
+    """Every cell's kernels move at least W once and the experts routing must touch (all of them at prefill: 2048
+    tokens × k = 3 choose every one of 256 with near certainty; the expected distinct ones at decode), and at prefill
+    do at least the base GEMM's FLOPs."""
+    d_in, d_out = QKV
+    for row in h100_table:
+        t, e, r = row["tokens"], row["experts"], row["rank"]
+        costs = gpu_model.kernel_costs(t, d_in, d_out, e, r, 3, H100)
+        dram = sum(c.dram_bytes for c in costs)
+        experts = gpu_model.distinct_experts(t, e, 3) * r * (d_in + d_out) * 2
+        assert dram >= d_out * d_in * 2 + experts, row["case"]
+        assert sum(c.flops for c in costs) >= 2.0 * t * d_in * d_out, row["case"]
+        if t > 16:
+            assert gpu_model.distinct_experts(t, e, 3) == pytest.approx(e, rel=1e-6)
+
+
+def test_table_names_the_runtime_dispatch(h100_table, monkeypatch):
+    """The regime each row names (and prices) is the one a layer prepared on an H100 picks at run time: a layer built
+    through ``PreparedExperts.build`` with the device query answering an H100 SXM (sm_90, 132 SMs), and the launches
+    that ``routed_linear`` then records are the kernels (and grids) the row priced."""
+    import torch
+    from genknowsub_fast.triton_kernels import launch, linear
+
+    monkeypatch.setattr(linear, "device_info", lambda device: ((9, 0), 132))
+    d_in, d_out = QKV
+    meta = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    seen = set()
+    for row in h100_table:
+        t, e, r = row["tokens"], row["experts"], row["rank"]
+        protos = torch.empty(e, d_in, device="meta", dtype=torch.float32)
+        layer = linear.PreparedExperts.build(protos, meta(e, r, d_in), meta(e, r, d_out), 3, 1.0, False,
+                                             p_route=meta(e, 3 * d_in), inv_scale=1.0)  # fmt: skip
+        assert (layer.spec.capability, layer.spec.num_sms) == (H100.capability, H100.num_sms)
+        plan = layer.plan(t)
+        assert row["regime"] == plan.regime + (" fused" if plan.fuses_base else ""), row["case"]
+        with launch.recording() as rec:
+            linear.routed_linear(layer, meta(t, d_in), meta(d_out, d_in), None, beside=True)
+        priced = [k for k in row["kernels"] if k not in ("cublas_gemm", "add_delta")]
+        assert priced == [ln.name for ln in rec], row["case"]
+        costs = gpu_model.kernel_costs(t, d_in, d_out, e, r, 3, H100)
+        grids = [(c.name, c.grid) for c in costs if c.name not in ("cublas_gemm", "add_delta")]
+        assert grids == [(ln.name, tuple(ln.grid)) for ln in rec], row["case"]
+        assert ("cublas_gemm" in row["kernels"]) != plan.fuses_base, row["case"]
+        seen.add(row["regime"])
+    assert seen == {"decode", "dense fused", "grouped"}, "the table reaches every regime the dispatch has at T = 2048"
+
+
+def test_design_doc_holds_the_generated_table():
+    """docs/design.md's table is the output of ``python -m benchmarks.gpu_model --markdown``, not a hand copy."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
+    start = "<!-- generated: python -m benchmarks.gpu_model --markdown -->\n"
+    assert start in text
+    block = text.split(start, 1)[1].split("\n<!-- end generated -->", 1)[0]
+    assert block == gpu_model.markdown_table()

@@ -31,10 +31,11 @@ from genknowsub_fast.triton_kernels.dispatch import MODE_DENSE, MODE_ROUTE, smem
 from tools import aot
 
 ARCHS = (80, 90)
-# sm_90 in every dtype with the interpreter tests' edge shapes (bfloat16), sm_80 in bfloat16: the set stays at a few
-# minutes on 2 cores the first time (later runs read the cache). ``python -m tools.aot --arch 80 90 --extra`` compiles
-# sm_80 in every dtype too.
-RUNS = (["--arch", "90", "--extra", "--extra-dtype", "bfloat16"], ["--arch", "80", "--dtype", "bfloat16"])
+# Both archs in every dtype (the table's block sizes, stage counts and atomics differ by dtype and arch: float32 takes
+# FMA dots, bfloat16 on sm_80 a float32 atomics buffer, float16 on sm_80 16-bit atomics), sm_90 with the interpreter
+# tests' edge shapes in bfloat16 besides. The first run compiles about 670 configurations (minutes on 2 cores);
+# later runs read the cache.
+RUNS = (["--arch", "90", "--extra", "--extra-dtype", "bfloat16"], ["--arch", "80"])
 KERNELS = {
     "_decode_route_kernel",
     "_decode_shrink_kernel",
@@ -180,7 +181,8 @@ def test_table_reaches_every_variant(aot_results):
 def test_problem_set_covers_the_benchmarks_and_the_cost_model(aot_results):
     """The AOT problem set holds the GPU benchmark set (Phi-3-mini projections, both libraries, k=3, T in {1, 16,
     256, 4096}) and the cost model's table (E in {10, 64, 256}, r in {8, 16}, T in {1, 16, 2048}); every kernel was
-    compiled in bfloat16 on both archs, at E = 256 with r = 16 among them."""
+    compiled as the table configures it for bfloat16, float16 and float32 layers on both archs, at E = 256 with
+    r = 16 among them."""
     from benchmarks import gpu_model
     from benchmarks.phi3_shapes import LIBRARIES, PHI3_MINI_SHAPES, TOP_K
 
@@ -193,8 +195,14 @@ def test_problem_set_covers_the_benchmarks_and_the_cost_model(aot_results):
     )
     results, _ = aot_results
     for arch in ARCHS:
-        bf16 = {r["kernel"] for r in results if r["arch"] == arch and "'*bf16'" in r["signature"]}
-        assert bf16 == KERNELS - {"_scatter_kernel"}, KERNELS - bf16  # the scatter has no float operand
+        table = [r for r in results if r["arch"] == arch and r["problem"] == "table"]
+        for dt in ("bf16", "fp16"):
+            compiled = {r["kernel"] for r in table if f"'*{dt}'" in r["signature"]}
+            assert compiled == KERNELS - {"_scatter_kernel"}, (arch, dt, KERNELS - compiled)  # no float operand
+        fp32_only = {r["kernel"] for r in table if not re.search(r"'\*(bf16|fp16)'", r["signature"])}
+        assert fp32_only >= KERNELS - {"_scatter_kernel"}, (arch, "float32 layers", KERNELS - fp32_only)
         e256 = [r for r in results if r["arch"] == arch and re.search(r"'BLOCK_E': 256\b", r["constexprs"])]
         assert {r["kernel"] for r in e256} >= {"_decode_shrink_kernel", "_route_shrink_kernel", "_scatter_kernel"}
+        e256_r16 = {r["kernel"] for r in e256 if "'BLOCK_R': 16," in r["constexprs"]}
+        assert e256_r16 >= {"_decode_shrink_kernel", "_route_shrink_kernel"}, (arch, "E = 256, r = 16")
     assert any(r["problem"] == "edge" for r in results)

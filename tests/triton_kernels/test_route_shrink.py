@@ -50,8 +50,16 @@ def _dense(prob, dtype, w, idx, mixing, plan):
     return (dense_coefficients(g, idx, prob.num_experts, ro.block_r, ro.na) for g in (g64, g_same))
 
 
-# (T, E, r, d_in, k): T=1, E=1, k=E, r=1, d not a multiple of 16, more tokens than one block, and k·r = 128.
-SHAPES = [(1, 1, 1, 19, 1), (5, 4, 3, 37, 2), (3, 6, 1, 20, 6), (33, 5, 4, 45, 3), (2, 9, 32, 20, 4)]
+# (T, E, r, d_in, k): T=1, E=1, k=E, r=1, d not a multiple of 16, more tokens than one block, k·r = 128, and E=256
+# (a 256-wide score block beside the shrink block; the orthonormal prototypes need d_in >= E).
+SHAPES = [
+    (1, 1, 1, 19, 1),
+    (5, 4, 3, 37, 2),
+    (3, 6, 1, 20, 6),
+    (33, 5, 4, 45, 3),
+    (2, 9, 32, 20, 4),
+    (21, 256, 2, 263, 3),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

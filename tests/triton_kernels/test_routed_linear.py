@@ -20,12 +20,15 @@ def _triton():
     require_triton()
 
 
-# (T, E, r, d_in, d_out, k, ranks): odd d, T=1, E=1, k=E, r=1, mixed ranks (zero padding), T past the decode range.
+# (T, E, r, d_in, d_out, k, ranks): odd d, T=1, E=1, k=E, r=1, mixed ranks (zero padding), T past the decode range,
+# T=16 (the last decode count) with k=E, and E=256 past the decode range (the table's grouped regime end to end).
 CASES = [
     (1, 1, 1, 17, 23, 1, None),
     (6, 4, 3, 29, 35, 4, None),
     (5, 5, 4, 22, 19, 2, [4, 1, 3, 2, 4]),
     (40, 3, 2, 18, 70, 2, None),
+    (16, 3, 2, 21, 26, 3, None),
+    (19, 256, 2, 263, 22, 3, None),
 ]
 
 
