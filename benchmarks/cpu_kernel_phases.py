@@ -1,5 +1,7 @@
 """Per-phase time of the compiled CPU routed-LoRA op, from a timing build (csrc/routed_lora_cpu.cpp with
--DGKF_PHASE_TIMING): scores, route (+ per-token shrink), shrink, coefficients, expand, in ms per call.
+-DGKF_PHASE_TIMING): scores, route (+ per-token shrink), shrink, coefficients, expand, and the set-up before them
+(argument checks, scratch), in ms per call. GKF_PHASE_CPU=1 times the calling thread's CPU time instead of wall-clock
+time (one thread, on a machine that other processes load).
 
 Run in its own process (the timing build registers the same op namespace as the normal extension):
 
@@ -26,7 +28,7 @@ from benchmarks.phi3_shapes import PHI3_MINI_SHAPES  # noqa: E402
 from genknowsub_fast.backends import build_rule  # noqa: E402
 from genknowsub_fast.backends.packing import pack_experts  # noqa: E402
 
-PHASES = ("scores", "route", "shrink", "coefficients", "expand")
+PHASES = ("scores", "route", "shrink", "coefficients", "expand", "setup")
 SOURCES = ("cpu_isa.cpp", "routed_lora_cpu.cpp", "routed_lora_isa_scalar.cpp", "routed_lora_isa_avx2.cpp",
            "routed_lora_isa_avx512.cpp")  # fmt: skip
 

@@ -14,7 +14,8 @@
 // routed_lora_impl.h, compiled once per instruction set (routed_lora_isa_*.cpp) and chosen at run time (cpu_isa.h).
 //
 // Build with -DGKF_PHASE_TIMING for a timing build: it adds the op routed_lora_phase_ns() -> int[] (nanoseconds per
-// phase since the last call: scores, route, shrink, coefficients, expand), which benchmarks/cpu_kernel_phases.py reads.
+// phase since the last call: scores, route, shrink, coefficients, expand, set-up), which benchmarks/cpu_kernel_phases.py
+// reads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -86,7 +87,7 @@ int forced(const char* var, const char* a, const char* b, const char* c = nullpt
 #endif
 
 #ifdef GKF_PHASE_TIMING
-std::atomic<int64_t> g_phase_ns[5];
+std::atomic<int64_t> g_phase_ns[6];
 // Wall-clock time, or with GKF_PHASE_CPU=1 the calling thread's CPU time (for one-thread runs on a machine that other
 // processes load: it leaves out the time the thread waited for a core).
 int64_t phase_now() {
@@ -189,6 +190,7 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prot
 void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
                         const at::Tensor& b_t, int64_t top_k, double temperature, bool weights_mixing,
                         const std::optional<at::Tensor>& scores) {
+  PhaseClock clock;
   check_args(y, x, prototypes, a, b_t, top_k, temperature, scores);
   const int64_t t = rows_of(x), d_in = x.size(-1), e = a.size(0), r = a.size(1), d_out = b_t.size(2), k = top_k;
   if (t == 0) return;
@@ -202,7 +204,7 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   p.x = x.data_ptr(), p.y = y.data_ptr(), p.proto = prototypes.data_ptr<float>(), p.a = a.data_ptr(), p.b = b_t.data_ptr();
   p.temperature = temperature;
   p.idx = idx.data(), p.w = w.data(), p.h = h.data(), p.g = g.data();
-  PhaseClock clock;
+  clock.lap(5);
   const bool serial = t * ((scores.has_value() ? 0 : e * d_in) + kr * (d_in + d_out)) <= kSerialMaxFma;
 
   // 1. routing scores (T, E), signed: given; register tiles of tokens × experts over blocks of both (enough tokens);

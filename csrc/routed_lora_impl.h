@@ -61,6 +61,18 @@ static inline void prefetch_l2(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
+// Decode calls (a few tokens) read each byte of the prototypes and of the chosen experts once, usually from memory
+// (a model streams all its weights between two calls of one layer). They keep about this many bytes of each stream
+// in flight ahead of the arithmetic: the prototypes, and the Bᵀ rows the expand walks column by column.
+constexpr int64_t kDecodeAheadBytes = int64_t(256) << 10;
+
+// Columns of the k·r Bᵀ rows a decode expand keeps in flight ahead of the tile it works on.
+template <typename T>
+static inline int64_t decode_cols_ahead(const Problem& p) {
+  const int64_t cols = kDecodeAheadBytes / (p.k * p.r * static_cast<int64_t>(sizeof(T)));
+  return cols < 64 ? 64 : cols;
+}
+
 // Streaming top-k of one token's logits, fed in expert order: slots sorted by decreasing logit; a new logit enters
 // only when strictly larger, so on ties the lower expert index (fed first) stays ahead. NaN never enters; slots left
 // empty at the end take the lowest free indices.
@@ -118,6 +130,9 @@ static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64
   const int64_t d = p.d_in;
   constexpr int M = O::kDotM;
   float s[M * 4];
+  // A decode call keeps kDecodeAheadBytes of prototype rows in flight ahead of its tiles.
+  const int64_t ahead = p.t <= kDecodeMaxT ? kDecodeAheadBytes / (d * 4) : 0;
+  if (ahead > 0) prefetch_l2(p.proto + e0 * d, (e1 - e0 < ahead ? e1 - e0 : ahead) * d * 4);
   for (int64_t i = t0; i < t1; i += M) {
     const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
     const float* xs[M];
@@ -134,6 +149,8 @@ static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64
       }
     }
     for (int64_t j = e0; j < e1; j += 4) {
+      if (ahead > 0 && j + ahead < e1)
+        prefetch_l2(p.proto + (j + ahead) * d, (e1 - j - ahead < 4 ? e1 - j - ahead : 4) * d * 4);
       const float* rs[4];
       for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e1 ? j + q : e1 - 1) * d;
       dot_tiles<O>(xs, m, rs, d, s);
@@ -153,7 +170,8 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   const int64_t e = p.e, d = p.d_in, k = p.k, r = p.r, kr = k * r;
-  const bool prefetch = p.t <= 4;
+  const bool prefetch = p.t <= kDecodeMaxT;
+  const int64_t esz = static_cast<int64_t>(sizeof(T));
   for (int64_t i = t0; i < t1; ++i) {
     const T* xi = x + i * d;
     TopK top{p.idx + i * k, p.w + i * k, k};
@@ -162,7 +180,11 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
       for (int64_t j = 0; j < e; ++j) top.push(static_cast<int32_t>(j), std::fabs(si[j]));
     } else {
       float s[4];
+      const int64_t ahead = prefetch && i == t0 ? kDecodeAheadBytes / (d * 4) : 0;  // prototype rows in flight
+      if (ahead > 0) prefetch_l2(p.proto, (e < ahead ? e : ahead) * d * 4);
       for (int64_t j = 0; j < e; j += 4) {
+        if (ahead > 0 && j + ahead < e)
+          prefetch_l2(p.proto + (j + ahead) * d, (e - j - ahead < 4 ? e - j - ahead : 4) * d * 4);
         const float* rs[4];
         for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e ? j + q : e - 1) * d;
         dot_tiles<O>(&xi, 1, rs, d, s);
@@ -173,18 +195,20 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
     top.finish(e, p.temperature);
     const int32_t* id = p.idx + i * k;
     if (prefetch) {
-      // Cold experts (a decode step of a model that streamed its weights since the last call): ask for every line
-      // this token's shrink and expand read now, A first, so the memory system works on all of them at once instead
-      // of one dependent run after another. Bᵀ rows: r rows of `ld_b` elements per expert, one contiguous block.
-      const int64_t esz = static_cast<int64_t>(sizeof(T));
-      if (shrink)
-        for (int64_t j = 0; j < k; ++j) prefetch_l2(a + static_cast<int64_t>(id[j]) * r * d, r * d * esz);
-      int64_t budget = int64_t(512) << 10;
+      // Cold experts (a decode step of a model that streamed its weights since the last call): ask now for the lines
+      // the shrink and the start of the expand read, so the memory system works on all of them at once instead of one
+      // dependent run after another: the chosen experts' A rows (r·d_in contiguous elements each, up to
+      // kDecodeAheadBytes in all), then the first columns of their k·r Bᵀ rows (the expand prefetches the rest as it
+      // walks the columns).
+      int64_t budget = kDecodeAheadBytes;
       for (int64_t j = 0; j < k && budget > 0; ++j) {
-        const int64_t need = ((r - 1) * p.ld_b + p.d_out) * esz, bytes = need < budget ? need : budget;
-        prefetch_l2(b + static_cast<int64_t>(id[j]) * r * p.ld_b, bytes);
+        const int64_t need = r * d * esz, bytes = need < budget ? need : budget;
+        prefetch_l2(a + static_cast<int64_t>(id[j]) * r * d, bytes);
         budget -= bytes;
       }
+      const int64_t cols = decode_cols_ahead<T>(p), n = cols < p.d_out ? cols : p.d_out;
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < r; ++c) prefetch_l2(b + (static_cast<int64_t>(id[j]) * r + c) * p.ld_b, n * esz);
     }
     if (!shrink) continue;
     float* hi = p.h + i * kr;
@@ -279,8 +303,17 @@ static void expand_t(const Problem& p, int64_t i0, int64_t i1, int64_t c0, int64
   T* y = static_cast<T*>(p.y);
   const T* b = static_cast<const T*>(p.b);
   const int64_t k = p.k, r = p.r, kr = k * r, d_out = p.d_out;
+  const int64_t ahead = p.t <= kDecodeMaxT ? decode_cols_ahead<T>(p) : 0;
   for (int64_t c = c0; c < c1; c += tile) {
     const int64_t w = c1 - c < tile ? c1 - c : tile;
+    if (ahead > 0 && c + ahead < d_out) {
+      // A decode call: the Bᵀ columns `ahead` to the right, for every chosen row (route_t asked for the first ones).
+      const int64_t n = (d_out - c - ahead < w ? d_out - c - ahead : w) * static_cast<int64_t>(sizeof(T));
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t q = 0; q < r; ++q)
+            prefetch_l2(b + (static_cast<int64_t>(p.idx[i * k + j]) * r + q) * p.ld_b + c + ahead, n);
+    }
     for (int64_t i = i0; i < i1; ++i) {
       // Prefetch the next token's y segment: another row, which the hardware prefetcher does not guess
       // (fp32, T = 512, E = 64, r = 8, d_out = 3072: expand 2.8 → 1.8 ms).

@@ -36,6 +36,9 @@ struct Problem {
   const float* g = nullptr;
 };
 
+// Decode calls: at most this many tokens (they prefetch the rows the call reads: see routed_lora_impl.h).
+constexpr int64_t kDecodeMaxT = 4;
+
 struct Kernels {
   // out[(i - t0) * ld_out + j - e0] = x_i · p_j (float32) for tokens [t0, t1) and experts [e0, e1), in register
   // tiles of several tokens × 4 experts (the prototype rows of [e0, e1) are reused from cache by every token tile:

@@ -92,6 +92,8 @@ SHAPES = [  # (T, E, r, d_in, d_out, k, temperature, mixing), each for a schedul
     (70, 12, 4, 37, 130, 3, 0.5, "output"),  # d_out spans several 64-column tiles, T several 32-token blocks
     (40, 40, 16, 500, 33, 3, 1.0, "output"),  # A over 1 MB and T·k >= 2E: shrink grouped by expert
     (40, 40, 16, 500, 33, 3, 1.0, "weights"),
+    (20, 36, 4, 2100, 70, 3, 1.0, "output"),  # d_in over 2048, E > 32: register-tiled scores over a long d_in
+    (2, 40, 4, 1100, 200, 3, 1.0, "output"),  # decode, E > 32: prototype rows and chosen rows prefetched ahead
 ]
 
 
