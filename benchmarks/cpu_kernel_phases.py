@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cpu_ops import CPU_LIBRARIES, make_experts  # noqa: E402
 from benchmarks.phi3_shapes import PHI3_MINI_SHAPES  # noqa: E402
-from genknowsub_fast.backends import build_rule  # noqa: E402
+from genknowsub_fast.backends import build_rule, cpu_kernel  # noqa: E402
 from genknowsub_fast.backends.packing import pack_experts  # noqa: E402
 
 PHASES = ("scores", "route", "shrink", "coefficients", "expand", "setup")
@@ -52,15 +52,20 @@ def load_timing_build() -> None:
     )
 
 
-def phase_ms(module: str, dtype: torch.dtype, library: str, tokens: int, calls: int = 5) -> dict[str, float]:
-    """Mean ms per call of each phase (and the whole call) over ``calls`` calls, after one warm-up call."""
+def phase_ms(
+    module: str, dtype: torch.dtype, library: str, tokens: int, calls: int = 5, screen: bool = True
+) -> dict[str, float]:
+    """Mean ms per call of each phase (and the whole call) over ``calls`` calls, after one warm-up call; ``screen``:
+    pass the bfloat16 prototypes of screened routing where the library has enough experts (as the runner does)."""
     d_in, d_out = PHI3_MINI_SHAPES[module]
     ex, _ = make_experts(d_in, d_out, *CPU_LIBRARIES[library])
     packed = pack_experts(ex.a, ex.b, ex.scaling, ex.prototypes, dtype=dtype)
     x = torch.randn(tokens, d_in).to(dtype)
     y = torch.zeros(tokens, d_out, dtype=dtype)
     op = torch.ops.genknowsub_fast_C
-    args = (packed.prototypes, packed.a, packed.b_t, 3, 1.0, False, None)
+    use_screen = screen and packed.prototypes.shape[0] >= cpu_kernel.SCREEN_MIN_EXPERTS
+    screened = packed.prototypes.to(torch.bfloat16) if use_screen else None
+    args = (packed.prototypes, packed.a, packed.b_t, 3, 1.0, False, None, screened)
     op.routed_lora_delta_(y, x, *args)
     op.routed_lora_phase_ns()
     t0 = time.perf_counter()
@@ -82,12 +87,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--isa", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--no-screen", action="store_true", help="route on float32 scores of every expert")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_timing_build()
     print("isa", torch.ops.genknowsub_fast_C.cpu_isa(args.isa))
-    res = phase_ms(args.module, getattr(torch, args.dtype), args.library, args.tokens, args.calls)
+    res = phase_ms(args.module, getattr(torch, args.dtype), args.library, args.tokens, args.calls, not args.no_screen)
     print(" ".join(f"{k}={v:.3f}ms" for k, v in res.items()))
 
 

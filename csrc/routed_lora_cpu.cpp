@@ -5,7 +5,9 @@
 // dominated by that) and its dense expand multiplies by all E·r columns although only k·r are non-zero per token.
 // One call here does, per token:
 //   1. routing scores x·p_e in float32 (x converted exactly; prototypes are float32), unless the caller passes them
-//      (tensor-parallel layers sum them over shards first);
+//      (tensor-parallel layers sum them over shards first); with a bfloat16 copy of the prototypes (`screen`, on
+//      AVX-512-BF16, many experts) bfloat16 scores select the experts, the float32 scores of those k give the weights
+//      (the same experts as the float32 scores wherever the top-k margin exceeds the bfloat16 error);
 //   2. top-k of |score| (ties to the lower index) and softmax over the k in float64;
 //   3. the shrink of the k selected experts only (k·r dot products, float32 sums);
 //   4. the expand of the k selected experts only, tiled over d_out; the delta is summed in float32 and added to y
@@ -149,7 +151,8 @@ int64_t rows_of(const at::Tensor& t) {
 }
 
 void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
-                const at::Tensor& b_t, int64_t top_k, double temperature, const std::optional<at::Tensor>& scores) {
+                const at::Tensor& b_t, int64_t top_k, double temperature, const std::optional<at::Tensor>& scores,
+                const std::optional<at::Tensor>& screen) {
   const char* op = "routed_lora_delta_";
   for (const at::Tensor* t : {&y, &x, &prototypes, &a, &b_t})
     TORCH_CHECK(t->device().is_cpu(), op, ": CPU tensors only");
@@ -183,15 +186,22 @@ void check_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& prot
                 op, ": scores must be a contiguous float32 CPU tensor of shape (", t, ", ", e, "), got ",
                 s.sizes(), " ", s.scalar_type());
   }
+  if (screen.has_value()) {
+    const at::Tensor& s = *screen;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kBFloat16 && s.is_contiguous() && s.dim() == 2 &&
+                    s.size(0) == e && s.size(1) == d_in,
+                op, ": screen must be a contiguous bfloat16 CPU tensor of the prototypes' shape (", e, ", ", d_in,
+                "), got ", s.sizes(), " ", s.scalar_type());
+  }
 }
 
 }  // namespace
 
 void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& a,
                         const at::Tensor& b_t, int64_t top_k, double temperature, bool weights_mixing,
-                        const std::optional<at::Tensor>& scores) {
+                        const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& screen) {
   PhaseClock clock;
-  check_args(y, x, prototypes, a, b_t, top_k, temperature, scores);
+  check_args(y, x, prototypes, a, b_t, top_k, temperature, scores, screen);
   const int64_t t = rows_of(x), d_in = x.size(-1), e = a.size(0), r = a.size(1), d_out = b_t.size(2), k = top_k;
   if (t == 0) return;
   const Kernels& kern = kernels_for(gkf_isa::active());
@@ -210,9 +220,16 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
   // 1. routing scores (T, E), signed: given; register tiles of tokens × experts over blocks of both (enough tokens);
   // a pass over tokens × experts (few tokens, many experts); or (few tokens and experts) inside the route pass below.
   // float32 x against float32 prototypes may also take MKL's sgemm (kScoresMkl).
+  // Screened routing (select_screened): the scores pass reads the bfloat16 copy of the prototypes (half the bytes, and
+  // vdpbf16ps); the route pass takes each token's top-k of those and their float32 scores for the weights. Only where
+  // the kernels multiply bfloat16 pairs in hardware, and only for the scores pass (more than kScoresInPassMaxE experts).
+  const bool screened = screen.has_value() && kern.bf16_dot && !scores.has_value() && e > kScoresInPassMaxE;
+  if (screened) {
+    p.proto_screen = reinterpret_cast<const Bf16*>(screen->data_ptr());
+  }
   at::Tensor s_t;
   const float* s = nullptr;
-  bool mkl = t >= kScoresTiledMinT && e > kScoresInPassMaxE && kScoresMkl;
+  bool mkl = !screened && t >= kScoresTiledMinT && e > kScoresInPassMaxE && kScoresMkl;
 #ifdef GKF_PHASE_TIMING
   if (const int f = forced("GKF_FORCE_SCORES", "tiles", "mkl"); f >= 0) mkl = f == 1;
 #endif
@@ -226,17 +243,28 @@ void routed_lora_delta_(at::Tensor y, const at::Tensor& x, const at::Tensor& pro
     float* out = s_t.data_ptr<float>();
     // Blocks of up to kScoresTokens tokens × the experts whose prototype rows fill kScoresProtoBytes (L2), so each
     // prototype row is read from memory (or L3) once per token block, and from L2 by each register tile.
-    const int64_t proto_row = d_in * prototypes.element_size();
+    const int64_t proto_row = d_in * (screened ? 2 : prototypes.element_size());
     const int64_t eb = std::min(e, std::max<int64_t>(4, kScoresProtoBytes / proto_row / 4 * 4));
     const int64_t tb = t >= kScoresTiledMinT ? kScoresTokens : 1;
     const int64_t n_eb = (e + eb - 1) / eb, n_tb = (t + tb - 1) / tb;
+    // Screening float32 / float16 x over several expert blocks: x rounded to bfloat16 once for the pass (the same
+    // values as the per-tile rounding), not once per block.
+    at::Tensor x_bf16;
+    Problem ps = p;
+    if (screened && x.scalar_type() != at::kBFloat16 && n_eb > 1) {
+      x_bf16 = x.to(at::kBFloat16).contiguous();
+      ps.dtype = DType::kBF16, ps.x = x_bf16.data_ptr();
+    }
     run(serial, n_tb * n_eb, 1, [&](int64_t lo, int64_t hi) {
       static thread_local std::vector<float> xf;  // converted x rows of one register tile
       if (xf.size() < static_cast<size_t>(4 * d_in)) xf.resize(4 * d_in);
       for (int64_t u = lo; u < hi; ++u) {
         const int64_t t0 = (u / n_eb) * tb, e0 = (u % n_eb) * eb;
         const int64_t t1 = std::min(t, t0 + tb), e1 = std::min(e, e0 + eb);
-        kern.scores(p, t0, t1, e0, e1, out + t0 * e + e0, e, xf.data());
+        if (screened)
+          kern.scores_screen(ps, t0, t1, e0, e1, out + t0 * e + e0, e, xf.data());
+        else
+          kern.scores(p, t0, t1, e0, e1, out + t0 * e + e0, e, xf.data());
       }
     });
     s = out;
@@ -361,7 +389,7 @@ std::vector<int64_t> routed_lora_phase_ns() {
 TORCH_LIBRARY_FRAGMENT(genknowsub_fast_C, m) {
   m.def(
       "routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor prototypes, Tensor a, Tensor b_t, int top_k, "
-      "float temperature, bool weights_mixing, Tensor? scores=None) -> ()");
+      "float temperature, bool weights_mixing, Tensor? scores=None, Tensor? screen=None) -> ()");
 #ifdef GKF_PHASE_TIMING
   m.def("routed_lora_phase_ns() -> int[]", &gkf_rl::routed_lora_phase_ns);
 #endif

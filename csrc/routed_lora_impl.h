@@ -5,8 +5,8 @@
 // order of the float32 additions differs), and y gets one rounding per element, y + Σ (the delta summed first). The
 // routing scores are float32 sums against the float32 prototypes.
 //
-// Needs: <cstdint>, <cstring>, <cmath>, <limits>, <type_traits>, routed_lora_kernels.h (outside the region), cpu_vec.h
-// (inside).
+// Needs: <algorithm>, <cstdint>, <cstring>, <cmath>, <limits>, <type_traits>, <vector>, routed_lora_kernels.h (outside
+// the region), cpu_vec.h (inside).
 
 // out[m·4 + n] = Σ_i xs[m][i] · rs[n][i] for m < M, n < 4: M x rows against 4 rows, over d elements. Each x load
 // serves 4 rows and each row load M tokens (M·4 independent FMA chains).
@@ -161,6 +161,89 @@ static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64
   }
 }
 
+// scores_t against the bfloat16 prototype rows p.proto_screen, with x rows rounded to bfloat16 (to nearest even) once
+// per tile into xf: products of two bfloat16 values, through vdpbf16ps where the ISA has it. Half the prototype bytes
+// of scores_t and, on AVX-512-BF16, twice its products per instruction; route_t turns these screened scores into the
+// float32 routing.
+template <class O, typename T>
+static void scores_screen_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out,
+                            int64_t ld_out, float* xf) {
+  const T* x = static_cast<const T*>(p.x);
+  const Bf16* proto = p.proto_screen;
+  const int64_t d = p.d_in, row = d * static_cast<int64_t>(sizeof(Bf16));
+  constexpr int M = O::kDotM;
+  float s[M * 4];
+  Bf16* xb = reinterpret_cast<Bf16*>(xf);
+  const int64_t ahead = p.t <= kDecodeMaxT ? kDecodeAheadBytes / row : 0;
+  if (ahead > 0) prefetch_l2(proto + e0 * d, (e1 - e0 < ahead ? e1 - e0 : ahead) * row);
+  for (int64_t i = t0; i < t1; i += M) {
+    const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
+    const Bf16* xs[M];
+    for (int q = 0; q < m; ++q) {
+      if constexpr (std::is_same_v<T, Bf16>) {
+        xs[q] = x + (i + q) * d;
+      } else {
+        Bf16* dst = xb + q * d;
+        const T* src = x + (i + q) * d;
+        int64_t c = 0;
+        for (; c + O::W <= d; c += O::W) O::store(dst + c, O::load(src + c));
+        if (c < d) O::store_part(dst + c, O::load_part(src + c, d - c), d - c);
+        xs[q] = dst;
+      }
+    }
+    for (int64_t j = e0; j < e1; j += 4) {
+      if (ahead > 0 && j + ahead < e1) prefetch_l2(proto + (j + ahead) * d, (e1 - j - ahead < 4 ? e1 - j - ahead : 4) * row);
+      const Bf16* rs[4];
+      for (int q = 0; q < 4; ++q) rs[q] = proto + (j + q < e1 ? j + q : e1 - 1) * d;
+      dot_tiles<O>(xs, m, rs, d, s);
+      const int64_t n = e1 - j < 4 ? e1 - j : 4;
+      for (int q = 0; q < m; ++q)
+        for (int64_t c = 0; c < n; ++c) out[(i + q - t0) * ld_out + (j + c - e0)] = s[q * 4 + c];
+    }
+  }
+}
+
+// Float32 scores of x against the prototype rows `ids[0..n)` (in increasing order), fed to `top`: the dot products of
+// the unscreened in-pass routing (dot_tiles over float32 rows; a product's value does not depend on its tile).
+template <class O, typename T>
+static void exact_scores(const Problem& p, const T* xi, const int32_t* ids, int64_t n, TopK& top) {
+  const int64_t d = p.d_in;
+  float s[4];
+  for (int64_t u = 0; u < n; u += 4) {
+    const int64_t m = n - u < 4 ? n - u : 4;
+    const float* rs[4];
+    for (int q = 0; q < 4; ++q) rs[q] = p.proto + static_cast<int64_t>(ids[u + (q < m ? q : m - 1)]) * d;
+    dot_tiles<O>(&xi, 1, rs, d, s);
+    for (int64_t q = 0; q < m; ++q) top.push(ids[u + q], std::fabs(s[q]));
+  }
+}
+
+// Top-k of one token from its screened scores si (scores_screen_t): the k experts of the largest screened logits, with
+// their float32 scores (the k dot products of the unscreened path) for the softmax, so the weights are those of the
+// float32 scores. A screened score is within tau = (2⁻⁸ + u_x + 2γ)·‖x‖₂ of the float32 one (the rounding of the
+// prototypes, and of x unless it is bfloat16, to bfloat16, and of both sums; cpu_kernel.screen_error_bound), so where
+// the float32 logits of the k-th and next experts differ by more than 2·tau the experts are those of the float32
+// scores. A token whose screened logits are NaN or Inf is scored against every prototype in float32.
+template <class O, typename T>
+static void select_screened(const Problem& p, const T* xi, const float* si, TopK& top) {
+  const int64_t e = p.e, k = p.k;
+  for (int64_t j = 0; j < e; ++j) top.push(static_cast<int32_t>(j), std::fabs(si[j]));
+  int32_t ids[64];
+  static thread_local std::vector<int32_t> all;
+  const int32_t* chosen = ids;
+  int64_t n = k;
+  if (top.filled == k && std::isfinite(top.val[0]) && k <= 64) {
+    for (int64_t j = 0; j < k; ++j) ids[j] = top.idx[j];
+    std::sort(ids, ids + k);  // fed in expert order: ties between exact logits go to the lower index
+  } else {
+    if (all.size() < static_cast<size_t>(e)) all.resize(e);
+    for (int64_t j = 0; j < e; ++j) all[j] = static_cast<int32_t>(j);
+    chosen = all.data(), n = e;
+  }
+  top.filled = 0;
+  exact_scores<O>(p, xi, chosen, n, top);
+}
+
 // For tokens [t0, t1): routing (scores given or computed here), then, when `shrink`, h = A_idx x. With `p.t` small
 // (a decode call), the rows the token chose are fetched from memory while the routing of the next token runs: right
 // after its top-k, the token's A rows and (up to an L2-sized budget) its Bᵀ rows are prefetched.
@@ -175,7 +258,9 @@ static void route_t(const Problem& p, const float* scores, int64_t t0, int64_t t
   for (int64_t i = t0; i < t1; ++i) {
     const T* xi = x + i * d;
     TopK top{p.idx + i * k, p.w + i * k, k};
-    if (scores != nullptr) {
+    if (scores != nullptr && p.proto_screen != nullptr) {
+      select_screened<O>(p, xi, scores + i * e, top);
+    } else if (scores != nullptr) {
       const float* si = scores + i * e;
       for (int64_t j = 0; j < e; ++j) top.push(static_cast<int32_t>(j), std::fabs(si[j]));
     } else {
@@ -470,6 +555,14 @@ struct KernelsOf {
       case DType::kF16: return scores_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
     }
   }
+  static void scores_screen(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
+                            float* xf) {
+    switch (p.dtype) {
+      case DType::kF32: return scores_screen_t<O, float>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_screen_t<O, Bf16>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_screen_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
+    }
+  }
   static void route(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
     switch (p.dtype) {
       case DType::kF32: return route_t<O, float>(p, scores, t0, t1, shrink);
@@ -499,7 +592,7 @@ struct KernelsOf {
     }
   }
   static const Kernels& table() {
-    static const Kernels k{&scores, &route, &shrink_pairs, &expand, &expand_pairs};
+    static const Kernels k{&scores, &scores_screen, &route, &shrink_pairs, &expand, &expand_pairs, O::kBf16Dot};
     return k;
   }
 };

@@ -1,11 +1,13 @@
 // Routed-LoRA kernels compiled for AVX2 + FMA + F16C in a target region (the file keeps the baseline flags, so the
 // build runs on any x86-64 CPU; the driver calls these only where the CPU has AVX2). See routed_lora_impl.h.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_target.h"
 #include "routed_lora_kernels.h"

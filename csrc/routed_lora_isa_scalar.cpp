@@ -1,10 +1,12 @@
 // Routed-LoRA kernels for any CPU (the baseline instruction set; see routed_lora_impl.h).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "routed_lora_kernels.h"
 

@@ -34,6 +34,9 @@ struct Problem {
   float* h = nullptr;
   // Expand coefficients (T, k·r), read by expand() and expand_pairs().
   const float* g = nullptr;
+  // Screened routing (route_t): bfloat16 copies of the prototype rows, whose scores select the experts. Null: the
+  // float32 scores select them.
+  const Bf16* proto_screen = nullptr;
 };
 
 // Decode calls: at most this many tokens (they prefetch the rows the call reads: see routed_lora_impl.h).
@@ -45,9 +48,14 @@ struct Kernels {
   // callers keep the range L2-sized). xf: scratch of O::kDotM·d_in floats (at most 4·d_in) for converted x rows.
   void (*scores)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
                  float* xf);
+  // The same against the bfloat16 prototypes p.proto_screen, x rounded to bfloat16 (vdpbf16ps where the ISA has it):
+  // the screened scores that route() reads when p.proto_screen is set. xf: the same scratch, holding bfloat16 rows.
+  void (*scores_screen)(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
+                        float* xf);
   // For tokens [t0, t1): logits |s_ij| (s from `scores`, row stride E, or x · p computed here when null), top-k with
   // ties to the lower index, softmax over the k in float64 → idx, w; then, when `shrink`, h = A_idx x for the k
-  // selected experts.
+  // selected experts. With p.proto_screen set, s holds screened scores: they select the experts, and their
+  // float32 scores give the weights (see select_screened).
   void (*route)(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink);
   // h rows [r0, r1) of the (token, slot) pairs pairs[0..n) (pair = token·k + slot). Consecutive pairs with the same
   // expert (pairs sorted by expert) share register tiles: each A row load serves several tokens.
@@ -59,6 +67,8 @@ struct Kernels {
   // sorted by expert; register blocks of several tokens of one expert share each Bᵀ load. A token's sums wait in
   // delta (T × (c1 - c0) float32 scratch) between its experts; its last one adds them to y (one rounding).
   void (*expand_pairs)(const Problem& p, const int32_t* pairs, int64_t n, int64_t c0, int64_t c1, float* delta);
+  // Whether scores_screen multiplies bfloat16 pairs in hardware (vdpbf16ps): screening only pays there.
+  bool bf16_dot;
 };
 
 const Kernels& kernels_scalar();

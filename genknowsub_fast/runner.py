@@ -76,7 +76,8 @@ class _Plan:
     packed: PackedExperts
     triton: object = None  # the Triton backend's prepared layer
     kernel: object = None  # "cpu": the compiled op's overload, called directly with kernel_args
-    kernel_args: tuple = ()  # (prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None)
+    kernel_args: tuple = ()  # (prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None, screen)
+    screen: object = None  # "cpu": the bfloat16 prototypes of screened routing (cpu_kernel.screen_prototypes), or None
 
 
 class RoutedLinear:
@@ -196,7 +197,9 @@ class RoutedLinear:
             plan.backend = "cpu"
             plan.kernel = cpu_kernel.op().default
             mixing = self.mixing == "weights"
-            plan.kernel_args = (packed.prototypes, packed.a, packed.b_t, self.top_k, self.temperature, mixing, None)
+            plan.screen = cpu_kernel.screen_prototypes(packed.prototypes)
+            plan.kernel_args = (packed.prototypes, packed.a, packed.b_t, self.top_k, self.temperature, mixing, None,
+                                plan.screen)  # fmt: skip
         self._plan = plan
         return self
 
@@ -219,7 +222,7 @@ class RoutedLinear:
         if plan.triton is not None:
             return plan.triton.add_delta_(y, x, scores)
         if plan.backend == "cpu" and cpu_kernel.takes(x, y):
-            return cpu_kernel.add_delta_(y, x, plan.packed, self.top_k, self.temperature, scores)
+            return cpu_kernel.add_delta_(y, x, plan.packed, self.top_k, self.temperature, scores, plan.screen)
         return torch_ops.add_routed_delta_(y, x, plan.packed, self.top_k, self.temperature, scores=scores)
 
     def __call__(

@@ -5,6 +5,12 @@ y (..., d_out) (any leading shape, the same for both; each row is a token): rout
 prototypes, top-k with ties to the lower index, softmax in float64, shrink and expand of the k selected experts only,
 the delta summed in float32 and added to y with one rounding. Its vector kernels are chosen at run time (scalar, AVX2,
 AVX-512) from what the CPU supports; ``GENKNOWSUB_FAST_CPU_ISA`` or :func:`isa` force one.
+
+Screened routing: with at least ``SCREEN_MIN_EXPERTS`` experts on AVX-512-BF16, a bfloat16 copy of the prototypes
+(:func:`screen_prototypes`) lets the op score every expert with vdpbf16ps at half the bytes; those scores select each
+token's top-k, and the float32 scores of the k selected give their softmax weights. Every bfloat16 score lies within
+:func:`screen_error_bound` of the float32 one, so wherever a token's k-th and next float32 logits differ by more than
+twice that bound, the experts (and so the output) are exactly those of float32 routing; closer ties may go either way.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from . import build_rule, extension
 from .packing import PackedExperts
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The op screens only in its scores pass, which it runs above 32 experts (fewer are scored inside the route pass).
+SCREEN_MIN_EXPERTS = 33
+# The op's error bound holds for prototype rows of norm at most this (Arrow's prototypes are unit vectors).
+SCREEN_MAX_NORM = 1.001
 _OP: list = []
 
 
@@ -68,6 +78,33 @@ def isa(request: str = "") -> str:
         raise ValueError(str(exc).splitlines()[0]) from None
 
 
+def screen_prototypes(prototypes: torch.Tensor) -> torch.Tensor | None:
+    """The bfloat16 copy of float32 CPU ``prototypes`` (E, d_in) that the op screens with, or None where screening does
+    not run: fewer than ``SCREEN_MIN_EXPERTS`` experts, kernels other than AVX-512 (with BF16), or a prototype row of
+    norm above ``SCREEN_MAX_NORM`` (the op's error bound assumes unit rows). Costs E·d_in·2 bytes, made once per
+    prepared layer."""
+    if prototypes.shape[0] < SCREEN_MIN_EXPERTS or not prototypes.is_cpu or prototypes.dtype != torch.float32:
+        return None
+    if not available() or isa() != "avx512":
+        return None
+    if float(torch.linalg.vector_norm(prototypes.double(), dim=1).max()) > SCREEN_MAX_NORM:
+        return None
+    return prototypes.to(torch.bfloat16).contiguous()
+
+
+def screen_error_bound(d_in: int, x_dtype: torch.dtype) -> float:
+    """The factor c such that a screened score differs from the float32 score by at most c·‖x‖₂ (for prototype rows of
+    norm at most ``SCREEN_MAX_NORM``): the rounding of the prototypes, and of x unless it is bfloat16, to bfloat16
+    (2⁻⁸ each), and the d_in + 64 float32 roundings of each of the two sums (a bfloat16 product, and an FMA's, is exact
+    before its rounding). Values below the float32 normal range, which vdpbf16ps flushes, add at most
+    4·(d_in + 64)·2⁻¹²⁶·(1 + ‖x‖₂) more."""
+    u = 2.0**-8
+    ux = 0.0 if x_dtype == torch.bfloat16 else u
+    n = d_in + 64
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    return SCREEN_MAX_NORM * (u + ux + u * ux + gamma * (1 + u) * (1 + ux) + gamma)
+
+
 def add_delta_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -75,11 +112,14 @@ def add_delta_(
     top_k: int,
     temperature: float,
     scores: torch.Tensor | None = None,
+    screen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y += routed LoRA delta`` in place for x (..., d_in) and y (..., d_out) with the same leading shape; returns y.
 
     ``scores``: optional (T, E) float32 signed routing scores x·p computed by the caller (e.g. summed over
     tensor-parallel shards); the op then routes on their absolute values instead of computing them.
+    ``screen``: :func:`screen_prototypes` of ``packed.prototypes`` (screened routing, see the module docstring), or
+    None.
     """
     kernel = op()
     if kernel is None:
@@ -90,9 +130,10 @@ def add_delta_(
         scores = scores.to(torch.float32).contiguous()
     kernel(
         y, x if x.is_contiguous() else x.contiguous(), packed.prototypes, packed.a, packed.b_t, top_k,
-        float(temperature), packed.mixing == "weights", scores,
+        float(temperature), packed.mixing == "weights", scores, screen,
     )  # fmt: skip
     return y
 
 
-__all__ = ["available", "takes", "add_delta_", "isa", "op", "KERNEL_DTYPES"]
+__all__ = ["available", "takes", "add_delta_", "isa", "op", "screen_prototypes", "screen_error_bound", "KERNEL_DTYPES",
+           "SCREEN_MIN_EXPERTS"]

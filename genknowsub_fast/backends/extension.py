@@ -12,8 +12,9 @@ Ops (CPU; the prototype ops also on CUDA when built with CUDA):
 - ``arrow_prototypes(Tensor a, Tensor b) -> (Tensor, Tensor)``
 - ``arrow_prototypes_batched(Tensor[] a, Tensor[] b) -> (Tensor[], Tensor[])``
 - ``routed_lora_delta_(Tensor(a!) y, Tensor x, Tensor prototypes, Tensor a, Tensor b_t, int top_k,
-  float temperature, bool weights_mixing, Tensor? scores=None) -> ()``: x (..., d_in) and y (..., d_out) with the same
-  leading shape; scores (T, E) with T the number of rows
+  float temperature, bool weights_mixing, Tensor? scores=None, Tensor? screen=None) -> ()``: x (..., d_in) and y
+  (..., d_out) with the same leading shape; scores (T, E) with T the number of rows; screen: a bfloat16 copy of the
+  prototypes (rows of norm at most 1.001) for screened routing (cpu_kernel.screen_prototypes)
 - ``cpu_isa(str request="") -> str``: the instruction set the CPU kernels use ("scalar", "avx2", "avx512"); a name
   (or "auto") forces it. ``GENKNOWSUB_FAST_CPU_ISA`` sets it for the process.
 """
@@ -211,7 +212,7 @@ def _register_fakes() -> None:
         outs = [_proto_fake(a, b) for a, b in zip(a_list, b_list, strict=True)]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-    def _routed_fake(y, x, prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None):
+    def _routed_fake(y, x, prototypes, a, b_t, top_k, temperature, weights_mixing, scores=None, screen=None):
         return None
 
     for name, fn in (

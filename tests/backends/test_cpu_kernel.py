@@ -115,3 +115,113 @@ def test_runner_runs_the_kernel_in_every_kernel_dtype_and_torch_under_autograd(d
     runner32 = gkf.prepare(experts, top_k=3, device="cpu", dtype=torch.float32)
     runner32(xg).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------- screened routing
+needs_screening = pytest.mark.skipif(
+    not cpu_kernel.available() or cpu_kernel.isa() != "avx512",
+    reason="screened routing runs on the AVX-512 (with BF16) kernels only; this CPU or run uses others",
+)
+
+
+def _near_tied_experts(e: int, d_in: int, rank: int, d_out: int, seed: int):
+    """Experts whose unit prototypes are, for the first half, groups of near-copies (a 1e-3 perturbation of 8
+    directions), so that many tokens have their k-th and next scores closer than bfloat16 can tell apart, and for the
+    second half independent random directions."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(8, d_in, generator=g, dtype=torch.float64)
+    protos = torch.randn(e, d_in, generator=g, dtype=torch.float64)
+    near = e // 2
+    protos[:near] = centres[torch.arange(near) % 8] + 1e-3 * protos[:near]
+    protos = (protos / protos.norm(dim=1, keepdim=True)).float()
+    a = torch.randn(e, rank, d_in, generator=g) / d_in**0.5
+    b_t = torch.randn(e, rank, d_out, generator=g) / rank**0.5
+    return protos, a, b_t
+
+
+def _margins(x: torch.Tensor, protos: torch.Tensor, k: int) -> torch.Tensor:
+    """Per token: (k-th − (k+1)-th largest float32 logit) / ‖x‖₂, in float64."""
+    logits = (x.double() @ protos.double().T).abs().topk(k + 1).values
+    return (logits[:, k - 1] - logits[:, k]) / x.double().norm(dim=1)
+
+
+@needs_screening
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("e", "t"), [(64, 1), (64, 200), (256, 3), (256, 77)])
+def test_screened_routing_equals_float32_routing_beyond_the_error_bound(dtype, e, t):
+    """Tokens whose k-th and next float32 logits differ by more than twice screen_error_bound get y rows bit for bit
+    equal to the unscreened op's (the same experts, and the float32 weights). The inputs mix such tokens with near-ties
+    that a top-k of the bfloat16 scores alone routes elsewhere."""
+    d_in, rank, d_out, k = 200, 4, 72, 3
+    protos, a, b_t = _near_tied_experts(e, d_in, rank, d_out, seed=e + t)
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, d_in, generator=g)
+    clear = torch.arange(t) % 2 == 0  # every other token points at three independent experts: a clear top-3
+    picks = e // 2 + torch.stack([torch.randperm(e - e // 2, generator=g)[:3] for _ in range(int(clear.sum()))])
+    x[clear] = 0.1 * x[clear] + protos[picks].sum(1) * 4
+    x = x.to(dtype)
+    screen = cpu_kernel.screen_prototypes(protos)
+    assert screen is not None and screen.dtype == torch.bfloat16
+    op = cpu_kernel.op()
+    a_, b_ = a.to(dtype), b_t.to(dtype)
+    y_plain, y_screened = (torch.zeros(t, d_out, dtype=dtype) for _ in range(2))
+    op(y_plain, x, protos, a_, b_, k, 1.0, False, None, None)
+    op(y_screened, x, protos, a_, b_, k, 1.0, False, None, screen)
+    beyond = _margins(x, protos, k) > 2 * cpu_kernel.screen_error_bound(d_in, dtype) * 1.001
+    assert beyond.any()
+    assert torch.equal(y_screened[beyond], y_plain[beyond])
+    # The near-ties are real: over the tokens of the larger cases, a top-k of the bfloat16 scores alone picks other
+    # experts than the float32 scores for some token.
+    if t >= 77:
+        exact = (x.double() @ protos.double().T).abs().topk(k).indices.sort().values
+        coarse = (x.to(torch.bfloat16).double() @ screen.double().T).abs().topk(k).indices.sort().values
+        assert not torch.equal(exact, coarse)
+
+
+@needs_screening
+def test_screened_routing_of_nan_and_inf_tokens_matches_the_unscreened_op():
+    e, d_in, rank, d_out, k, t = 64, 96, 4, 40, 2, 6
+    protos, a, b_t = _near_tied_experts(e, d_in, rank, d_out, seed=1)
+    x = torch.randn(t, d_in)
+    x[1, 5] = float("nan")
+    x[3, 7] = float("inf")
+    x[4] = 1e30  # finite, but its squares and scores overflow float32
+    screen = cpu_kernel.screen_prototypes(protos)
+    y_plain, y_screened = torch.zeros(t, d_out), torch.zeros(t, d_out)
+    cpu_kernel.op()(y_plain, x, protos, a, b_t, k, 1.0, False, None, None)
+    cpu_kernel.op()(y_screened, x, protos, a, b_t, k, 1.0, False, None, screen)
+    # Tokens whose screened logits are NaN or Inf take the float32 scores of every expert, as the unscreened op does.
+    rows = [1, 3, 4]
+    torch.testing.assert_close(y_screened[rows], y_plain[rows], rtol=0, atol=0, equal_nan=True)
+
+
+def test_screen_prototypes_only_where_the_op_screens():
+    unit = torch.nn.functional.normalize(torch.randn(cpu_kernel.SCREEN_MIN_EXPERTS, 48), dim=1)
+    assert cpu_kernel.screen_prototypes(unit[:-1]) is None  # the op scores so few experts inside its route pass
+    assert cpu_kernel.screen_prototypes(unit * 1.01) is None  # the error bound assumes unit rows
+    before = cpu_kernel.isa()
+    try:
+        if cpu_kernel.isa("auto") == "avx512":
+            screen = cpu_kernel.screen_prototypes(unit)
+            assert screen is not None and torch.equal(screen, unit.to(torch.bfloat16))
+        cpu_kernel.isa("scalar")
+        assert cpu_kernel.screen_prototypes(unit) is None
+    finally:
+        cpu_kernel.isa(before)
+
+
+@needs_screening
+def test_the_prepared_runner_screens_a_large_library(monkeypatch):
+    e, d_in, rank, d_out = 40, 64, 4, 24
+    protos, a, b_t = _near_tied_experts(e, d_in, rank, d_out, seed=2)
+    experts = ModuleExperts(a, b_t.transpose(1, 2).contiguous(), torch.ones(e), protos, torch.full((e,), rank))
+    options = gkf.RoutingOptions(top_k=2, temperature=1.0, mixing="output")
+    g = torch.Generator().manual_seed(3)
+    picks = e // 2 + torch.stack([torch.randperm(e - e // 2, generator=g)[:2] for _ in range(9)])
+    x = 4 * protos[picks].sum(1) + 0.1 * torch.randn(9, d_in, generator=g)  # clear top-2 margins
+    screened = gkf.RoutedLinear(experts, options)
+    y = screened(x)
+    assert screened._plan.screen is not None
+    monkeypatch.setattr(cpu_kernel, "screen_prototypes", lambda prototypes: None)
+    plain = gkf.RoutedLinear(experts, options)
+    assert torch.equal(plain(x), y) and plain._plan.screen is None
