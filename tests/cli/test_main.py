@@ -249,6 +249,11 @@ def test_build_from_trainer_checkpoints(trainer_runs, tmp_path, capsys):
     assert main([*args, "--add-weights", "-1", "-o", out]) == 0
     lib = LoraLibrary.load(out)
     assert (lib.expert_names, lib.general_names, lib.added_names) == (["c0", "c1"], ["en"], ["de"])
+    capsys.readouterr()
+    assert main(["info", out]) == 0  # info shows every list's names
+    text = capsys.readouterr().out
+    assert "experts: c0, c1\n" in text and "subtracted (param): en\n" in text
+    assert "added after the subtraction: de\n" in text
     run = os.path.dirname(trainer_runs.task[0])
     assert main(["build", "--task", run, trainer_runs.task[1], "-o", out]) == 2
     _one_line_error(capsys, "build", "(checkpoint-17, checkpoint-9, highest step first); pass the checkpoint to use")
