@@ -104,6 +104,8 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("PEFT Arrow", "patched  "))]
     assert len(rows) == 2 and all(re.fullmatch(r"\([\d.]+-[\d.]+\)", row[-1]) for row in rows), rows
     assert "(indicative: a random 'tiny' model is small" in text
+    # the machine the timings ran on, by instruction set
+    assert re.search(r"torch CPU capability \w+, routed CPU kernel (scalar|avx2|avx512|not loaded)", text), text[:400]
 
 
 def test_demo_times_its_models_in_turn():
