@@ -39,6 +39,17 @@ def interleaved_times(
     return times
 
 
+def machine_isa() -> str:
+    """What the timings ran on: torch's CPU capability and the routed CPU kernel's instruction set (or why none)."""
+    from ..backends import cpu_kernel
+
+    try:
+        kernel = cpu_kernel.isa()
+    except ValueError:
+        kernel = "not loaded (torch path)"
+    return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, routed CPU kernel {kernel}"
+
+
 def ratio_summary(times: list[float], base: list[float]) -> str:
     """The median of the per-round ratios ``times / base`` and their range: ``1.07 (0.98-1.15)``."""
     ratios = [t / b for t, b in zip(times, base, strict=True)]
@@ -103,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     print(
         f"genknowsub_fast demo — torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, output in {out}"
+        f"{torch.get_num_threads()} threads, {machine_isa()}, output in {out}"
     )
 
     t0 = time.perf_counter()

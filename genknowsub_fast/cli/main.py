@@ -69,6 +69,8 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"experts: {', '.join(lib.expert_names)}")
     if lib.gks:
         print(f"general knowledge subtracted ({lib.gks}): {', '.join(lib.general_names)}")
+    if lib.added_names:
+        print(f"added after the subtraction: {', '.join(lib.added_names)}")
     if lib.base_model_class:
         print(f"base model class: {lib.base_model_class}")
     if lib.base_model_name:

@@ -104,6 +104,8 @@ def test_demo_tiny_passes_its_checks(tmp_path, capsys):
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("PEFT Arrow", "patched  "))]
     assert len(rows) == 2 and all(re.fullmatch(r"\([\d.]+-[\d.]+\)", row[-1]) for row in rows), rows
     assert "(indicative: a random 'tiny' model is small" in text
+    # the machine the timings ran on, by instruction set
+    assert re.search(r"torch CPU capability \w+, routed CPU kernel (scalar|avx2|avx512|not loaded)", text), text[:400]
 
 
 def test_demo_times_its_models_in_turn():
@@ -249,6 +251,11 @@ def test_build_from_trainer_checkpoints(trainer_runs, tmp_path, capsys):
     assert main([*args, "--add-weights", "-1", "-o", out]) == 0
     lib = LoraLibrary.load(out)
     assert (lib.expert_names, lib.general_names, lib.added_names) == (["c0", "c1"], ["en"], ["de"])
+    capsys.readouterr()
+    assert main(["info", out]) == 0  # info shows every list's names
+    text = capsys.readouterr().out
+    assert "experts: c0, c1\n" in text and "subtracted (param): en\n" in text
+    assert "added after the subtraction: de\n" in text
     run = os.path.dirname(trainer_runs.task[0])
     assert main(["build", "--task", run, trainer_runs.task[1], "-o", out]) == 2
     _one_line_error(capsys, "build", "(checkpoint-17, checkpoint-9, highest step first); pass the checkpoint to use")

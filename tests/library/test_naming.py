@@ -55,6 +55,16 @@ def test_dot_inside_a_checkpoint(tmp_path, monkeypatch):
     assert default_names(["."]) == ["cluster0_batch16"]
 
 
+def test_links_are_named_as_given(tmp_path, monkeypatch):
+    """A name is the path given, never where a link points: a link to a checkpoint is named after itself."""
+    ckpt = tmp_path / "runs" / "cluster0_batch16" / "checkpoint-17"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "best_c0").symlink_to(ckpt)
+    (tmp_path / "runs" / "cluster0_batch16" / "best").symlink_to(ckpt)
+    monkeypatch.chdir(tmp_path)
+    assert default_names(["best_c0", "runs/cluster0_batch16/best"]) == ["best_c0", "best"]
+
+
 def test_library_from_trainer_checkpoints(trainer_runs):
     """The layout of the original code, as it is: distinct, meaningful names, and the same experts as from plain
     directories."""

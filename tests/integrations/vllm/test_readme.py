@@ -128,3 +128,41 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_a_server_without_tokenizer_returns_token_ids_when_asked(tmp_path):
+    """The README's note on checkpoints without a tokenizer: served with --skip-tokenizer-init, a prompt of token ids
+    gets an empty "text", and "return_token_ids": true returns the generated ids, those of the patched model (which
+    make_llm generates too: test_engine.py)."""
+    from tests.integrations.vllm.served import NEW_TOKENS, PROMPTS, TOP_K, make_checkpoint, transformers_reference
+
+    ckpt = make_checkpoint(str(tmp_path), "phi3")
+    expected = transformers_reference(ckpt).greedy[0]
+    overrides = {
+        "architectures": ["GenKnowSubPhi3ForCausalLM"],
+        "genknowsub_fast": {"library": ckpt.library_path, "top_k": TOP_K},
+    }
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt.path, "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "float32", "--skip-tokenizer-init", "--max-model-len", "256",
+        "--gpu-memory-utilization", "0.1", "--hf-overrides", json.dumps(overrides),
+    ]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _wait_healthy(proc, port)
+            body = {"model": ckpt.path, "prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0}
+            body["ignore_eos"] = True  # as the reference: all NEW_TOKENS tokens
+            plain = _post(f"http://127.0.0.1:{port}/v1/completions", body)
+            with_ids = _post(f"http://127.0.0.1:{port}/v1/completions", {**body, "return_token_ids": True})
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
+        finally:
+            _stop(proc)
+    assert plain["choices"][0]["text"] == "" and not plain["choices"][0].get("token_ids")
+    assert with_ids["choices"][0]["token_ids"] == expected
