@@ -1,5 +1,5 @@
 """Scale: a 256-expert rank-16 library on Phi-3-mini shapes in bf16 (``benchmarks/scale.py``). Each round is a fresh
-process: building the library from fp32 PEFT adapters, and loading it, patching a random model with it and running one
+process: building the library from bf16 PEFT adapters, and loading it, patching a random model with it and running one
 forward. Recorded in ``extra_info``: per round, seconds and resident-memory bytes; the summary as multiples of the
 library's (or the build's output) bytes, and the targets met or missed:
 

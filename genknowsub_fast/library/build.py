@@ -224,9 +224,10 @@ def build_modules(
                 for p in group:
                     plan, m = plans[p], raw.pop(p)
                     if p not in outs:
-                        specs, layout = plan.stored_specs()  # zeros: the rows' filler past d_out is written as 0
+                        specs, layout = plan.stored_specs()
                         dev = m.a.device
-                        stored = {k: torch.zeros(shape, dtype=dt, device=dev) for k, (dt, shape) in specs.items()}
+                        stored = {k: torch.empty(shape, dtype=dt, device=dev) for k, (dt, shape) in specs.items()}
+                        stored["b_t"][:, :, layout["d_out"] :].zero_()  # the rows' filler; pack_into writes the rest
                         outs[p] = from_stored(stored, layout)
                     # Packed from the working dtype: s·Bᵀ is rounded to the library's dtype once. The prototypes are
                     # rounded to it first, as a library in that dtype holds them.
@@ -302,7 +303,7 @@ def _combined_chunk(
         if gks == "param" and plan.combine:
             # Every expert has the module's rank here, so the chunk is combined as one stacked tensor: the same
             # element-wise arithmetic as expert by expert, with the general terms broadcast.
-            ((a, b),) = gks_math.apply_param([(a, b)], extra, task_weight)
+            gks_math.apply_param_(a, b, extra, task_weight)
         ranks = [t.rank(path) for t in chunk]
     return ModuleExperts(a, b, torch.tensor(scalings, dtype=torch.float32), torch.empty(0),
                          torch.tensor(ranks, dtype=torch.int64))  # fmt: skip

@@ -9,6 +9,7 @@ Neither knows how a library is built or used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -210,6 +211,10 @@ def _read_v2(mapped: tensor_file.MappedFile, header: tensor_file.Header, meta: d
     if mmap is not False:
         if mapped.take_lease():
             storage = "mapped"
+            # The header was read before the lease: a file rewritten in between (by a writer gone since) is not
+            # the one checked.
+            if not tensor_file.read_header(mapped.fd, mapped.path).same_layout(header):
+                raise ValueError(f"{where} was rewritten while it was being opened; load it again")
         elif mmap:
             storage = "mapped, unprotected"
         else:
@@ -227,7 +232,12 @@ def _read_v2(mapped: tensor_file.MappedFile, header: tensor_file.Header, meta: d
             key = f"{p}/{name}"
             info = header.tensors[key]
             if storage != "memory" and name in STORED_NAMES and info.nbytes:
-                tensors[name] = mapped.map_tensor(header.data_start + info.begin, info.dtype, info.shape)
+                try:
+                    tensors[name] = mapped.map_tensor(header.data_start + info.begin, info.dtype, info.shape)
+                except OSError as exc:
+                    if exc.errno == errno.ESTALE:
+                        raise ValueError(f"{where} was rewritten while it was being loaded; load it again") from None
+                    raise
             else:
                 tensors[name] = tensor_file.read_tensor(mapped.fd, header, key, mapped.path)
         modules[p] = checks.check_packed_module(tensors, layouts[p], e, method, f"{where}: tensor '{p}")

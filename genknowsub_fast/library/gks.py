@@ -140,6 +140,21 @@ def apply_param(task: Sequence[Factors], terms: ParamTerms, task_weight: float =
     return out
 
 
+def apply_param_(a: torch.Tensor, b: torch.Tensor, terms: ParamTerms, task_weight: float = 1.0) -> None:
+    """:func:`apply_param` on one pair (or stack) of task factors, in place: the same arithmetic, no new tensors (a
+    build applies it to each chunk of experts it has just read)."""
+    sub_a, sub_b, add_a, add_b = terms
+    if task_weight != 1.0:
+        a.mul_(task_weight)
+        b.mul_(task_weight)
+    if sub_a is not None:
+        a.sub_(sub_a)
+        b.sub_(sub_b)
+    if add_a is not None:
+        a.add_(add_a)
+        b.add_(add_b)
+
+
 def combine_delta(
     task: Sequence[ScaledFactors],
     general: Sequence[ScaledFactors],
@@ -171,5 +186,6 @@ __all__ = [
     "combine_param",
     "param_terms",
     "apply_param",
+    "apply_param_",
     "combine_delta",
 ]

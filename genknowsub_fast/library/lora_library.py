@@ -412,8 +412,8 @@ class LoraLibrary:
         the library object is kept or dropped after patching. The mapping is protected against the file being
         rewritten in place while it is in use (a read lease: a writer first waits until this process has copied what
         it maps, then the tensors keep the old content); where that protection cannot be had (the file belongs to
-        another user, a filesystem without leases, a first load outside the main thread) the file is read into
-        memory instead, with a warning. ``mmap=True`` maps it anyway (a process whose file is truncated then dies
+        another user, a filesystem without leases, the file open for writing) the file is read into memory
+        instead, with a warning. ``mmap=True`` maps it anyway (a process whose file is truncated then dies
         of SIGBUS on its next read); ``mmap=False`` always reads it into memory. :attr:`storage` says which.
         Version 1 files are read into memory and packed once. ``device``: move the experts there (the mapping is
         released once nothing on the CPU uses it).

@@ -7,9 +7,11 @@ that is truncated or rewritten while a process maps it would make that process d
 mapped file is held with a read lease (``fcntl(F_SETLEASE)``): when another process opens it for writing or
 truncates it, the kernel holds that process back and signals this one, which first copies every region it maps into
 anonymous memory at the same addresses (``mremap``), then lets the writer go on. The tensors keep the content they
-had; they no longer follow the file. Where no lease can be taken (the file belongs to another user, a filesystem
-without leases, another thread than the main one installs the signal handler first), :func:`open_for_mapping` says
-so and the caller chooses between a copy and an unprotected mapping.
+had; they no longer follow the file. The signal goes to one thread of this module's (``F_SETOWN_EX``), which waits
+for it with ``sigwaitinfo``, so the copy does not wait for the main thread. A forked child leases the file again for
+its own mappings. Where no lease can be taken (the file belongs to another user, a file system without leases, the
+signal already has a handler), :meth:`MappedFile.take_lease` says so and the caller chooses between a copy and an
+unprotected mapping.
 
 Linux only for the mapping (mmap, mremap and leases through ctypes); reading and writing work everywhere.
 """
@@ -69,6 +71,15 @@ class Header:
 
     def __init__(self, tensors: dict[str, TensorInfo], metadata: dict[str, str], data_start: int, file_size: int):
         self.tensors, self.metadata, self.data_start, self.file_size = tensors, metadata, data_start, file_size
+
+    def same_layout(self, other: Header) -> bool:
+        """Whether ``other`` describes the same tensors at the same places, with the same metadata (the file's size
+        may differ past the data)."""
+
+        def key(h: Header):
+            return h.metadata, h.data_start, {k: (t.dtype, t.shape, t.begin, t.end) for k, t in h.tensors.items()}
+
+        return key(self) == key(other)
 
 
 class FormatError(ValueError):
@@ -245,33 +256,74 @@ def _region_type(nbytes: int) -> type:
     return t
 
 
-_handler_lock = threading.Lock()
-_handler_installed = False
-_leased: dict[int, weakref.ref] = {}  # id → MappedFile, for the lease-break handler
+F_SETOWN_EX = getattr(fcntl, "F_SETOWN_EX", 15)
+F_OWNER_TID = getattr(fcntl, "F_OWNER_TID", 0)
+SIG_IGN_ADDRESS = 1  # the C value of SIG_IGN
+
+_state_lock = threading.Lock()
+_watcher_tid: int | None = None  # the thread that receives lease breaks (its kernel thread id)
+_leased: dict[int, weakref.ref] = {}  # id → MappedFile, for the watcher
 
 
-def _on_lease_break(signum, frame) -> None:
+def _detach_broken(*_) -> None:
     for ref in list(_leased.values()):
         mf = ref()
         if mf is not None and mf.lease_broken():
             mf.detach()
 
 
-def _install_handler() -> str | None:
-    """None once the lease-break handler is installed, else why it cannot be."""
-    global _handler_installed
-    with _handler_lock:
-        if _handler_installed:
+def _watch(ready: threading.Event, tid: list[int]) -> None:
+    # Lease breaks are directed at this thread (F_SETOWN_EX), which keeps the signal blocked and takes it with
+    # sigwaitinfo: the copy runs at once, whatever the other threads are doing (a Python signal handler would wait
+    # for the main thread to reach its next bytecode), and a library may be loaded from any thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {LEASE_SIGNAL})
+    tid.append(threading.get_native_id())
+    ready.set()
+    while True:
+        signal.sigwaitinfo({LEASE_SIGNAL})
+        _detach_broken()
+
+
+def _start_watcher() -> str | None:
+    """None once the thread that receives lease breaks runs, else why it cannot."""
+    global _watcher_tid
+    with _state_lock:
+        if _watcher_tid is not None:
             return None
         if LEASE_SIGNAL is None or not sys.platform.startswith("linux"):
             return "file leases are a Linux feature"
-        if threading.current_thread() is not threading.main_thread():
-            return "the lease signal handler can only be installed from the main thread (load one library there first)"
-        if signal.getsignal(LEASE_SIGNAL) not in (signal.SIG_DFL, None):
+        current = signal.getsignal(LEASE_SIGNAL)
+        if current not in (signal.SIG_DFL, signal.SIG_IGN) and current is not _detach_broken:
             return f"signal {LEASE_SIGNAL} already has a handler"
-        signal.signal(LEASE_SIGNAL, _on_lease_break)
-        _handler_installed = True
+        # Between taking a lease and directing it at the watcher the kernel signals the whole process: that signal
+        # must not kill it (the default action), and take_lease looks for a break it may have announced.
+        if current is signal.SIG_DFL:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(LEASE_SIGNAL, _detach_broken)  # reset to the default in programs this one executes
+            else:
+                c = _c()
+                c.signal.restype, c.signal.argtypes = ctypes.c_void_p, [ctypes.c_int, ctypes.c_void_p]
+                c.signal(LEASE_SIGNAL, SIG_IGN_ADDRESS)  # signal.signal works in the main thread only
+        ready, tid = threading.Event(), []
+        threading.Thread(target=_watch, args=(ready, tid), name="genknowsub_fast lease watcher", daemon=True).start()
+        ready.wait()
+        _watcher_tid = tid[0]
         return None
+
+
+def _after_fork_in_child() -> None:
+    # The child has no watcher thread, and its mappings share the parent's lease (one open file): each file is opened
+    # again, and leased again, for the child.
+    global _state_lock, _watcher_tid
+    _state_lock, _watcher_tid = threading.Lock(), None
+    for ref in list(_leased.values()):
+        mf = ref()
+        if mf is not None:
+            mf._lease_again()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MappedFile:
@@ -284,27 +336,56 @@ class MappedFile:
         self.why_unprotected: str | None = None
         self.detached = False
         self._regions: dict[int, tuple[int, int]] = {}  # id → (address, length) of each live mapping
-        # Re-entrant: the lease-break handler may run in the main thread while it is inside _unmap.
+        # Re-entrant: a finalizer that unmaps a region may run (garbage collection) where this thread holds it.
         self._lock = threading.RLock()
         self._done = False  # no more mappings will be made (the fd closes with the last one)
 
     def take_lease(self) -> bool:
         """Hold a read lease on the file so that a writer waits until the mappings are copied; False (with
         :attr:`why_unprotected`) when it cannot be taken."""
-        why = _install_handler()
+        why = _start_watcher()
         if why is None:
             try:
                 fcntl.fcntl(self.fd, F_SETSIG, LEASE_SIGNAL)
                 fcntl.fcntl(self.fd, F_SETLEASE, fcntl.F_RDLCK)
+                fcntl.fcntl(self.fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_TID, _watcher_tid))
             except OSError as exc:
-                reason = {errno.EAGAIN: "the file is open for writing", errno.EACCES: "this user does not own it"}
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(self.fd, F_SETLEASE, fcntl.F_UNLCK)
+                reason = {
+                    errno.EAGAIN: "the file is open for writing",
+                    errno.EACCES: "this user does not own it",
+                    errno.EINVAL: "its file system has no leases",
+                }
                 why = f"no read lease on it ({reason.get(exc.errno, exc.strerror or exc)})"
         if why is not None:
             self.why_unprotected = why
             return False
         self.protected = True
         _leased[id(self)] = weakref.ref(self)
+        if self.lease_broken():  # a writer came before the break was directed at the watcher
+            self.detach()
         return True
+
+    def _lease_again(self) -> None:
+        """In a forked child: a lease of the child's own on the file its mappings show (the watcher copies them)."""
+        self._lock = threading.RLock()
+        _leased.pop(id(self), None)
+        if not self.protected or self.detached or self.fd < 0:
+            return
+        self.protected = False
+        try:
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            fd, why = -1, f"cannot open it again ({exc.strerror or exc})"
+        if fd >= 0:
+            os.close(self.fd)  # the parent's open file (and lease) stays open in the parent
+            self.fd = fd
+            if self.take_lease():
+                return
+            why = self.why_unprotected
+        print(f"genknowsub_fast: in this forked process the mapping of {self.path!r} is not protected against the "
+              f"file being rewritten ({why})", file=sys.stderr)  # fmt: skip
 
     def lease_broken(self) -> bool:
         if not self.protected or self.detached:
@@ -322,12 +403,14 @@ class MappedFile:
         start = offset - offset % PAGE
         length = offset + nbytes - start
         c = _c()
-        addr = c.mmap(None, length, PROT_READ | PROT_WRITE, MAP_PRIVATE, self.fd, start)
-        if addr in (None, _MAP_FAILED):
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot map {self.path!r}: {os.strerror(err)}")
-        region = _region_type(nbytes).from_address(addr + offset - start)
-        with self._lock:
+        with self._lock:  # the lease is not given up between the mapping and its registration
+            if self.detached:  # the file is being rewritten: what it held is no longer there to map
+                raise OSError(errno.ESTALE, f"{self.path!r} was rewritten while it was being mapped")
+            addr = c.mmap(None, length, PROT_READ | PROT_WRITE, MAP_PRIVATE, self.fd, start)
+            if addr in (None, _MAP_FAILED):
+                err = ctypes.get_errno()
+                raise OSError(err, f"cannot map {self.path!r}: {os.strerror(err)}")
+            region = _region_type(nbytes).from_address(addr + offset - start)
             self._regions[id(region)] = (addr, length)
         weakref.finalize(region, self._unmap, id(region))
         flat = torch.frombuffer(region, dtype=torch.uint8)

@@ -137,6 +137,19 @@ def test_build_output_is_checked_before_any_work(phi3_setup, tmp_path, capsys, m
     _one_line_error(capsys, "build", message)
 
 
+def test_build_that_does_not_fit_on_the_disk_is_refused_before_reading_in_one_line(phi3_setup, tmp_path, capsys,
+                                                                                     monkeypatch):  # fmt: skip
+    from genknowsub_fast.library import adapters
+
+    monkeypatch.setattr(adapters.FileTensors, "read_into", lambda *a, **k: pytest.fail("read before the check"))
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("Usage", (), {"free": 1000})())
+    out = tmp_path / "x.safetensors"
+    assert main(["build", "--task", *phi3_setup.task, "--general", *phi3_setup.general, "-o", str(out)]) == 2
+    err = _one_line_error(capsys, "build", "but only 1 KB of disk space is free")
+    assert re.search(r"needs \d+ [KM]B, but only", err), err
+    assert not out.exists()
+
+
 def test_errors_from_inside_torch_are_one_line(phi3_setup, tmp_path, capsys, monkeypatch):
     """only ValueError was turned into a one-line message; a RuntimeError or OSError from torch or
     safetensors printed a traceback. --traceback shows it when wanted."""

@@ -2,9 +2,13 @@
 from the file to a patched model), format 1 files still load, a file rewritten while mapped does not crash the
 process, a library too large for the machine is refused before any work."""
 
+import contextlib
 import copy
+import errno
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -17,6 +21,7 @@ from safetensors import safe_open
 import genknowsub_fast as gkf
 from genknowsub_fast import LoraLibrary, ModuleExperts
 from genknowsub_fast.library import file_format, tensor_file
+from genknowsub_fast.memory import human_bytes
 from genknowsub_fast.patching import patched_layers
 from genknowsub_fast.runner import RoutedLinear
 from tests.library.format_1 import write_format_1
@@ -209,6 +214,137 @@ def test_a_mapped_file_rewritten_in_place_keeps_the_loaded_experts(phi3_setup, b
         assert path.stat().st_size == 0
 
 
+# A process that holds a library, in the ways a program may hold one; told "check" on stdin, it reads every byte of
+# every tensor again and prints whether they are what it read before. A rewrite that reached its mappings would make
+# that read die of SIGBUS (truncation) or see other bytes.
+_HOLDER = r"""
+import os, sys, threading, zlib
+import genknowsub_fast as gkf
+from genknowsub_fast.library import tensor_file
+path, how = sys.argv[1], sys.argv[2]
+def load(**kw):
+    return gkf.LoraLibrary.load(path, **kw)
+if how == "unprotected":  # the control: what happens without the lease
+    def no_lease(self):
+        self.why_unprotected = "a test"
+        return False
+    tensor_file.MappedFile.take_lease = no_lease
+    libs = [load(mmap=True)]
+elif how == "thread":
+    libs = []
+    t = threading.Thread(target=lambda: libs.append(load()))
+    t.start(); t.join()
+elif how == "twice":
+    libs = [load(), load()]
+else:
+    libs = [load()]
+def sums():
+    return [zlib.crc32(getattr(m.packed, n).reshape(-1).view(dtype=__import__("torch").uint8).numpy())
+            for lib in libs for m in lib.modules.values() for n in ("prototypes", "a", "b_t")]
+before = sums()
+child = 0
+if how == "fork":
+    child = os.fork()
+    if child:
+        _, status = os.waitpid(child, 0)
+        same = sums() == before  # the parent reads everything again too
+        sys.exit(os.waitstatus_to_exitcode(status) or (0 if same else 3))
+print("ready", ";".join(lib.storage for lib in libs), flush=True)
+if how == "self":
+    os.truncate(path, 0)  # this process rewrites the file it maps, from its main thread
+else:
+    sys.stdin.readline()
+print("same" if sums() == before else "different", flush=True)
+"""
+
+
+def _hold_and_rewrite(path, how: str) -> tuple[str, int, str, float]:
+    """(storage, exit status, what the holder saw, seconds the writer waited) of a holder process whose file another
+    process truncates."""
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), how], cwd=root, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        ready = holder.stdout.readline().rstrip("\n").split(" ", 1)
+        assert ready[0] == "ready", holder.stderr.read()
+        waited = 0.0 if how == "self" else _rewrite_in_another_process(path, "truncate")
+        with contextlib.suppress(BrokenPipeError):  # a holder that truncates its file itself reads no "check"
+            holder.stdin.write("check\n")
+            holder.stdin.close()
+        holder.wait(timeout=120)
+        out, err = holder.stdout.read(), holder.stderr.read()  # the same reader as the first line: nothing lost
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    return ready[1], holder.returncode, out.strip() + err[-2000:], waited
+
+
+@pytest.mark.parametrize("how", ["main", "thread", "twice", "fork", "self"])
+def test_a_holder_reads_every_tensor_after_its_file_is_truncated(built, tmp_path, how):
+    """Loaded from the main thread, from another thread, twice, held by a forked child (and its parent), or truncated
+    by the holder itself: the writer waits for the copy (not for the kernel's lease-break time), and every tensor
+    reads back as it was."""
+    path = tmp_path / "lib.safetensors"
+    built.save(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, tensor_file.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        pytest.skip(f"no read lease here ({exc})")
+    finally:
+        os.close(fd)
+    storage, status, saw, waited = _hold_and_rewrite(path, how)
+    assert set(storage.split(";")) == {"mapped"}, storage
+    assert status == 0 and saw.startswith("same"), (status, saw)
+    assert waited < 30, "the writer waits for the copy, not for the kernel's lease timeout"
+    assert path.stat().st_size == 0
+
+
+def test_without_the_lease_the_same_truncation_kills_the_holder(built, tmp_path):
+    """The control of the test above: an unprotected mapping dies of SIGBUS when it reads the truncated file."""
+    path = tmp_path / "lib.safetensors"
+    built.save(path)
+    storage, status, saw, _ = _hold_and_rewrite(path, "unprotected")
+    assert storage == "mapped, unprotected"
+    assert status == -signal.SIGBUS, (status, saw)
+
+
+def test_a_file_rewritten_between_its_header_and_the_lease_is_refused(built, tmp_path, monkeypatch):
+    path = tmp_path / "lib.safetensors"
+    built.save(path)
+    take = tensor_file.MappedFile.take_lease
+
+    def truncate_first(self):
+        os.truncate(path, path.stat().st_size // 2)  # a writer that has come and gone before the lease
+        return take(self)
+
+    monkeypatch.setattr(tensor_file.MappedFile, "take_lease", truncate_first)
+    with pytest.raises(ValueError, match="is truncated"):
+        _load(path)
+
+
+def test_nothing_is_mapped_once_the_file_is_being_rewritten(built, tmp_path):
+    """A rewrite that comes while a library is being mapped: what is mapped is copied, and the rest is not mapped
+    from a file that no longer holds it."""
+    path = tmp_path / "lib.safetensors"
+    built.save(path)
+    mapped, header = tensor_file.open_for_mapping(str(path))
+    try:
+        if not mapped.take_lease():
+            pytest.skip(f"no read lease here: {mapped.why_unprotected}")
+        info = header.tensors[f"{QKV}/b_t"]
+        where = (header.data_start + info.begin, info.dtype, info.shape)
+        first = mapped.map_tensor(*where)
+        before = first.clone()
+        os.truncate(path, 0)  # from this thread: the lease's own thread copies the mapping meanwhile
+        assert mapped.detached and torch.equal(first, before)
+        with pytest.raises(OSError, match="rewritten while it was being mapped") as exc:
+            mapped.map_tensor(*where)
+        assert exc.value.errno == errno.ESTALE
+    finally:
+        mapped.finish()
+
+
 def test_without_a_lease_the_file_is_read_into_memory_or_mapped_when_asked(built, tmp_path, monkeypatch):
     path = tmp_path / "lib.safetensors"
     built.save(path)
@@ -248,6 +384,23 @@ def test_a_library_too_large_for_the_memory_left_is_refused_before_reading(built
         LoraLibrary.load(path)
     text = str(exc.value)
     assert "\n" not in text and "needs" in text and "but only 1 KB of memory is available" in text, text
+
+
+def test_patching_that_must_pack_more_than_the_memory_left_is_refused_before_any_layer(phi3_setup, built, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    """A float32 library patched into a bfloat16 model packs a bfloat16 copy of its experts: with too little memory
+    left, patch_model says so in one line, with the size, and leaves the model as it was."""
+    model = phi3_setup.fresh().to(torch.bfloat16)
+    monkeypatch.setattr("genknowsub_fast.memory.available_bytes", lambda: 1000)
+    with pytest.raises(ValueError) as exc:
+        gkf.patch_model(model, built)
+    text = str(exc.value)
+    need = sum(m.nbytes for m in built.modules.values()) // 2
+    assert "\n" not in text and text.startswith(f"patching packs {human_bytes(need)} of experts"), text
+    assert "but only 1 KB of memory is available" in text, text
+    assert not patched_layers(model)
+    monkeypatch.undo()
+    assert len(patched_layers(gkf.patch_model(model, built))) == len(built.modules)
 
 
 # ---------------------------------------------------------------------------------------------- streaming build
