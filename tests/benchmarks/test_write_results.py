@@ -53,6 +53,7 @@ def _data(cases, machine=None, **run):
         "rounds": 3,
         "selection": "",
         "elapsed_s": 612.3,
+        "started": "2026-11-23T23:49:48+00:00",
         "loadavg_start": [3.5, 2.25, 1.0],
         "loadavg_end": [4.0, 3.0, 2.0],
         "exitstatus": 0,
@@ -147,6 +148,7 @@ def test_results_md(tmp_path):
     assert "- GPU: none (the GPU cases were skipped)" in text
     assert "torch threads: 2" in text and "triton 3.9.0" in text
     assert "load average (1, 5, 15 min) 3.50, 2.25, 1.00 at the start, 4.00, 3.00, 2.00 at the end" in text
+    assert "- run started 2026-11-23T23:49:48+00:00, took 612 s;" in text
     assert "- 3 interleaved rounds per case (7 at least for the one-layer rows)" in text
     assert "- command: `pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/latest.json`" in text
     assert "| case | ISA | base | ours | PEFT | ours × base | ours × PEFT | target |" in text
@@ -179,6 +181,13 @@ def test_avx512_machine_and_forced_isa_are_named():
     avx = "AVX-512 visible: yes; AVX-512-BF16 visible: yes; torch CPU capability: AVX512; routed kernel ISA: avx512 "
     assert avx + "(forced by GENKNOWSUB_FAST_CPU_ISA=avx2)" in text
     assert "AVX-512 visible: yes, AVX-512-BF16 visible: yes" in summary(from_pytest_json(data))
+
+
+def test_a_json_without_the_start_time_says_only_when_it_ended():
+    data = _data([OP_E10])
+    del data["genknowsub_fast"]["started"]  # pytest-benchmark's "datetime" is when the JSON was written
+    assert "- run started before 2026-11-24T00:00:00+00:00, took 612 s;" in render(data)
+    assert "started before 2026-11-24T00:00:00+00:00, load average" in summary(from_pytest_json(data))
 
 
 def test_subset_and_failed_runs_say_so():
