@@ -10,6 +10,7 @@ from benchmarks.report import added, from_pytest_json, ratio, ratios, scale_summ
 from benchmarks.write_results import (
     EVAL_BEGIN,
     EVAL_END,
+    UNNAMED_ISA_NOTE,
     VLLM_BEGIN,
     VLLM_END,
     main,
@@ -253,7 +254,10 @@ def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Benchmark results\n") and text.count(EVAL_BEGIN) == 1
-    assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    # The block names no ISA: it is kept, under a note saying so.
+    assert f"{EVAL_BEGIN}\n{UNNAMED_ISA_NOTE}\n\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    assert main([str(path), "-o", str(out)]) == 0
+    assert out.read_text().count(UNNAMED_ISA_NOTE) == 1  # a second rewrite adds no second note
     replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
     assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()
 
@@ -267,7 +271,17 @@ def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
     assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
-    assert f"{VLLM_BEGIN}\n## vLLM\n\n| a | b |\n{VLLM_END}" in text
+    assert f"{VLLM_BEGIN}\n{UNNAMED_ISA_NOTE}\n\n## vLLM\n\n| a | b |\n{VLLM_END}" in text
+
+
+def test_a_kept_block_that_names_its_isa_is_kept_verbatim(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    body = "## vLLM\n\n- device: CPU: X (2 cores; ...; routed kernel ISA avx512)\n\n| a | b |"
+    replace_block(str(out), VLLM_BEGIN, VLLM_END, body, append=True)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_data([MODEL])))
+    assert main([str(path), "-o", str(out)]) == 0
+    assert f"{VLLM_BEGIN}\n{body}\n{VLLM_END}" in out.read_text() and UNNAMED_ISA_NOTE not in out.read_text()
 
 
 def test_gpu_cases_render_with_their_device_checks_and_graph_ratios():
