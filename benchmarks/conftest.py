@@ -9,7 +9,7 @@ faster than PEFT", and ``benchmarks/write_results.py`` turns it into RESULTS.md 
 
 The JSON also records the machine (``machine_info["genknowsub_fast"]``: CPU, AVX-512 / AVX-512-BF16 visible, torch's
 capability, the routed kernel's ISA, GPU, versions) and the run (``"genknowsub_fast"``: command, rounds, the subset
-selected with ``-m`` / ``-k``, load average before and after, pytest's exit status).
+selected with ``-m`` / ``-k``, when it started, load average before and after, pytest's exit status).
 
 Options: ``--interleaved-rounds N`` (default 5, at least 3). ``GKF_BENCH_THREADS`` sets torch's threads (default:
 min(2, cores)). Markers: ``quick`` (a subset that runs in about 3 minutes: ``-m quick``), ``gpu`` (needs CUDA).
@@ -17,6 +17,7 @@ min(2, cores)). Markers: ``quick`` (a subset that runs in about 3 minutes: ``-m 
 
 from __future__ import annotations
 
+import datetime
 import os
 import shlex
 import time
@@ -28,6 +29,8 @@ from benchmarks import machine, report
 from benchmarks.interleave import Rounds, Run, progress
 
 _T0 = time.perf_counter()
+# pytest-benchmark's own "datetime" is when it writes the JSON, at the end of the run.
+_STARTED = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 _LOAD_START = os.getloadavg()
 
 
@@ -61,6 +64,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output
         "command": shlex.join(["pytest", *config.invocation_params.args]),
         "rounds": config.getoption("--interleaved-rounds"),
         "selection": selection,
+        "started": _STARTED,
         "elapsed_s": round(time.perf_counter() - _T0, 1),
         "loadavg_start": [round(v, 2) for v in _LOAD_START],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
@@ -119,4 +123,3 @@ def interleaved(benchmark, rounds: int):
 def _line(record: dict) -> str:
     r = "; ".join(f"{k} {v['median']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for k, v in record["ratios"].items())
     return f"{record['case']} ({record['isa']}): {r}"
-

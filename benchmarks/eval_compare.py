@@ -31,6 +31,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.write_results import EVAL_BEGIN, EVAL_END, replace_block  # noqa: E402
 
 README_BEGIN, README_END = "<!-- eval-table -->", "<!-- /eval-table -->"
@@ -127,6 +128,7 @@ def measure(n_examples: int, rounds: int, batch_size: int, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "lm_eval_version": lm_eval.__version__,
+        "machine": describe(),
     }
 
 
@@ -140,7 +142,8 @@ def table(m: dict) -> str:
     ]
     lines = [
         f"{m['examples']} examples × 4 options ({m['options']} sequences), random Phi-3 (hidden 256, 2 layers) patched "
-        f"with 6 GKS experts (r=8, top-k 3), CPU, torch {torch.__version__}, {m['threads']} torch thread(s); median "
+        f"with 6 GKS experts (r=8, top-k 3), CPU: {m['machine']}, torch {torch.__version__}, {m['threads']} torch "
+        f"thread(s); median "
         f"(range) of {m['rounds']} interleaved rounds after a warm-up, measured by `{m['command']}`. "
         f"Largest |score_choices − naive| NLL: {m['max_abs_diff']:.1e}.",
         "",

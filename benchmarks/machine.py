@@ -58,6 +58,18 @@ def machine() -> dict:
     }
 
 
+def describe(m: dict | None = None) -> str:
+    """One phrase naming the CPU, whether AVX-512 / AVX-512-BF16 are visible, torch's capability and the routed
+    kernel's ISA (of :func:`machine`'s record ``m``, this machine's by default): what a measured number ran on."""
+    m = machine() if m is None else m
+    yes = {True: "yes", False: "no"}
+    forced = f", forced by GENKNOWSUB_FAST_CPU_ISA={m['kernel_isa_forced']}" if m.get("kernel_isa_forced") else ""
+    return (
+        f"{m['cpu']} ({m['cores']} cores; AVX-512 visible: {yes[m['avx512']]}, AVX-512-BF16 visible: "
+        f"{yes[m['avx512_bf16']]}; torch sees {m['torch_cpu_capability']}; routed kernel ISA {m['kernel_isa']}{forced})"
+    )
+
+
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__
@@ -79,4 +91,4 @@ def versions() -> dict:
     }
 
 
-__all__ = ["CPU_FLAGS", "cpu_name_and_flags", "kernel_isa", "machine", "versions"]
+__all__ = ["CPU_FLAGS", "cpu_name_and_flags", "describe", "kernel_isa", "machine", "versions"]

@@ -171,7 +171,8 @@ def from_pytest_json(data: dict) -> dict:
     case (the ``extra_info`` of each benchmark that has a ``section``), in the order they ran."""
     run = dict(data["genknowsub_fast"])
     run.update(data["machine_info"]["genknowsub_fast"])
-    run["datetime"] = data.get("datetime", "n/a")
+    # When the run started (pytest-benchmark's "datetime" is when it wrote the JSON, at the end).
+    run["started"] = run.get("started") or f"before {data.get('datetime', 'n/a')}"
     run["cases"] = [b["extra_info"] for b in data["benchmarks"] if "section" in b.get("extra_info", {})]
     return run
 
@@ -226,7 +227,7 @@ def _header(run: dict) -> list[str]:
         f"- GPU: {m['gpu'] or 'none (the GPU cases were skipped)'}",
         f"- torch {v['torch']}, triton {v['triton']}, peft {v['peft']}, transformers {v['transformers']}, "
         f"python {v['python']}; torch threads: {v['threads']}",
-        f"- run started {run['datetime']}, took {run['elapsed_s']:.0f} s; load average (1, 5, 15 min) "
+        f"- run started {run['started']}, took {run['elapsed_s']:.0f} s; load average (1, 5, 15 min) "
         f"{_load(run['loadavg_start'])} at the start, {_load(run['loadavg_end'])} at the end",
         f"- {run['rounds']} interleaved rounds per case"
         + (" (7 at least for the one-layer rows)" if any(c["section"] == "layer" for c in run["cases"]) else "")
@@ -350,7 +351,7 @@ def summary(run: dict) -> str:
     lines = [
         f"Measured by `make bench` on {m['cpu']} ({m['cores']} cores; {avx}; torch sees {m['torch_cpu_capability']}), "
         f"routed kernel ISA of every CPU number: {isa_of(run)}; torch {v['torch']}, {v['threads']} threads, started "
-        f"{run['datetime']}, load average {run['loadavg_start'][0]:.1f} at the start. Ratios: median (min–max) over "
+        f"{run['started']}, load average {run['loadavg_start'][0]:.1f} at the start. Ratios: median (min–max) over "
         f"{run['rounds']} interleaved rounds; {README_NOTE} = target missed. Absolute times and every case: "
         "`benchmarks/RESULTS.md`."
         + (f" SUBSET run ({run['selection']}), not the whole benchmark." if run.get("selection") else "")

@@ -22,7 +22,7 @@ from benchmarks.interleave import progress
 
 LAYERS = [pytest.param(1, marks=pytest.mark.quick, id="1-layer"), pytest.param(4, id="4-layers")]
 LOAD_ROUNDS = 3
-BUILD_ROUNDS = 1
+BUILD_ROUNDS = 3
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -106,16 +105,12 @@ def measure(model_dir: str, lib_path: str, vocab: int, repeats: int) -> dict:
 def render(result: dict, desc: str, command: str) -> str:
     import torch
 
+    from benchmarks.machine import describe
+
     rows = result["rows"]
     ratios = [r[2] for r in rows]
     med = statistics.median(ratios)
     verdict = "met" if med >= TARGET else "missed"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     lines = [
         "## vLLM serving throughput (CPU)",
         "",
@@ -125,7 +120,7 @@ def render(result: dict, desc: str, command: str) -> str:
         f"library of {NUM_EXPERTS} experts, rank {RANK}, top-{TOP_K} (ours), on {desc}. Both engines alive, "
         f"{len(rows)} repeats in alternating order; vLLM's default CPU thread binding.",
         "",
-        f"- device: CPU: {cpu} ({os.cpu_count()} cores); vLLM {result['vllm']}, torch {torch.__version__}",
+        f"- device: CPU: {describe()}; vLLM {result['vllm']}, torch {torch.__version__}",
         f"- run: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
         f"- routing changed the greedy output of {result['changed']}/{NUM_PROMPTS} prompts",
         "",

@@ -11,7 +11,9 @@ Two layouts are read:
   each implementation's median with its ratio to the group's "base" and "peft" rows, next to the device and versions
   the run recorded.
 
-The ``<!-- eval-compare -->`` block of the output (written by ``benchmarks/eval_compare.py``) survives a rewrite.
+The ``<!-- eval-compare -->`` and ``<!-- vllm-throughput -->`` blocks of the output (written by
+``benchmarks/eval_compare.py`` and ``benchmarks/vllm_throughput.py``) survive a rewrite; one that does not name the ISA
+it was measured on is marked as such.
 """
 
 from __future__ import annotations
@@ -143,6 +145,21 @@ def kept_block(path: str, begin: str = EVAL_BEGIN, end: str = EVAL_END) -> str:
     return begin + text.split(begin, 1)[1].split(end, 1)[0] + end
 
 
+UNNAMED_ISA_NOTE = (
+    "> Kept from an earlier run that did not record the CPU's instruction set (ISA): it may come from another "
+    "machine than the numbers above. Rerun the command it names to measure it here."
+)
+
+
+def flag_unnamed_isa(block: str) -> str:
+    """A kept block (markers included) as it is when it names the ISA it was measured on, else with
+    :data:`UNNAMED_ISA_NOTE` under its begin marker (the script that writes the block replaces the note with it)."""
+    if "ISA" in block:
+        return block
+    begin, rest = block.split("\n", 1)
+    return f"{begin}\n{UNNAMED_ISA_NOTE}\n\n{rest}"
+
+
 def update_readme(path: str, table: str) -> None:
     """Replace the text between the README's speed-table markers with ``table``."""
     replace_block(path, README_BEGIN, README_END, table)
@@ -213,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.json}: no benchmark case recorded (were they all skipped or deselected?)")
     text = render(data, args.command)
     # The other scripts' sections survive a rerun of the benchmarks.
-    kept = [b for b in (kept_block(args.output, begin, end) for begin, end in KEPT_BLOCKS) if b]
+    kept = [flag_unnamed_isa(b) for b in (kept_block(args.output, begin, end) for begin, end in KEPT_BLOCKS) if b]
     with open(args.output, "w") as f:
         f.write(text + "".join(f"\n{b}\n" for b in kept))
     print(f"wrote {args.output} ({len(data['benchmarks'])} cases)")

@@ -4,6 +4,7 @@ turns that JSON into RESULTS.md. Plain ``pytest`` (testpaths = tests) never coll
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -68,6 +69,9 @@ def test_one_case_runs_through_pytest_benchmark_into_results(tmp_path):
     assert info["isa"] == machine["kernel_isa"] and {"avx512", "avx512_bf16", "cpu"} <= set(machine)
     assert data["genknowsub_fast"]["selection"] == "-k 'test_cpu_layer and not T16'"
     assert data["genknowsub_fast"]["exitstatus"] == 0
+    started = datetime.datetime.fromisoformat(data["genknowsub_fast"]["started"])
+    written = datetime.datetime.fromisoformat(data["datetime"])
+    assert started <= written <= started + datetime.timedelta(seconds=data["genknowsub_fast"]["elapsed_s"] + 60)
     results = tmp_path / "RESULTS.md"
     assert write_results([str(out), "-o", str(results)]) == 0
     text = results.read_text()

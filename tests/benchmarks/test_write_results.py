@@ -10,6 +10,7 @@ from benchmarks.report import added, from_pytest_json, ratio, ratios, scale_summ
 from benchmarks.write_results import (
     EVAL_BEGIN,
     EVAL_END,
+    UNNAMED_ISA_NOTE,
     VLLM_BEGIN,
     VLLM_END,
     main,
@@ -53,6 +54,7 @@ def _data(cases, machine=None, **run):
         "rounds": 3,
         "selection": "",
         "elapsed_s": 612.3,
+        "started": "2026-11-23T23:49:48+00:00",
         "loadavg_start": [3.5, 2.25, 1.0],
         "loadavg_end": [4.0, 3.0, 2.0],
         "exitstatus": 0,
@@ -147,6 +149,7 @@ def test_results_md(tmp_path):
     assert "- GPU: none (the GPU cases were skipped)" in text
     assert "torch threads: 2" in text and "triton 3.9.0" in text
     assert "load average (1, 5, 15 min) 3.50, 2.25, 1.00 at the start, 4.00, 3.00, 2.00 at the end" in text
+    assert "- run started 2026-11-23T23:49:48+00:00, took 612 s;" in text
     assert "- 3 interleaved rounds per case (7 at least for the one-layer rows)" in text
     assert "- command: `pytest benchmarks/ --benchmark-only --benchmark-json benchmarks/results/latest.json`" in text
     assert "| case | ISA | base | ours | PEFT | ours × base | ours × PEFT | target |" in text
@@ -179,6 +182,13 @@ def test_avx512_machine_and_forced_isa_are_named():
     avx = "AVX-512 visible: yes; AVX-512-BF16 visible: yes; torch CPU capability: AVX512; routed kernel ISA: avx512 "
     assert avx + "(forced by GENKNOWSUB_FAST_CPU_ISA=avx2)" in text
     assert "AVX-512 visible: yes, AVX-512-BF16 visible: yes" in summary(from_pytest_json(data))
+
+
+def test_a_json_without_the_start_time_says_only_when_it_ended():
+    data = _data([OP_E10])
+    del data["genknowsub_fast"]["started"]  # pytest-benchmark's "datetime" is when the JSON was written
+    assert "- run started before 2026-11-24T00:00:00+00:00, took 612 s;" in render(data)
+    assert "started before 2026-11-24T00:00:00+00:00, load average" in summary(from_pytest_json(data))
 
 
 def test_subset_and_failed_runs_say_so():
@@ -244,7 +254,10 @@ def test_the_eval_compare_block_survives_a_rewrite(tmp_path):
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("# Benchmark results\n") and text.count(EVAL_BEGIN) == 1
-    assert f"{EVAL_BEGIN}\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    # The block names no ISA: it is kept, under a note saying so.
+    assert f"{EVAL_BEGIN}\n{UNNAMED_ISA_NOTE}\n\n## eval\n\n| a | b |\n{EVAL_END}" in text
+    assert main([str(path), "-o", str(out)]) == 0
+    assert out.read_text().count(UNNAMED_ISA_NOTE) == 1  # a second rewrite adds no second note
     replace_block(str(out), EVAL_BEGIN, EVAL_END, "## eval\n\nnew", append=True)  # replaced in place
     assert out.read_text().count(EVAL_BEGIN) == 1 and "new" in out.read_text() and "| a | b |" not in out.read_text()
 
@@ -258,7 +271,17 @@ def test_the_vllm_block_survives_a_rewrite_too(tmp_path):
     assert main([str(path), "-o", str(out)]) == 0
     text = out.read_text()
     assert text.count(EVAL_BEGIN) == 1 and text.count(VLLM_BEGIN) == 1
-    assert f"{VLLM_BEGIN}\n## vLLM\n\n| a | b |\n{VLLM_END}" in text
+    assert f"{VLLM_BEGIN}\n{UNNAMED_ISA_NOTE}\n\n## vLLM\n\n| a | b |\n{VLLM_END}" in text
+
+
+def test_a_kept_block_that_names_its_isa_is_kept_verbatim(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    body = "## vLLM\n\n- device: CPU: X (2 cores; ...; routed kernel ISA avx512)\n\n| a | b |"
+    replace_block(str(out), VLLM_BEGIN, VLLM_END, body, append=True)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_data([MODEL])))
+    assert main([str(path), "-o", str(out)]) == 0
+    assert f"{VLLM_BEGIN}\n{body}\n{VLLM_END}" in out.read_text() and UNNAMED_ISA_NOTE not in out.read_text()
 
 
 def test_gpu_cases_render_with_their_device_checks_and_graph_ratios():
