@@ -119,71 +119,31 @@ struct TopK {
   }
 };
 
-// Scores of tokens [t0, t1) against experts [e0, e1): tiles of kDotM tokens × 4 experts, token tiles outer (the tile's
-// x rows stay in L1 while the range's prototype rows come from L2). bfloat16 / float16 x rows are converted to float32
-// once per tile (exactly) into `xf` (kDotM × d floats), not once per expert tile. A tile past e1 repeats the last row;
-// its extra outputs are dropped.
-template <class O, typename T>
-static void scores_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld_out,
-                     float* xf) {
+// Scores of tokens [t0, t1) against experts [e0, e1) of the prototype rows `proto` (float32, or the bfloat16 copy of
+// screened routing): tiles of kDotM tokens × 4 experts, token tiles outer (the tile's x rows stay in L1 while the
+// range's prototype rows come from L2). x rows of another type than the rows are converted once per tile into `xf`
+// (kDotM rows): exactly to float32, or rounded to nearest even to bfloat16 (then products of two bfloat16 values,
+// through vdpbf16ps where the ISA has it: half the bytes and twice the products per instruction of float32 rows). A
+// tile past e1 repeats the last row; its extra outputs are dropped.
+template <class O, typename T, typename R>
+static void scores_rows(const Problem& p, const R* proto, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out,
+                        int64_t ld_out, float* xf) {
   const T* x = static_cast<const T*>(p.x);
-  const int64_t d = p.d_in;
+  const int64_t d = p.d_in, row = d * static_cast<int64_t>(sizeof(R));
   constexpr int M = O::kDotM;
   float s[M * 4];
+  R* xr = reinterpret_cast<R*>(xf);
   // A decode call keeps kDecodeAheadBytes of prototype rows in flight ahead of its tiles.
-  const int64_t ahead = p.t <= kDecodeMaxT ? kDecodeAheadBytes / (d * 4) : 0;
-  if (ahead > 0) prefetch_l2(p.proto + e0 * d, (e1 - e0 < ahead ? e1 - e0 : ahead) * d * 4);
-  for (int64_t i = t0; i < t1; i += M) {
-    const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
-    const float* xs[M];
-    for (int q = 0; q < m; ++q) {
-      if constexpr (std::is_same_v<T, float>) {
-        xs[q] = x + (i + q) * d;
-      } else {
-        float* row = xf + q * d;
-        const T* src = x + (i + q) * d;
-        int64_t c = 0;
-        for (; c + O::W <= d; c += O::W) O::store(row + c, O::load(src + c));
-        if (c < d) O::store_part(row + c, O::load_part(src + c, d - c), d - c);
-        xs[q] = row;
-      }
-    }
-    for (int64_t j = e0; j < e1; j += 4) {
-      if (ahead > 0 && j + ahead < e1)
-        prefetch_l2(p.proto + (j + ahead) * d, (e1 - j - ahead < 4 ? e1 - j - ahead : 4) * d * 4);
-      const float* rs[4];
-      for (int q = 0; q < 4; ++q) rs[q] = p.proto + (j + q < e1 ? j + q : e1 - 1) * d;
-      dot_tiles<O>(xs, m, rs, d, s);
-      const int64_t n = e1 - j < 4 ? e1 - j : 4;
-      for (int q = 0; q < m; ++q)
-        for (int64_t c = 0; c < n; ++c) out[(i + q - t0) * ld_out + (j + c - e0)] = s[q * 4 + c];
-    }
-  }
-}
-
-// scores_t against the bfloat16 prototype rows p.proto_screen, with x rows rounded to bfloat16 (to nearest even) once
-// per tile into xf: products of two bfloat16 values, through vdpbf16ps where the ISA has it. Half the prototype bytes
-// of scores_t and, on AVX-512-BF16, twice its products per instruction; route_t turns these screened scores into the
-// float32 routing.
-template <class O, typename T>
-static void scores_screen_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out,
-                            int64_t ld_out, float* xf) {
-  const T* x = static_cast<const T*>(p.x);
-  const Bf16* proto = p.proto_screen;
-  const int64_t d = p.d_in, row = d * static_cast<int64_t>(sizeof(Bf16));
-  constexpr int M = O::kDotM;
-  float s[M * 4];
-  Bf16* xb = reinterpret_cast<Bf16*>(xf);
   const int64_t ahead = p.t <= kDecodeMaxT ? kDecodeAheadBytes / row : 0;
   if (ahead > 0) prefetch_l2(proto + e0 * d, (e1 - e0 < ahead ? e1 - e0 : ahead) * row);
   for (int64_t i = t0; i < t1; i += M) {
     const int m = static_cast<int>(t1 - i < M ? t1 - i : M);
-    const Bf16* xs[M];
+    const R* xs[M];
     for (int q = 0; q < m; ++q) {
-      if constexpr (std::is_same_v<T, Bf16>) {
+      if constexpr (std::is_same_v<T, R>) {
         xs[q] = x + (i + q) * d;
       } else {
-        Bf16* dst = xb + q * d;
+        R* dst = xr + q * d;
         const T* src = x + (i + q) * d;
         int64_t c = 0;
         for (; c + O::W <= d; c += O::W) O::store(dst + c, O::load(src + c));
@@ -192,8 +152,9 @@ static void scores_screen_t(const Problem& p, int64_t t0, int64_t t1, int64_t e0
       }
     }
     for (int64_t j = e0; j < e1; j += 4) {
-      if (ahead > 0 && j + ahead < e1) prefetch_l2(proto + (j + ahead) * d, (e1 - j - ahead < 4 ? e1 - j - ahead : 4) * row);
-      const Bf16* rs[4];
+      if (ahead > 0 && j + ahead < e1)
+        prefetch_l2(proto + (j + ahead) * d, (e1 - j - ahead < 4 ? e1 - j - ahead : 4) * row);
+      const R* rs[4];
       for (int q = 0; q < 4; ++q) rs[q] = proto + (j + q < e1 ? j + q : e1 - 1) * d;
       dot_tiles<O>(xs, m, rs, d, s);
       const int64_t n = e1 - j < 4 ? e1 - j : 4;
@@ -218,9 +179,9 @@ static void exact_scores(const Problem& p, const T* xi, const int32_t* ids, int6
   }
 }
 
-// Top-k of one token from its screened scores si (scores_screen_t): the k experts of the largest screened logits, with
-// their float32 scores (the k dot products of the unscreened path) for the softmax, so the weights are those of the
-// float32 scores. A screened score is within tau = (2⁻⁸ + u_x + 2γ)·‖x‖₂ of the float32 one (the rounding of the
+// Top-k of one token from its screened scores si (scores_rows over the bfloat16 copy): the k experts of the largest
+// screened logits, with their float32 scores (the k dot products of the unscreened path) for the softmax, so the
+// weights are those of the float32 scores. A screened score is within tau = (2⁻⁸ + u_x + 2γ)·‖x‖₂ of the float32 one (the rounding of the
 // prototypes, and of x unless it is bfloat16, to bfloat16, and of both sums; cpu_kernel.screen_error_bound), so where
 // the float32 logits of the k-th and next experts differ by more than 2·tau the experts are those of the float32
 // scores. A token whose screened logits are NaN or Inf is scored against every prototype in float32.
@@ -550,17 +511,17 @@ struct KernelsOf {
   static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
                      float* xf) {
     switch (p.dtype) {
-      case DType::kF32: return scores_t<O, float>(p, t0, t1, e0, e1, out, ld, xf);
-      case DType::kBF16: return scores_t<O, Bf16>(p, t0, t1, e0, e1, out, ld, xf);
-      case DType::kF16: return scores_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF32: return scores_rows<O, float>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_rows<O, Bf16>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_rows<O, F16>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
     }
   }
   static void scores_screen(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
                             float* xf) {
     switch (p.dtype) {
-      case DType::kF32: return scores_screen_t<O, float>(p, t0, t1, e0, e1, out, ld, xf);
-      case DType::kBF16: return scores_screen_t<O, Bf16>(p, t0, t1, e0, e1, out, ld, xf);
-      case DType::kF16: return scores_screen_t<O, F16>(p, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF32: return scores_rows<O, float>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_rows<O, Bf16>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_rows<O, F16>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
     }
   }
   static void route(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
