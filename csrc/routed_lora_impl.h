@@ -508,21 +508,22 @@ static void expand_pairs_t(const Problem& p, const int32_t* pairs, int64_t n_pai
 
 template <class O>
 struct KernelsOf {
+  template <typename R>
+  static void scores_of(const Problem& p, const R* rows, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out,
+                        int64_t ld, float* xf) {
+    switch (p.dtype) {
+      case DType::kF32: return scores_rows<O, float>(p, rows, t0, t1, e0, e1, out, ld, xf);
+      case DType::kBF16: return scores_rows<O, Bf16>(p, rows, t0, t1, e0, e1, out, ld, xf);
+      case DType::kF16: return scores_rows<O, F16>(p, rows, t0, t1, e0, e1, out, ld, xf);
+    }
+  }
   static void scores(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
                      float* xf) {
-    switch (p.dtype) {
-      case DType::kF32: return scores_rows<O, float>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
-      case DType::kBF16: return scores_rows<O, Bf16>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
-      case DType::kF16: return scores_rows<O, F16>(p, p.proto, t0, t1, e0, e1, out, ld, xf);
-    }
+    scores_of(p, p.proto, t0, t1, e0, e1, out, ld, xf);
   }
   static void scores_screen(const Problem& p, int64_t t0, int64_t t1, int64_t e0, int64_t e1, float* out, int64_t ld,
                             float* xf) {
-    switch (p.dtype) {
-      case DType::kF32: return scores_rows<O, float>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
-      case DType::kBF16: return scores_rows<O, Bf16>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
-      case DType::kF16: return scores_rows<O, F16>(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
-    }
+    scores_of(p, p.proto_screen, t0, t1, e0, e1, out, ld, xf);
   }
   static void route(const Problem& p, const float* scores, int64_t t0, int64_t t1, bool shrink) {
     switch (p.dtype) {
